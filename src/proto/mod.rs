@@ -1,1 +1,70 @@
-//! placeholder
+//! The protocol core: pure and synchronous, no sockets, no clock, no async.
+//!
+//! # Event model
+//!
+//! A [`Session`] is one FTP control session seen from the middle. The daemon
+//! feeds it bytes as they arrive from either peer with
+//! [`Session::handle_input`], passing the current time, and after every call it
+//! collects three kinds of output: the bytes to write to each peer
+//! ([`Session::take_transmit`]), the actions to carry out
+//! ([`Session::poll_event`]: open or close a pinhole, look up an address, log a
+//! refusal, close the session) and the next deadline
+//! ([`Session::poll_timeout`]), at which it calls [`Session::handle_timeout`].
+//! The core never blocks and never reads a clock, so a test can drive a whole
+//! session, timers included, in microseconds and deterministically.
+//!
+//! Input is framed into lines ([`framing`]); Telnet sequences are removed; a
+//! malformed line is answered by the core itself and never forwarded. Client
+//! lines are parsed as commands ([`command`]), server lines as replies
+//! ([`reply`]). Every forwarded command is appended to a FIFO; every final
+//! reply from the server pops it. That pairing is what makes pipelining safe:
+//! a 227 is only acted on when it is the final reply to a PASV the gateway
+//! forwarded, and the gateway's own replies (refusals) are queued in the same
+//! FIFO so the client receives all replies in the order of its commands.
+//!
+//! An address-bearing line is held, never forwarded as it is. For PORT/EPRT
+//! the core checks the target with [`policy::Policy::decide`]; an address that
+//! is not the client's own may be one of the gateway's pinholes (a
+//! server-to-server transfer), so the core first emits [`Event::Resolve`] and
+//! waits for [`Session::handle_resolved`]. An allowed request becomes
+//! [`Event::OpenPinhole`]; only after [`Session::handle_pinhole_opened`]
+//! reports the pinhole's address is the rewritten PORT, EPRT, 227 or 229 line
+//! emitted. A failure gives the client 425. While a line from one side is
+//! held, the core reads no further lines from that side
+//! ([`Session::wants_input`] is false), so ordering is kept and memory stays
+//! bounded; the other direction keeps flowing.
+//!
+//! Every refusal produces exactly one [`Event::Deny`] carrying a stable
+//! [`DenyReason`] and the reply the gateway sent; the daemon turns it into a
+//! deny-log line and a counter.
+
+pub mod command;
+pub mod deny;
+pub mod driver;
+pub mod framing;
+pub mod policy;
+pub mod reply;
+pub mod session;
+
+pub use deny::{Denial, DenyReason};
+pub use policy::{FxpRule, Policy};
+pub use session::{
+    CloseReason, DataMode, Endpoints, Event, ForeignPinhole, PinholeClose, PinholeId,
+    PinholeRequest, ResolveId, Resolved, RewriteKind, Session, SessionConfig,
+};
+
+/// One end of the control connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
+}

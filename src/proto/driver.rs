@@ -1,0 +1,169 @@
+//! A deterministic driver for scenario tests, property tests and fuzzing:
+//! it plays a script against a [`Session`] and answers the session's
+//! requests the way a well-behaved daemon would, with a virtual clock.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Endpoints, Event, ForeignPinhole, Resolved, Session, SessionConfig, Side};
+
+/// Everything a session produced, in order.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Transcript {
+    pub to_client: Vec<u8>,
+    pub to_server: Vec<u8>,
+    pub events: Vec<Event>,
+}
+
+/// The addresses used by the driver: client 192.0.2.10, gateway 192.0.2.1
+/// inside and 198.51.100.1 outside, server 198.51.100.20.
+pub fn lab_endpoints() -> Endpoints {
+    Endpoints {
+        client: "192.0.2.10:40000".parse().unwrap(),
+        client_local: "192.0.2.1:2121".parse().unwrap(),
+        server: "198.51.100.20:21".parse().unwrap(),
+        server_local: "198.51.100.1:45000".parse().unwrap(),
+        advertise: None,
+    }
+}
+
+/// The gateway's pinhole with this port stands for a server-to-server
+/// endpoint (used to exercise [`Event::Resolve`]).
+pub const FOREIGN_PINHOLE_PORT: u16 = 50999;
+pub const FOREIGN_ENDPOINT: &str = "198.51.100.21:40001";
+
+pub struct Driver {
+    pub session: Session,
+    pub now: Instant,
+    pub transcript: Transcript,
+    /// When false, OpenPinhole requests fail.
+    pub pinholes_work: bool,
+}
+
+impl Driver {
+    pub fn new(cfg: SessionConfig, ep: Endpoints) -> Self {
+        let now = Instant::now();
+        Driver {
+            session: Session::new(Arc::new(cfg), ep, now),
+            now,
+            transcript: Transcript::default(),
+            pinholes_work: true,
+        }
+    }
+
+    pub fn lab() -> Self {
+        Driver::new(SessionConfig::default(), lab_endpoints())
+    }
+
+    pub fn input(&mut self, from: Side, data: &[u8]) {
+        self.session.handle_input(from, data, self.now);
+        self.settle();
+    }
+
+    pub fn advance(&mut self, by: Duration) {
+        self.now += by;
+        if self.session.poll_timeout().is_some_and(|t| t <= self.now) {
+            self.session.handle_timeout(self.now);
+        }
+        self.settle();
+    }
+
+    /// Collects output and answers requests until the session is quiet.
+    pub fn settle(&mut self) {
+        loop {
+            self.transcript
+                .to_client
+                .extend(self.session.take_transmit(Side::Client));
+            self.transcript
+                .to_server
+                .extend(self.session.take_transmit(Side::Server));
+            let Some(event) = self.session.poll_event() else {
+                return;
+            };
+            self.transcript.events.push(event.clone());
+            match event {
+                Event::OpenPinhole(req) => {
+                    if self.pinholes_work {
+                        let port = 50000 + (req.id.0 % 900) as u16;
+                        let addr = SocketAddr::new(req.listen_ip, port);
+                        self.session.handle_pinhole_opened(req.id, addr, self.now);
+                    } else {
+                        self.session.handle_pinhole_failed(req.id, self.now);
+                    }
+                }
+                Event::Resolve { id, target } => {
+                    let found = (target.port() == FOREIGN_PINHOLE_PORT).then(|| Resolved {
+                        pinhole: ForeignPinhole(7),
+                        endpoint: FOREIGN_ENDPOINT.parse().unwrap(),
+                    });
+                    self.session.handle_resolved(id, found, self.now);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Logs in: greeting, USER, 331, PASS, 230.
+    pub fn login(&mut self) {
+        self.input(Side::Server, b"220 ready\r\n");
+        self.input(Side::Client, b"USER u\r\n");
+        self.input(Side::Server, b"331 pw\r\n");
+        self.input(Side::Client, b"PASS p\r\n");
+        self.input(Side::Server, b"230 ok\r\n");
+        self.transcript = Transcript::default();
+    }
+}
+
+/// One step of a script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Input(Side, Vec<u8>),
+    Advance(Duration),
+}
+
+/// Plays `steps`, each input split at the given offsets, and returns the
+/// transcript. Used by the split-invariance property and the fuzz target.
+pub fn play(steps: &[Step], splits: &[usize]) -> Transcript {
+    let mut d = Driver::lab();
+    let mut k = 0;
+    for step in steps {
+        match step {
+            Step::Input(side, data) => {
+                let mut rest = &data[..];
+                while !rest.is_empty() {
+                    let cut = splits.get(k).map_or(rest.len(), |&c| (c % rest.len()) + 1);
+                    k += 1;
+                    d.input(*side, &rest[..cut]);
+                    rest = &rest[cut..];
+                }
+            }
+            Step::Advance(by) => d.advance(*by),
+        }
+    }
+    d.transcript
+}
+
+/// Reads a fuzz input as a script: each record is a tag byte (low bit: side;
+/// bit 1: a time step of the next byte in seconds) and a length byte, then
+/// that many bytes of data.
+pub fn script_from_bytes(data: &[u8]) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut rest = data;
+    while let [tag, len, tail @ ..] = rest {
+        if tag & 2 != 0 {
+            steps.push(Step::Advance(Duration::from_secs(u64::from(*len))));
+            rest = tail;
+            continue;
+        }
+        let n = usize::from(*len).min(tail.len());
+        let side = if tag & 1 == 0 {
+            Side::Client
+        } else {
+            Side::Server
+        };
+        steps.push(Step::Input(side, tail[..n].to_vec()));
+        rest = &tail[n..];
+    }
+    steps
+}
