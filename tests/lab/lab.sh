@@ -410,6 +410,9 @@ max_per_ip=0
 idle_session_timeout=300
 data_connection_timeout=120
 accept_timeout=60
+# a session left waiting for its data connection must not block later
+# uploads of the same file name (default YES takes an fcntl write lock)
+lock_upload_files=NO
 connect_timeout=60
 delay_failed_login=1
 xferlog_enable=YES

@@ -1,0 +1,564 @@
+//! The TOML configuration: parsed into raw structs, then validated once into
+//! the immutable [`Config`] the daemon runs with. Every problem is reported
+//! at once: unknown keys (all of them, with their paths) and every invalid
+//! value.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::proto::{FxpRule, Policy, SessionConfig};
+
+/// All problems found in a configuration file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// nftables redirects inside port-21 traffic to the gateway; the upstream
+    /// server is the connection's original destination.
+    Transparent,
+    /// The gateway publishes one server.
+    Reverse,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Transparent => "transparent",
+            Mode::Reverse => "reverse",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub mode: Mode,
+    pub bind: Vec<SocketAddr>,
+    /// Inside interfaces whose traffic `nft-rules` redirects (transparent).
+    pub interfaces: Vec<String>,
+    /// The upstream port transparent mode intercepts (normally 21).
+    pub intercept_port: u16,
+    /// The published server (reverse).
+    pub upstream: Option<SocketAddr>,
+    pub advertise: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Data {
+    pub ports: (u16, u16),
+    pub accept_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_pinholes_per_session: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_sessions: usize,
+    pub max_sessions_per_client: usize,
+    pub login_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_command_line: usize,
+    pub max_reply_line: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DenyLogConfig {
+    /// `None`: standard output.
+    pub path: Option<PathBuf>,
+    pub queue: usize,
+}
+
+/// The validated, immutable configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listeners: Vec<Listener>,
+    pub data: Data,
+    pub policy: Policy,
+    pub limits: Limits,
+    pub deny_log: DenyLogConfig,
+    pub admin: Option<SocketAddr>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![format!("{}: {e}", path.display())],
+        })?;
+        Config::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+            problems: vec![e.to_string()],
+        })?;
+        let raw: RawConfig = serde_ignored::deserialize(deserializer, |path| {
+            problems.push(format!("unknown key `{path}`"));
+        })
+        .map_err(|e| ConfigError {
+            problems: vec![e.to_string()],
+        })?;
+        let config = raw.validate(&mut problems);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// What one control session needs, derived once.
+    pub fn session_config(&self) -> Arc<SessionConfig> {
+        Arc::new(SessionConfig {
+            policy: self.policy.clone(),
+            max_command_line: self.limits.max_command_line,
+            max_reply_line: self.limits.max_reply_line,
+            max_pinholes: self.data.max_pinholes_per_session,
+            pinhole_timeout: self.data.accept_timeout,
+            login_timeout: self.limits.login_timeout,
+            idle_timeout: self.limits.idle_timeout,
+        })
+    }
+}
+
+// ---- raw form: what the file says ------------------------------------------
+
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    listener: Vec<RawListener>,
+    #[serde(default)]
+    data: RawData,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    deny_log: RawDenyLog,
+    #[serde(default)]
+    admin: RawAdmin,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawListener {
+    mode: String,
+    bind: Vec<String>,
+    #[serde(default)]
+    interfaces: Vec<String>,
+    #[serde(default = "default_intercept_port")]
+    intercept_port: u16,
+    upstream: Option<String>,
+    advertise: Option<String>,
+}
+
+fn default_intercept_port() -> u16 {
+    21
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawData {
+    ports: String,
+    accept_timeout: String,
+    connect_timeout: String,
+    idle_timeout: String,
+    max_pinholes_per_session: usize,
+}
+
+impl Default for RawData {
+    fn default() -> Self {
+        RawData {
+            ports: "50000-50999".into(),
+            accept_timeout: "30s".into(),
+            connect_timeout: "10s".into(),
+            idle_timeout: "10m".into(),
+            max_pinholes_per_session: 2,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawPolicy {
+    deny_ports: Vec<u16>,
+    auth_tls: String,
+    fxp: Vec<RawFxp>,
+}
+
+impl Default for RawPolicy {
+    fn default() -> Self {
+        RawPolicy {
+            deny_ports: vec![1433, 3306, 3389, 5432, 5900, 6379],
+            auth_tls: "refuse".into(),
+            fxp: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RawFxp {
+    name: String,
+    servers: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawLimits {
+    max_sessions: usize,
+    max_sessions_per_client: usize,
+    login_timeout: String,
+    idle_timeout: String,
+    connect_timeout: String,
+    max_command_line: usize,
+    max_reply_line: usize,
+    shutdown_grace: String,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_sessions: 10_000,
+            max_sessions_per_client: 64,
+            login_timeout: "30s".into(),
+            idle_timeout: "15m".into(),
+            connect_timeout: "10s".into(),
+            max_command_line: 2048,
+            max_reply_line: 8192,
+            shutdown_grace: "30s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawDenyLog {
+    path: String,
+    queue: usize,
+}
+
+impl Default for RawDenyLog {
+    fn default() -> Self {
+        RawDenyLog {
+            path: "-".into(),
+            queue: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(default)]
+struct RawAdmin {
+    bind: Option<String>,
+}
+
+// ---- validation ------------------------------------------------------------
+
+fn duration(key: &str, text: &str, problems: &mut Vec<String>) -> Duration {
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => d,
+        Ok(_) => {
+            problems.push(format!("`{key}` must be longer than zero"));
+            Duration::from_secs(1)
+        }
+        Err(e) => {
+            problems.push(format!("`{key}` = {text:?}: {e} (write e.g. \"30s\", \"10m\")"));
+            Duration::from_secs(1)
+        }
+    }
+}
+
+fn positive(key: &str, value: usize, problems: &mut Vec<String>) -> usize {
+    if value == 0 {
+        problems.push(format!("`{key}` must be at least 1"));
+    }
+    value
+}
+
+fn port_range(text: &str, problems: &mut Vec<String>) -> (u16, u16) {
+    let parsed = text.split_once('-').and_then(|(a, b)| {
+        let a: u16 = a.trim().parse().ok()?;
+        let b: u16 = b.trim().parse().ok()?;
+        Some((a, b))
+    });
+    match parsed {
+        Some((a, b)) if a >= 1024 && a <= b => (a, b),
+        _ => {
+            problems.push(format!(
+                "`data.ports` = {text:?}: write a range \"LOW-HIGH\" with 1024 <= LOW <= HIGH <= 65535"
+            ));
+            (50000, 50999)
+        }
+    }
+}
+
+impl RawListener {
+    fn validate(self, i: usize, problems: &mut Vec<String>) -> Listener {
+        let key = |k: &str| format!("listener[{i}].{k}");
+        let mode = match self.mode.as_str() {
+            "transparent" => Mode::Transparent,
+            "reverse" => Mode::Reverse,
+            other => {
+                problems.push(format!(
+                    "`{}` = {other:?}: must be \"transparent\" or \"reverse\"",
+                    key("mode")
+                ));
+                Mode::Reverse
+            }
+        };
+        let mut bind = Vec::new();
+        for b in &self.bind {
+            match b.parse::<SocketAddr>() {
+                Ok(addr) => bind.push(addr),
+                Err(_) => problems.push(format!(
+                    "`{}`: {b:?} is no socket address (write \"0.0.0.0:2121\" or \"[::]:2121\")",
+                    key("bind")
+                )),
+            }
+        }
+        if self.bind.is_empty() {
+            problems.push(format!("`{}` needs at least one address", key("bind")));
+        }
+        let upstream = self.upstream.as_deref().and_then(|u| match u.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                problems.push(format!("`{}`: {u:?} is no socket address", key("upstream")));
+                None
+            }
+        });
+        let advertise = self.advertise.as_deref().and_then(|a| match a.parse() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                problems.push(format!("`{}`: {a:?} is no IP address", key("advertise")));
+                None
+            }
+        });
+        match mode {
+            Mode::Reverse if self.upstream.is_none() => {
+                problems.push(format!("`{}` is required in reverse mode", key("upstream")));
+            }
+            Mode::Transparent if self.upstream.is_some() => problems.push(format!(
+                "`{}` is only for reverse mode: transparent mode takes the original destination",
+                key("upstream")
+            )),
+            _ => {}
+        }
+        if mode == Mode::Reverse && !self.interfaces.is_empty() {
+            problems.push(format!(
+                "`{}` is only for transparent mode",
+                key("interfaces")
+            ));
+        }
+        for name in &self.interfaces {
+            if name.is_empty()
+                || name.len() > 15
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+            {
+                problems.push(format!("`{}`: {name:?} is no interface name", key("interfaces")));
+            }
+        }
+        Listener {
+            mode,
+            bind,
+            interfaces: self.interfaces,
+            intercept_port: self.intercept_port,
+            upstream,
+            advertise,
+        }
+    }
+}
+
+impl RawConfig {
+    fn validate(self, problems: &mut Vec<String>) -> Config {
+        if self.listener.is_empty() {
+            problems.push("at least one [[listener]] is required".into());
+        }
+        let listeners: Vec<Listener> = self
+            .listener
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| l.validate(i, problems))
+            .collect();
+        let mut seen = BTreeSet::new();
+        for addr in listeners.iter().flat_map(|l| &l.bind) {
+            if !seen.insert(*addr) {
+                problems.push(format!("listener address {addr} appears twice"));
+            }
+        }
+
+        let d = self.data;
+        let data = Data {
+            ports: port_range(&d.ports, problems),
+            accept_timeout: duration("data.accept_timeout", &d.accept_timeout, problems),
+            connect_timeout: duration("data.connect_timeout", &d.connect_timeout, problems),
+            idle_timeout: duration("data.idle_timeout", &d.idle_timeout, problems),
+            max_pinholes_per_session: positive(
+                "data.max_pinholes_per_session",
+                d.max_pinholes_per_session,
+                problems,
+            ),
+        };
+
+        let p = self.policy;
+        if p.auth_tls != "refuse" {
+            problems.push(format!(
+                "`policy.auth_tls` = {:?}: only \"refuse\" is supported",
+                p.auth_tls
+            ));
+        }
+        let mut deny_ports = p.deny_ports;
+        deny_ports.sort_unstable();
+        deny_ports.dedup();
+        let mut fxp = Vec::new();
+        for (i, rule) in p.fxp.into_iter().enumerate() {
+            if rule.name.is_empty() {
+                problems.push(format!("`policy.fxp[{i}].name` must not be empty"));
+            }
+            let mut servers = Vec::new();
+            for s in &rule.servers {
+                match parse_net(s) {
+                    Some(net) => servers.push(net),
+                    None => problems.push(format!(
+                        "`policy.fxp[{i}].servers`: {s:?} is no address or CIDR network"
+                    )),
+                }
+            }
+            if rule.servers.is_empty() {
+                problems.push(format!("`policy.fxp[{i}].servers` must not be empty"));
+            }
+            fxp.push(FxpRule {
+                name: rule.name,
+                servers,
+            });
+        }
+
+        let l = self.limits;
+        let limits = Limits {
+            max_sessions: positive("limits.max_sessions", l.max_sessions, problems),
+            max_sessions_per_client: positive(
+                "limits.max_sessions_per_client",
+                l.max_sessions_per_client,
+                problems,
+            ),
+            login_timeout: duration("limits.login_timeout", &l.login_timeout, problems),
+            idle_timeout: duration("limits.idle_timeout", &l.idle_timeout, problems),
+            connect_timeout: duration("limits.connect_timeout", &l.connect_timeout, problems),
+            max_command_line: line_limit("limits.max_command_line", l.max_command_line, problems),
+            max_reply_line: line_limit("limits.max_reply_line", l.max_reply_line, problems),
+            shutdown_grace: duration("limits.shutdown_grace", &l.shutdown_grace, problems),
+        };
+
+        let deny_log = DenyLogConfig {
+            path: (self.deny_log.path != "-").then(|| PathBuf::from(&self.deny_log.path)),
+            queue: positive("deny_log.queue", self.deny_log.queue, problems),
+        };
+        let admin = self.admin.bind.as_deref().and_then(|b| match b.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                problems.push(format!("`admin.bind`: {b:?} is no socket address"));
+                None
+            }
+        });
+
+        Config {
+            listeners,
+            data,
+            policy: Policy { deny_ports, fxp },
+            limits,
+            deny_log,
+            admin,
+        }
+    }
+}
+
+fn line_limit(key: &str, value: usize, problems: &mut Vec<String>) -> usize {
+    // RFC 959 does not bound lines; 512 is the shortest any peer needs.
+    if !(512..=1 << 20).contains(&value) {
+        problems.push(format!("`{key}` = {value}: must be between 512 and 1048576 bytes"));
+    }
+    value
+}
+
+/// An address or CIDR network; an IPv4-mapped IPv6 net is made IPv4.
+fn parse_net(text: &str) -> Option<IpNet> {
+    let net = text
+        .parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))?;
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).ok().map(IpNet::V4),
+            None => Some(net),
+        },
+        _ => Some(net),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_parses() {
+        let text = include_str!("../config/ftpgate.toml");
+        let cfg = Config::parse(text).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!cfg.listeners.is_empty());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            colour = "blue"
+            [[listener]]
+            mode = "sideways"
+            bind = ["nowhere"]
+            extra = 1
+            [data]
+            ports = "80-70"
+            accept_timeout = "soon"
+            [limits]
+            max_sessions = 0
+        "#;
+        let err = Config::parse(text).unwrap_err();
+        let all = err.to_string();
+        for needle in [
+            "unknown key `colour`",
+            "unknown key `listener.0.extra`",
+            "listener[0].mode",
+            "listener[0].bind",
+            "data.ports",
+            "data.accept_timeout",
+            "limits.max_sessions",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn reverse_mode_needs_an_upstream() {
+        let err = Config::parse("[[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:0\"]\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("upstream"), "{err}");
+    }
+
+    #[test]
+    fn mapped_fxp_networks_become_ipv4() {
+        assert_eq!(
+            parse_net("::ffff:198.51.100.0/120"),
+            Some("198.51.100.0/24".parse().unwrap())
+        );
+        assert_eq!(parse_net("198.51.100.7"), Some("198.51.100.7/32".parse().unwrap()));
+    }
+}
