@@ -272,7 +272,9 @@ fn duration(key: &str, text: &str, problems: &mut Vec<String>) -> Duration {
             Duration::from_secs(1)
         }
         Err(e) => {
-            problems.push(format!("`{key}` = {text:?}: {e} (write e.g. \"30s\", \"10m\")"));
+            problems.push(format!(
+                "`{key}` = {text:?}: {e} (write e.g. \"30s\", \"10m\")"
+            ));
             Duration::from_secs(1)
         }
     }
@@ -306,14 +308,14 @@ impl RawListener {
     fn validate(self, i: usize, problems: &mut Vec<String>) -> Listener {
         let key = |k: &str| format!("listener[{i}].{k}");
         let mode = match self.mode.as_str() {
-            "transparent" => Mode::Transparent,
-            "reverse" => Mode::Reverse,
+            "transparent" => Some(Mode::Transparent),
+            "reverse" => Some(Mode::Reverse),
             other => {
                 problems.push(format!(
                     "`{}` = {other:?}: must be \"transparent\" or \"reverse\"",
                     key("mode")
                 ));
-                Mode::Reverse
+                None
             }
         };
         let mut bind = Vec::new();
@@ -344,16 +346,16 @@ impl RawListener {
             }
         });
         match mode {
-            Mode::Reverse if self.upstream.is_none() => {
+            Some(Mode::Reverse) if self.upstream.is_none() => {
                 problems.push(format!("`{}` is required in reverse mode", key("upstream")));
             }
-            Mode::Transparent if self.upstream.is_some() => problems.push(format!(
+            Some(Mode::Transparent) if self.upstream.is_some() => problems.push(format!(
                 "`{}` is only for reverse mode: transparent mode takes the original destination",
                 key("upstream")
             )),
             _ => {}
         }
-        if mode == Mode::Reverse && !self.interfaces.is_empty() {
+        if mode == Some(Mode::Reverse) && !self.interfaces.is_empty() {
             problems.push(format!(
                 "`{}` is only for transparent mode",
                 key("interfaces")
@@ -366,11 +368,14 @@ impl RawListener {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
             {
-                problems.push(format!("`{}`: {name:?} is no interface name", key("interfaces")));
+                problems.push(format!(
+                    "`{}`: {name:?} is no interface name",
+                    key("interfaces")
+                ));
             }
         }
         Listener {
-            mode,
+            mode: mode.unwrap_or(Mode::Reverse),
             bind,
             interfaces: self.interfaces,
             intercept_port: self.intercept_port,
@@ -486,7 +491,9 @@ impl RawConfig {
 fn line_limit(key: &str, value: usize, problems: &mut Vec<String>) -> usize {
     // RFC 959 does not bound lines; 512 is the shortest any peer needs.
     if !(512..=1 << 20).contains(&value) {
-        problems.push(format!("`{key}` = {value}: must be between 512 and 1048576 bytes"));
+        problems.push(format!(
+            "`{key}` = {value}: must be between 512 and 1048576 bytes"
+        ));
     }
     value
 }
@@ -499,7 +506,9 @@ fn parse_net(text: &str) -> Option<IpNet> {
         .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))?;
     match net {
         IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
-            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).ok().map(IpNet::V4),
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .ok()
+                .map(IpNet::V4),
             None => Some(net),
         },
         _ => Some(net),
@@ -559,6 +568,9 @@ mod tests {
             parse_net("::ffff:198.51.100.0/120"),
             Some("198.51.100.0/24".parse().unwrap())
         );
-        assert_eq!(parse_net("198.51.100.7"), Some("198.51.100.7/32".parse().unwrap()));
+        assert_eq!(
+            parse_net("198.51.100.7"),
+            Some("198.51.100.7/32".parse().unwrap())
+        );
     }
 }

@@ -1,7 +1,19 @@
 //! ftpgate: an FTP application-level gateway (ALG) for the network edge.
 //!
 //! [`proto`] is the sans-IO protocol core; everything else is the daemon that
-//! carries out its decisions with sockets, timers and logs.
+//! carries out its decisions with sockets, timers and logs: [`server`]
+//! accepts control connections, [`control`] runs one session around the core,
+//! [`pinhole`] and [`relay`] carry the data connections, [`denylog`] and
+//! [`metrics`] make every decision visible.
 
+pub mod admin;
 pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod denylog;
+pub mod metrics;
+pub mod nft;
+pub mod pinhole;
 pub mod proto;
+pub mod relay;
+pub mod server;

@@ -1,0 +1,197 @@
+//! The daemon's lifecycle: start, reload (SIGHUP), drain (SIGTERM/SIGINT).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::control::Shared;
+use crate::denylog::DenyLog;
+use crate::metrics as m;
+use crate::pinhole::PinholePool;
+use crate::server::{self, Gateway};
+
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide Prometheus recorder (installed once).
+pub fn recorder() -> anyhow::Result<PrometheusHandle> {
+    if let Some(h) = RECORDER.get() {
+        return Ok(h.clone());
+    }
+    let handle = crate::admin::install_recorder()?;
+    Ok(RECORDER.get_or_init(|| handle).clone())
+}
+
+/// A started gateway.
+pub struct Running {
+    /// The bound control listeners: (listener index, address).
+    pub listeners: Vec<(usize, SocketAddr)>,
+    pub admin: Option<SocketAddr>,
+    pub deny: DenyLog,
+    config: watch::Sender<Arc<Config>>,
+    gateway: Arc<Gateway>,
+    stop_accepting: watch::Sender<bool>,
+    stop_sessions: watch::Sender<bool>,
+    sessions: Arc<Mutex<JoinSet<()>>>,
+    ready: Arc<AtomicBool>,
+}
+
+/// Binds everything the configuration names and starts serving.
+pub async fn start(cfg: Config) -> anyhow::Result<Running> {
+    let (deny, _writer) = DenyLog::start(&cfg.deny_log).context("cannot open the deny log")?;
+    let handle = recorder()?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = match cfg.admin {
+        Some(addr) => {
+            let l = server::bind(addr).context("admin listener")?;
+            let bound = l.local_addr()?;
+            tokio::spawn(crate::admin::serve(l, handle, Arc::clone(&ready)));
+            Some(bound)
+        }
+        None => None,
+    };
+    let mut bound = Vec::new();
+    for (i, listener) in cfg.listeners.iter().enumerate() {
+        for addr in &listener.bind {
+            let l = server::bind(*addr)?;
+            bound.push((i, l.local_addr()?, l));
+        }
+    }
+    let shared = Arc::new(Shared {
+        pool: Arc::new(PinholePool::new(cfg.data.ports)),
+        deny: deny.clone(),
+    });
+    let cfg = Arc::new(cfg);
+    let (config_tx, config_rx) = watch::channel(Arc::clone(&cfg));
+    let gateway = Gateway::new(shared, config_rx);
+    let (stop_accepting, stop_rx) = watch::channel(false);
+    let (stop_sessions, sessions_rx) = watch::channel(false);
+    let sessions = Arc::new(Mutex::new(JoinSet::new()));
+    let mut listeners = Vec::new();
+    for (i, addr, l) in bound {
+        tracing::info!(%addr, mode = cfg.listeners[i].mode.as_str(), "listening");
+        listeners.push((i, addr));
+        tokio::spawn(Arc::clone(&gateway).accept_loop(
+            i,
+            l,
+            stop_rx.clone(),
+            sessions_rx.clone(),
+            Arc::clone(&sessions),
+        ));
+    }
+    ready.store(true, Ordering::Relaxed);
+    Ok(Running {
+        listeners,
+        admin,
+        deny,
+        config: config_tx,
+        gateway,
+        stop_accepting,
+        stop_sessions,
+        sessions,
+        ready,
+    })
+}
+
+impl Running {
+    /// Applies a new validated configuration to new sessions. Listener
+    /// addresses and the data port range need a restart; a change there is
+    /// reported and the rest still applied.
+    pub fn reload(&self, new: Config) -> Vec<String> {
+        let old = self.config.borrow().clone();
+        let mut notes = Vec::new();
+        let binds = |c: &Config| -> Vec<_> {
+            c.listeners
+                .iter()
+                .map(|l| (l.mode, l.bind.clone()))
+                .collect()
+        };
+        if binds(&old) != binds(&new) {
+            notes.push("listener changes need a restart; kept the old listeners".to_string());
+        }
+        if old.data.ports != new.data.ports {
+            notes.push("data.ports changes need a restart; kept the old range".to_string());
+        }
+        if old.limits.max_sessions != new.limits.max_sessions {
+            notes.push("limits.max_sessions changes need a restart".to_string());
+        }
+        let _ = self.config.send(Arc::new(new));
+        notes
+    }
+
+    pub fn active_sessions(&self) -> usize {
+        self.gateway.active_sessions()
+    }
+
+    /// Stops accepting, lets sessions finish for up to `grace`, then closes
+    /// the rest with 421.
+    pub async fn shutdown(self, grace: Duration) {
+        self.ready.store(false, Ordering::Relaxed);
+        let _ = self.stop_accepting.send(true);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.active_sessions() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = self.stop_sessions.send(true);
+        let mut set = std::mem::take(&mut *self.sessions.lock().unwrap_or_else(|e| e.into_inner()));
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while set.join_next().await.is_some() {}
+        })
+        .await;
+        // Give the deny-log writer a moment to flush what is queued.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `ftpgate run`: starts, then handles signals until told to stop.
+pub async fn run(path: PathBuf) -> anyhow::Result<()> {
+    let cfg = load(&path)?;
+    let grace = cfg.limits.shutdown_grace;
+    let running = start(cfg).await?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut grace = grace;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                running.deny.reopen().await;
+                match load(&path) {
+                    Ok(new) => {
+                        grace = new.limits.shutdown_grace;
+                        for note in running.reload(new) {
+                            tracing::warn!("reload: {note}");
+                        }
+                        m::config_reload("success");
+                        tracing::info!("configuration reloaded; new sessions use it");
+                    }
+                    Err(e) => {
+                        m::config_reload("failure");
+                        tracing::error!("reload failed, keeping the old configuration:\n{e:#}");
+                    }
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!(
+        sessions = running.active_sessions(),
+        ?grace,
+        "shutting down"
+    );
+    running.shutdown(grace).await;
+    Ok(())
+}
+
+pub fn load(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))
+}

@@ -1,0 +1,250 @@
+//! Listeners: accept control connections, apply the session limits, find the
+//! upstream server, and start a control session for each.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::config::{Config, Listener, Mode};
+use crate::control::{self, SessionSettings, Shared};
+use crate::denylog::SessionInfo;
+use crate::metrics as m;
+use crate::pinhole::DataTimeouts;
+use crate::proto::policy::canonical;
+use crate::proto::{Denial, DenyReason, Side};
+
+/// Binds one listener address. IPv6 wildcards are IPv6-only so that an IPv4
+/// wildcard on the same port can coexist.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The gateway's running state shared by all listeners.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    config: watch::Receiver<Arc<Config>>,
+    sessions: Arc<Semaphore>,
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+    next_id: AtomicU64,
+    /// Every address and port the gateway listens on (loop detection).
+    listen_ports: Vec<u16>,
+}
+
+impl Gateway {
+    pub fn new(shared: Arc<Shared>, config: watch::Receiver<Arc<Config>>) -> Arc<Gateway> {
+        let cfg = config.borrow().clone();
+        let listen_ports = cfg
+            .listeners
+            .iter()
+            .flat_map(|l| l.bind.iter().map(|a| a.port()))
+            .collect();
+        Arc::new(Gateway {
+            shared,
+            sessions: Arc::new(Semaphore::new(cfg.limits.max_sessions)),
+            config,
+            per_client: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            listen_ports,
+        })
+    }
+
+    /// Sessions currently running.
+    pub fn active_sessions(&self) -> usize {
+        let cfg = self.config.borrow();
+        cfg.limits.max_sessions
+            - self
+                .sessions
+                .available_permits()
+                .min(cfg.limits.max_sessions)
+    }
+
+    /// Accepts on `listener` until `stop` turns true; sessions run in `tasks`.
+    pub async fn accept_loop(
+        self: Arc<Self>,
+        index: usize,
+        listener: TcpListener,
+        mut stop: watch::Receiver<bool>,
+        sessions_stop: watch::Receiver<bool>,
+        tasks: Arc<Mutex<JoinSet<()>>>,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.changed() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let gw = Arc::clone(&self);
+            let stop = sessions_stop.clone();
+            let mut set = tasks.lock().unwrap_or_else(|e| e.into_inner());
+            // Reap finished sessions so the set stays small.
+            while set.try_join_next().is_some() {}
+            set.spawn(async move { gw.admit(index, stream, peer, stop).await });
+        }
+    }
+
+    async fn admit(
+        self: Arc<Self>,
+        index: usize,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        stop: watch::Receiver<bool>,
+    ) {
+        let cfg = self.config.borrow().clone();
+        let Some(listener) = cfg.listeners.get(index).cloned() else {
+            return;
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let peer = canonical(peer);
+        let mut info = SessionInfo {
+            id,
+            mode: listener.mode,
+            client: peer,
+            server: None,
+        };
+        let upstream = match self.upstream(&listener, &stream) {
+            Ok(u) => u,
+            Err(reason) => {
+                let reply = match reason {
+                    DenyReason::Loop => {
+                        "421 Service not available: connection to the gateway itself."
+                    }
+                    _ => "421 Service not available: no original destination.",
+                };
+                return self.refuse(&mut stream, &info, reason, reply).await;
+            }
+        };
+        info.server = Some(upstream);
+        let Ok(permit) = Arc::clone(&self.sessions).try_acquire_owned() else {
+            let reply = "421 Too many connections; try again later.";
+            return self
+                .refuse(&mut stream, &info, DenyReason::SessionLimit, reply)
+                .await;
+        };
+        let Some(_client_slot) = self.claim_client(peer.ip(), cfg.limits.max_sessions_per_client)
+        else {
+            let reply = "421 Too many connections from your address; try again later.";
+            return self
+                .refuse(&mut stream, &info, DenyReason::ClientSessionLimit, reply)
+                .await;
+        };
+        let settings = SessionSettings {
+            core: cfg.session_config(),
+            mode: listener.mode,
+            advertise: listener.advertise,
+            connect_timeout: cfg.limits.connect_timeout,
+            data: DataTimeouts {
+                accept: cfg.data.accept_timeout,
+                connect: cfg.data.connect_timeout,
+                idle: cfg.data.idle_timeout,
+            },
+        };
+        let _permit: OwnedSemaphorePermit = permit;
+        control::serve(
+            Arc::clone(&self.shared),
+            settings,
+            id,
+            stream,
+            upstream,
+            stop,
+        )
+        .await;
+        self.release_client(peer.ip());
+    }
+
+    fn upstream(&self, listener: &Listener, stream: &TcpStream) -> Result<SocketAddr, DenyReason> {
+        match listener.mode {
+            Mode::Reverse => listener.upstream.ok_or(DenyReason::Loop),
+            Mode::Transparent => {
+                let local = stream.local_addr().map_err(|_| DenyReason::Loop)?;
+                let sock = SockRef::from(stream);
+                let orig = match local {
+                    SocketAddr::V4(_) => sock.original_dst_v4(),
+                    SocketAddr::V6(_) => sock.original_dst_v6(),
+                };
+                let orig = orig
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .map(canonical)
+                    .ok_or(DenyReason::Loop)?;
+                // Without a redirect the original destination is the
+                // gateway itself: relaying would loop.
+                if orig == canonical(local) || is_local_ip(orig.ip()) {
+                    return Err(DenyReason::Loop);
+                }
+                let _ = &self.listen_ports;
+                Ok(orig)
+            }
+        }
+    }
+
+    async fn refuse(
+        &self,
+        stream: &mut TcpStream,
+        info: &SessionInfo,
+        reason: DenyReason,
+        reply: &str,
+    ) {
+        let mut denial = Denial::new(reason, Side::Client);
+        denial.reply = Some(reply.to_string());
+        self.shared.deny.record(info, &denial, None);
+        m::session_refused(info.mode, reason.as_str());
+        let line = format!("{reply}\r\n");
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            stream.write_all(line.as_bytes()),
+        )
+        .await;
+        let _ = stream.shutdown().await;
+    }
+
+    fn claim_client(&self, ip: IpAddr, limit: usize) -> Option<()> {
+        let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(())
+    }
+
+    fn release_client(&self, ip: IpAddr) {
+        let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&ip);
+            }
+        }
+    }
+}
+
+/// Whether `ip` is an address of this host (binding to it succeeds).
+fn is_local_ip(ip: IpAddr) -> bool {
+    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
