@@ -68,11 +68,11 @@ die() { echo "lab[$P]: error: $*" >&2; exit 1; }
 need_root() { [ "$(id -u)" = 0 ] || die "must run as root"; }
 
 all_ns() {
-  local h
+  local h name
   echo "$NS_GW"
   for h in "${HOSTS[@]}"; do
-    set -- $h
-    echo "$P$1"
+    read -r name _ <<<"$h"
+    echo "$P$name"
   done
 }
 
@@ -97,27 +97,27 @@ sysctl_ns() {
   done
 }
 
+ns_pids() {
+  ip netns pids "$1" 2>/dev/null | grep -vxE "$$|${BASHPID:-$$}" || true
+}
+
 # Kill every process inside a namespace: TERM, then KILL after a grace period.
 kill_ns_procs() {
-  local ns=$1 pids i
+  local ns=$1 sig _
+  local -a pids
   ns_exists "$ns" || return 0
-  pids=$(ip netns pids "$ns" 2>/dev/null | grep -vxE "$$|${BASHPID:-$$}" || true)
-  [ -n "$pids" ] || return 0
-  log "stopping processes in $ns: $(echo $pids)"
-  kill -TERM $pids 2>/dev/null || true
-  for i in $(seq 1 30); do
-    pids=$(ip netns pids "$ns" 2>/dev/null | grep -vxE "$$|${BASHPID:-$$}" || true)
-    [ -n "$pids" ] || return 0
-    sleep 0.1
+  for sig in TERM KILL; do
+    mapfile -t pids < <(ns_pids "$ns")
+    [ "${#pids[@]}" -gt 0 ] || return 0
+    log "sending SIG$sig to processes in $ns: ${pids[*]}"
+    kill "-$sig" "${pids[@]}" 2>/dev/null || true
+    for _ in $(seq 1 30); do
+      mapfile -t pids < <(ns_pids "$ns")
+      [ "${#pids[@]}" -gt 0 ] || return 0
+      sleep 0.1
+    done
   done
-  log "force-killing in $ns: $(echo $pids)"
-  kill -KILL $pids 2>/dev/null || true
-  for i in $(seq 1 30); do
-    pids=$(ip netns pids "$ns" 2>/dev/null | grep -vxE "$$|${BASHPID:-$$}" || true)
-    [ -n "$pids" ] || return 0
-    sleep 0.1
-  done
-  echo "lab[$P]: warning: processes still in $ns: $(echo $pids)" >&2
+  echo "lab[$P]: warning: processes still in $ns: ${pids[*]}" >&2
 }
 
 safe_rm_state() {
@@ -199,8 +199,7 @@ table inet fglab {
 EOF
 
   for h in "${HOSTS[@]}"; do
-    set -- $h
-    name=$1 side=$2 v4=$3 v6=$4
+    read -r name side v4 v6 <<<"$h"
     ns=$P$name
     peer=v-$name
     log "host $ns: $v4 $v6 on br-$side"
@@ -265,8 +264,7 @@ EOF
 check_links() {
   local h name side v4 v6 gw4 gw6 fail=0
   for h in "${HOSTS[@]}"; do
-    set -- $h
-    name=$1 side=$2 v4=$3 v6=$4
+    read -r name side v4 v6 <<<"$h"
     if [ "$side" = in ]; then gw4=$GW_IN4 gw6=$GW_IN6; else gw4=$GW_OUT4 gw6=$GW_OUT6; fi
     if ! nsx "$P$name" ping -q -c 1 -W 2 "$gw4" >/dev/null 2>&1; then
       echo "lab[$P]: $P$name cannot ping $gw4" >&2; fail=1
@@ -343,8 +341,8 @@ start_daemon() {
 
 # wait_listen NS PORT NAME: until something listens on PORT in NS (10 s)
 wait_listen() {
-  local ns=$1 port=$2 name=$3 i
-  for i in $(seq 1 100); do
+  local ns=$1 port=$2 name=$3 _
+  for _ in $(seq 1 100); do
     if nsx "$ns" ss -Hltn "sport = :$port" | grep -q .; then return 0; fi
     sleep 0.1
   done

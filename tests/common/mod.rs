@@ -1,0 +1,266 @@
+//! Shared pieces of the integration tests: a real FTP server, a gateway
+//! started in-process on port 0, a small FTP client for scripted sessions,
+//! and deny-log reading.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ftpgate::config::Config;
+use ftpgate::daemon::{self, Running};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+pub const DEBIAN_PYTHON: &str = "/usr/bin/python3";
+
+/// Why a test cannot run here, printed so a skip is never silent.
+pub fn skip(test: &str, why: &str) {
+    eprintln!("SKIPPED {test}: {why} (scripts/test installs what is missing)");
+}
+
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A pyftpdlib server on 127.0.0.1, killed on drop.
+pub struct FtpServer {
+    pub addr: SocketAddr,
+    pub root: tempfile::TempDir,
+    child: Child,
+}
+
+impl FtpServer {
+    /// `None` when Debian's python3-pyftpdlib is not installed.
+    pub fn start(masquerade: Option<&str>) -> Option<FtpServer> {
+        let ok = Command::new(DEBIAN_PYTHON)
+            .args(["-c", "import pyftpdlib"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return None;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/ftpd.py");
+        let mut cmd = Command::new(DEBIAN_PYTHON);
+        cmd.arg(script).arg("--dir").arg(root.path());
+        if let Some(m) = masquerade {
+            cmd.args(["--masquerade", m]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // One line: the server keeps its standard output open.
+        let mut out = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut out)
+            .unwrap();
+        let port: u16 = out
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("ftpd did not start: {out:?}"));
+        Some(FtpServer {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            root,
+            child,
+        })
+    }
+
+    /// Writes `len` pseudo-random bytes to `name` in the server root.
+    pub fn put_file(&self, name: &str, len: usize) -> Vec<u8> {
+        let data = pseudo_random(len);
+        std::fs::write(self.root.path().join(name), &data).unwrap();
+        data
+    }
+}
+
+impl Drop for FtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn pseudo_random(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A gateway started in-process.
+pub struct Gateway {
+    pub running: Running,
+    pub addr: SocketAddr,
+    pub deny_log: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Reverse mode in front of `upstream`; `extra` is appended to the
+    /// generated TOML (e.g. a [policy] table). Data ports come from `ports`
+    /// so tests running in parallel do not compete for one range.
+    pub async fn reverse(upstream: SocketAddr, ports: &str, extra: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let deny_log = dir.path().join("deny.jsonl");
+        let text = format!(
+            r#"
+[[listener]]
+mode = "reverse"
+bind = ["127.0.0.1:0"]
+upstream = "{upstream}"
+
+[data]
+ports = "{ports}"
+accept_timeout = "2s"
+
+[deny_log]
+path = "{}"
+
+[admin]
+bind = "127.0.0.1:0"
+{extra}
+"#,
+            deny_log.display()
+        );
+        let cfg = Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let running = daemon::start(cfg).await.unwrap();
+        let addr = running.listeners[0].1;
+        Gateway {
+            running,
+            addr,
+            deny_log,
+            dir,
+        }
+    }
+
+    /// Deny-log lines, parsed.
+    pub fn denials(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.deny_log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Waits (bounded) until a deny-log line with `reason` appears.
+    pub async fn wait_denial(&self, reason: &str) -> serde_json::Value {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(v) = self.denials().into_iter().find(|v| v["reason"] == reason) {
+                return v;
+            }
+            assert!(
+                Instant::now() < until,
+                "no {reason} denial; log: {:?}",
+                self.denials()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A scripted FTP client for sessions curl cannot express.
+pub struct FtpClient {
+    rd: BufReader<OwnedReadHalf>,
+    wr: OwnedWriteHalf,
+}
+
+impl FtpClient {
+    pub async fn connect(addr: SocketAddr) -> FtpClient {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (r, w) = s.into_split();
+        let mut c = FtpClient {
+            rd: BufReader::new(r),
+            wr: w,
+        };
+        let greeting = c.reply().await;
+        assert!(greeting.starts_with("220"), "{greeting}");
+        c
+    }
+
+    pub async fn login(addr: SocketAddr) -> FtpClient {
+        let mut c = FtpClient::connect(addr).await;
+        assert!(c.cmd("USER ftptest").await.starts_with("331"));
+        assert!(c.cmd("PASS ftptest").await.starts_with("230"));
+        c
+    }
+
+    /// Reads one whole reply (multi-line aware, RFC 959 section 4.2).
+    pub async fn reply(&mut self) -> String {
+        let mut all = String::new();
+        let mut first_code: Option<String> = None;
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(10), self.rd.read_line(&mut line))
+                .await
+                .expect("reply timed out")
+                .unwrap();
+            assert!(n > 0, "connection closed; so far: {all:?}");
+            all.push_str(&line);
+            let code = line.get(..3).map(str::to_string);
+            match &first_code {
+                None if line.as_bytes().get(3) == Some(&b'-') => first_code = code,
+                None => return all,
+                Some(c) if code.as_ref() == Some(c) && line.as_bytes().get(3) == Some(&b' ') => {
+                    return all;
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    pub async fn send(&mut self, line: &str) {
+        self.wr.write_all(line.as_bytes()).await.unwrap();
+        self.wr.write_all(b"\r\n").await.unwrap();
+    }
+
+    pub async fn cmd(&mut self, line: &str) -> String {
+        self.send(line).await;
+        self.reply().await
+    }
+}
+
+/// Parses the address of a 227 reply.
+pub fn parse_227(reply: &str) -> SocketAddr {
+    let start = reply.find('(').unwrap() + 1;
+    let end = reply[start..].find(')').unwrap() + start;
+    let n: Vec<u16> = reply[start..end]
+        .split(',')
+        .map(|x| x.trim().parse().unwrap())
+        .collect();
+    SocketAddr::from((
+        [n[0] as u8, n[1] as u8, n[2] as u8, n[3] as u8],
+        n[4] * 256 + n[5],
+    ))
+}
+
+/// Runs curl with `args`; returns (success, stderr).
+pub async fn curl(args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "20"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,207 @@
+//! Reverse mode on loopback, without root: a real FTP server (pyftpdlib from
+//! Debian), the gateway in-process, and real curl or a scripted client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{FtpClient, FtpServer, Gateway, curl, have, parse_227, skip};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+fn server_or_skip(test: &str, masquerade: Option<&str>) -> Option<FtpServer> {
+    let s = FtpServer::start(masquerade);
+    if s.is_none() {
+        skip(test, "Debian's python3-pyftpdlib is not installed");
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_downloads_intact_through_reverse_gateway_in_every_data_mode() {
+    let test = "curl_downloads_intact_through_reverse_gateway_in_every_data_mode";
+    let Some(server) = server_or_skip(test, None) else {
+        return;
+    };
+    if !have("curl") {
+        return skip(test, "curl is not installed");
+    }
+    let data = server.put_file("data.bin", 1 << 20);
+    let gw = Gateway::reverse(server.addr, "52000-52099", "").await;
+    let url = format!("ftp://ftptest:ftptest@{}/data.bin", gw.addr);
+    let cells: [(&str, &[&str]); 5] = [
+        ("EPSV (curl default)", &[]),
+        ("PASV, 227 address ignored", &["--disable-epsv"]),
+        (
+            "PASV, 227 address honoured",
+            &["--disable-epsv", "--no-ftp-skip-pasv-ip"],
+        ),
+        ("EPRT", &["--ftp-port", "127.0.0.1"]),
+        ("PORT", &["--ftp-port", "127.0.0.1", "--disable-eprt"]),
+    ];
+    for (name, args) in cells {
+        let out = gw.dir.path().join("out.bin");
+        let _ = std::fs::remove_file(&out);
+        let mut all: Vec<&str> = args.to_vec();
+        let out_s = out.to_str().unwrap();
+        all.extend(["-o", out_s, &url]);
+        let (ok, err) = curl(&all).await;
+        assert!(
+            ok,
+            "{name}: curl failed: {err}; denials: {:?}",
+            gw.denials()
+        );
+        let got = std::fs::read(&out).unwrap();
+        assert!(
+            got == data,
+            "{name}: {} bytes received, {} expected",
+            got.len(),
+            data.len()
+        );
+    }
+    assert!(
+        gw.denials().is_empty(),
+        "unexpected denials: {:?}",
+        gw.denials()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_upload_arrives_intact_on_the_server() {
+    let test = "curl_upload_arrives_intact_on_the_server";
+    let Some(server) = server_or_skip(test, None) else {
+        return;
+    };
+    if !have("curl") {
+        return skip(test, "curl is not installed");
+    }
+    let gw = Gateway::reverse(server.addr, "52100-52199", "").await;
+    let src = gw.dir.path().join("up.bin");
+    let data = common::pseudo_random(700_001);
+    std::fs::write(&src, &data).unwrap();
+    for (name, extra) in [
+        ("passive", vec![]),
+        ("active", vec!["--ftp-port", "127.0.0.1"]),
+    ] {
+        let url = format!("ftp://ftptest:ftptest@{}/up-{name}.bin", gw.addr);
+        let mut args = extra.clone();
+        args.extend(["-T", src.to_str().unwrap(), &url]);
+        let (ok, err) = curl(&args).await;
+        assert!(ok, "{name}: {err}");
+        let got = std::fs::read(server.root.path().join(format!("up-{name}.bin"))).unwrap();
+        assert!(got == data, "{name}: upload differs ({} bytes)", got.len());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_passive_address_of_a_natted_server_is_replaced() {
+    let test = "private_passive_address_of_a_natted_server_is_replaced";
+    // The server announces 192.0.2.99, as a server behind NAT would; only
+    // the gateway's replacement by the control address makes PASV work.
+    let Some(server) = server_or_skip(test, Some("192.0.2.99")) else {
+        return;
+    };
+    let data = server.put_file("f.bin", 100_000);
+    let gw = Gateway::reverse(server.addr, "52200-52299", "").await;
+    let mut c = FtpClient::login(gw.addr).await;
+    assert!(c.cmd("TYPE I").await.starts_with("200"));
+    let reply = c.cmd("PASV").await;
+    assert!(reply.starts_with("227"), "{reply}");
+    let data_addr = parse_227(&reply);
+    assert_eq!(
+        data_addr.ip(),
+        gw.addr.ip(),
+        "client is sent to the gateway: {reply}"
+    );
+    let mut d = TcpStream::connect(data_addr).await.unwrap();
+    assert!(c.cmd("RETR f.bin").await.starts_with('1'));
+    let mut got = Vec::new();
+    d.read_to_end(&mut got).await.unwrap();
+    assert!(c.reply().await.starts_with("226"));
+    assert!(got == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounce_and_privileged_port_targets_are_refused_and_logged() {
+    let test = "bounce_and_privileged_port_targets_are_refused_and_logged";
+    let Some(server) = server_or_skip(test, None) else {
+        return;
+    };
+    let gw = Gateway::reverse(server.addr, "52300-52399", "").await;
+    let mut c = FtpClient::login(gw.addr).await;
+    // 127.0.0.5 is not the client (127.0.0.1): an FTP bounce.
+    let r = c.cmd("PORT 127,0,0,5,200,10").await;
+    assert!(r.starts_with("504"), "{r}");
+    let bounce = gw.wait_denial("bounce").await;
+    assert_eq!(bounce["verb"], "PORT");
+    assert_eq!(bounce["target"], "127.0.0.5:51210");
+    assert_eq!(
+        bounce["reply"],
+        "504 Data connection target refused by policy."
+    );
+    let r = c.cmd("EPRT |1|127.0.0.1|25|").await;
+    assert!(r.starts_with("504"), "{r}");
+    let low = gw.wait_denial("privileged_port").await;
+    assert_eq!(low["rule"], "privileged_ports");
+    // The session is still usable.
+    assert!(c.cmd("NOOP").await.starts_with("200"));
+    let r = c.cmd("AUTH TLS").await;
+    assert!(r.starts_with("534"), "{r}");
+    gw.wait_denial("auth_refused").await;
+    // PASS is never logged.
+    let log = std::fs::read_to_string(&gw.deny_log).unwrap();
+    assert!(!log.contains("ftptest\""), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pasv_theft_from_another_address_gets_nothing_and_the_client_still_gets_the_file() {
+    let test = "pasv_theft_from_another_address_gets_nothing_and_the_client_still_gets_the_file";
+    let Some(server) = server_or_skip(test, None) else {
+        return;
+    };
+    let data = server.put_file("secret.bin", 50_000);
+    let gw = Gateway::reverse(server.addr, "52400-52499", "").await;
+    let mut c = FtpClient::login(gw.addr).await;
+    assert!(c.cmd("TYPE I").await.starts_with("200"));
+    let pasv = parse_227(&c.cmd("PASV").await);
+    // The thief comes from 127.0.0.3, another address on loopback.
+    let thief = TcpSocket::new_v4().unwrap();
+    thief.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+    let mut stolen = Vec::new();
+    if let Ok(mut s) = thief.connect(pasv).await {
+        let _ = s.write_all(b"x").await;
+        let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut stolen)).await;
+    }
+    assert!(stolen.is_empty(), "thief received {} bytes", stolen.len());
+    let theft = gw.wait_denial("pasv_theft").await;
+    assert_eq!(theft["expected_peer"], "127.0.0.1");
+    assert!(
+        theft["peer"].as_str().unwrap().starts_with("127.0.0.3:"),
+        "{theft}"
+    );
+    // The real client still gets the file through the same pinhole.
+    let mut d = TcpStream::connect(pasv).await.unwrap();
+    assert!(c.cmd("RETR secret.bin").await.starts_with('1'));
+    let mut got = Vec::new();
+    d.read_to_end(&mut got).await.unwrap();
+    assert!(c.reply().await.starts_with("226"));
+    assert!(got == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinhole_nobody_connects_to_expires_with_a_deny_line() {
+    let test = "pinhole_nobody_connects_to_expires_with_a_deny_line";
+    let Some(server) = server_or_skip(test, None) else {
+        return;
+    };
+    // The gateway's accept_timeout is 2s.
+    let gw = Gateway::reverse(server.addr, "52500-52599", "").await;
+    let mut c = FtpClient::login(gw.addr).await;
+    let pasv = parse_227(&c.cmd("PASV").await);
+    let expired = gw.wait_denial("pinhole_expired").await;
+    assert_eq!(expired["target"], pasv.to_string());
+    assert_eq!(expired["expected_peer"], "127.0.0.1");
+    assert_eq!(expired["side"], "client");
+    // The port is closed now.
+    assert!(TcpStream::connect(pasv).await.is_err());
+}
