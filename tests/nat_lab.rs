@@ -1,0 +1,602 @@
+//! The NAT lab: network namespaces with an inside client, an inside
+//! attacker, the gateway (forwarding dropped, so data can only pass through
+//! ftpgate's pinholes), vsftpd and proftpd outside, and a bounce target.
+//! ftpgate runs in transparent mode with the nftables rules it prints itself.
+//!
+//! Needs root, iproute2, nftables, vsftpd, proftpd, curl and lftp, which
+//! `scripts/install-test-deps` installs; skipped (and says so) otherwise.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const PREFIX: &str = "fgt-";
+const SRV1: &str = "198.51.100.20";
+const SRV2: &str = "198.51.100.21";
+const SRV1_V6: &str = "2001:db8:2::20";
+const SRV2_V6: &str = "2001:db8:2::21";
+const OUT3: &str = "198.51.100.30";
+
+fn lab_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/lab.sh")
+}
+
+fn state_dir() -> PathBuf {
+    PathBuf::from(format!("/tmp/fglab-{PREFIX}"))
+}
+
+fn lab(args: &[&str]) -> Output {
+    Command::new(lab_script())
+        .args(args)
+        .env("FG_PREFIX", PREFIX)
+        .env("FG_STATE", state_dir())
+        .output()
+        .expect("run lab.sh")
+}
+
+/// Runs `cmd` in the lab host `host`, bounded in time.
+fn exec(host: &str, cmd: &[&str]) -> Output {
+    let mut all = vec!["exec", host, "timeout", "60"];
+    all.extend_from_slice(cmd);
+    lab(&all)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn missing_prerequisite() -> Option<String> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    if uid.trim_ascii() != b"0" {
+        return Some("needs root (network namespaces, nftables)".into());
+    }
+    for tool in ["ip", "nft", "vsftpd", "curl", "lftp"] {
+        let found = Command::new("sh")
+            .args([
+                "-c",
+                &format!("command -v {tool} || test -x /usr/sbin/{tool}"),
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    if !Path::new("/opt/ftpgate-lab/proftpd/usr/sbin/proftpd").exists() {
+        return Some("proftpd (lab copy) is not installed".into());
+    }
+    None
+}
+
+/// Tears the lab down when the test ends, however it ends.
+struct LabGuard {
+    gateway: Option<Child>,
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if let Some(mut g) = self.gateway.take() {
+            let _ = g.kill();
+            let _ = g.wait();
+        }
+        if std::env::var_os("FG_KEEP_LAB").is_none() {
+            lab(&["down"]);
+        }
+    }
+}
+
+fn gateway_config(dir: &Path, fxp: bool) -> PathBuf {
+    let mut text = format!(
+        r#"
+[[listener]]
+mode = "transparent"
+bind = ["0.0.0.0:2121", "[::]:2121"]
+interfaces = ["br-in"]
+
+[data]
+ports = "50000-50999"
+accept_timeout = "5s"
+
+[deny_log]
+path = "{}/deny.jsonl"
+
+[admin]
+bind = "127.0.0.1:9121"
+"#,
+        dir.display()
+    );
+    if fxp {
+        text.push_str(
+            "\n[[policy.fxp]]\nname = \"lab-servers\"\nservers = [\"198.51.100.0/24\"]\n",
+        );
+    }
+    let path = dir.join("ftpgate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start_gateway(config: &Path, dir: &Path) -> Child {
+    let log = std::fs::File::create(dir.join("ftpgate.stderr")).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &format!("{PREFIX}gw")])
+        .arg(env!("CARGO_BIN_EXE_ftpgate"))
+        .args(["--log-level", "debug", "run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // Ready when /readyz answers inside the gateway namespace.
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        let o = exec("gw", &["curl", "-sf", "http://127.0.0.1:9121/readyz"]);
+        if o.status.success() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "gateway did not become ready:\n{}",
+        std::fs::read_to_string(dir.join("ftpgate.stderr")).unwrap_or_default()
+    );
+}
+
+fn denials(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("deny.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn wait_denial(dir: &Path, reason: &str) -> Option<serde_json::Value> {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = denials(dir).into_iter().find(|v| v["reason"] == reason) {
+            return Some(v);
+        }
+        if Instant::now() > until {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn sha256_file(path: &Path) -> String {
+    let o = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn expected_sha(server: &str) -> String {
+    let p = state_dir().join(server).join("root/data.bin.sha256");
+    std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn metric(name_and_labels: &str) -> f64 {
+    let o = exec("gw", &["curl", "-sf", "http://127.0.0.1:9121/metrics"]);
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| l.starts_with(name_and_labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// One download or upload cell of the matrix.
+struct Cell {
+    name: String,
+    host: &'static str,
+    cmd: Vec<String>,
+    /// File whose checksum must match; server name for the expected sum.
+    check: PathBuf,
+    server: &'static str,
+    upload: bool,
+}
+
+fn matrix(out: &Path) -> Vec<Cell> {
+    let mut cells = Vec::new();
+    let servers = [
+        ("srv1", "vsftpd", SRV1, SRV1_V6),
+        ("srv2", "proftpd", SRV2, SRV2_V6),
+    ];
+    for (server, make, v4, v6) in servers {
+        let url = format!("ftp://ftptest:ftptest@{v4}/data.bin");
+        let url6 = format!("ftp://ftptest:ftptest@[{v6}]/data.bin");
+        let curl_cells: [(&str, Vec<&str>, &str); 7] = [
+            ("curl EPSV (default)", vec![], url.as_str()),
+            (
+                "curl PASV (227 address ignored)",
+                vec!["--disable-epsv"],
+                &url,
+            ),
+            (
+                "curl PASV (227 address honoured)",
+                vec!["--disable-epsv", "--no-ftp-skip-pasv-ip"],
+                &url,
+            ),
+            ("curl EPRT", vec!["-P", "-"], &url),
+            ("curl PORT", vec!["-P", "-", "--disable-eprt"], &url),
+            ("curl IPv6 EPSV", vec!["-g"], &url6),
+            ("curl IPv6 EPRT", vec!["-g", "-P", "-"], &url6),
+        ];
+        for (i, (name, args, u)) in curl_cells.into_iter().enumerate() {
+            let file = out.join(format!("{server}-curl-{i}.bin"));
+            let mut cmd: Vec<String> = ["curl", "-sS", "--max-time", "30"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            cmd.extend(args.iter().map(|s| s.to_string()));
+            cmd.extend(["-o".into(), file.display().to_string(), u.to_string()]);
+            cells.push(Cell {
+                name: format!("{make}: {name}"),
+                host: "in1",
+                cmd,
+                check: file,
+                server,
+                upload: false,
+            });
+        }
+        for (i, (name, settings, host)) in [
+            (
+                "lftp PASV (227 address honoured)",
+                "set ftp:prefer-epsv no; set ftp:passive-mode on",
+                v4.to_string(),
+            ),
+            (
+                "lftp EPSV",
+                "set ftp:prefer-epsv yes; set ftp:passive-mode on",
+                v4.to_string(),
+            ),
+            ("lftp PORT", "set ftp:passive-mode off", v4.to_string()),
+            (
+                "lftp IPv6 EPSV",
+                "set ftp:passive-mode on",
+                format!("[{v6}]"),
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let file = out.join(format!("{server}-lftp-{i}.bin"));
+            let script = format!(
+                "set net:max-retries 1; set net:timeout 10; set cmd:fail-exit yes; {settings}; \
+                 open -u ftptest,ftptest ftp://{host}; get data.bin -o {}; bye",
+                file.display()
+            );
+            cells.push(Cell {
+                name: format!("{make}: {name}"),
+                host: "in1",
+                cmd: vec!["lftp".into(), "-c".into(), script],
+                check: file,
+                server,
+                upload: false,
+            });
+        }
+        // Uploads: the file arrives in the server's root.
+        let src = state_dir().join("srv1/root/data.bin");
+        for (i, (name, args)) in [
+            ("curl upload (EPSV)", vec![]),
+            ("curl upload (PORT)", vec!["-P", "-", "--disable-eprt"]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let dest = format!("up-{i}.bin");
+            let mut cmd: Vec<String> = ["curl", "-sS", "--max-time", "30"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            cmd.extend(args.iter().map(|s| s.to_string()));
+            cmd.extend([
+                "-T".into(),
+                src.display().to_string(),
+                format!("ftp://ftptest:ftptest@{v4}/{dest}"),
+            ]);
+            cells.push(Cell {
+                name: format!("{make}: {name}"),
+                host: "in1",
+                cmd,
+                check: state_dir().join(server).join("root").join(dest),
+                server: "srv1",
+                upload: true,
+            });
+        }
+    }
+    cells
+}
+
+#[test]
+fn nat_lab_transfers_pass_only_through_pinholes_and_refusals_hold() {
+    if let Some(why) = missing_prerequisite() {
+        eprintln!("SKIPPED nat_lab: {why} (run scripts/test as root)");
+        return;
+    }
+    let up = lab(&["up"]);
+    assert!(up.status.success(), "lab up failed:\n{}", text(&up));
+    let mut guard = LabGuard { gateway: None };
+    let servers = lab(&["start-servers"]);
+    assert!(
+        servers.status.success(),
+        "start-servers failed:\n{}",
+        text(&servers)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+
+    // Sanity: without the gateway nothing crosses.
+    let direct = exec(
+        "in1",
+        &[
+            "curl",
+            "-sS",
+            "--connect-timeout",
+            "2",
+            &format!("ftp://{SRV1}:2200/"),
+        ],
+    );
+    assert!(
+        !direct.status.success(),
+        "traffic crossed without the gateway"
+    );
+
+    // The rules ftpgate prints are the rules the lab runs with.
+    let config = gateway_config(dir.path(), false);
+    let rules = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
+        .args(["nft-rules", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(rules.status.success(), "{}", text(&rules));
+    let rules_file = dir.path().join("rules.nft");
+    std::fs::write(&rules_file, &rules.stdout).unwrap();
+    let load = exec("gw", &["nft", "-f", rules_file.to_str().unwrap()]);
+    assert!(load.status.success(), "nft -f failed:\n{}", text(&load));
+    guard.gateway = Some(start_gateway(&config, dir.path()));
+
+    // ---- the transfer matrix -------------------------------------------
+    let mut results: BTreeMap<String, String> = BTreeMap::new();
+    let mut failures = Vec::new();
+    for cell in matrix(&out) {
+        let args: Vec<&str> = cell.cmd.iter().map(String::as_str).collect();
+        let started = Instant::now();
+        let o = exec(cell.host, &args);
+        let sum = sha256_file(&cell.check);
+        let want = expected_sha(cell.server);
+        let verdict = if o.status.success() && sum == want {
+            format!(
+                "pass ({:.2}s, sha256 {})",
+                started.elapsed().as_secs_f64(),
+                &sum[..12]
+            )
+        } else {
+            failures.push(format!(
+                "{}: exit {:?}, sha256 {:?}\n{}",
+                cell.name,
+                o.status.code(),
+                sum,
+                text(&o)
+            ));
+            "FAIL".into()
+        };
+        let kind = if cell.upload { "upload" } else { "download" };
+        results.insert(format!("{} [{kind}]", cell.name), verdict);
+    }
+    eprintln!("NAT lab matrix:");
+    for (name, verdict) in &results {
+        eprintln!("  {name:60} {verdict}");
+    }
+    // lftp tries AUTH TLS first; the gateway's 534 makes it go on in plain
+    // text. Nothing else may be refused during the matrix.
+    let unexpected: Vec<_> = denials(dir.path())
+        .into_iter()
+        .filter(|d| d["reason"] != "auth_refused")
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "failed cells:\n{}\ndenials: {unexpected:?}",
+        failures.join("\n")
+    );
+    assert!(
+        unexpected.is_empty(),
+        "transfers produced denials: {unexpected:?}"
+    );
+    let auth = denials(dir.path()).len();
+    eprintln!("  (lftp's AUTH TLS was refused with 534 {auth} times; lftp went on in plain text)");
+
+    // ---- bounce: a PORT naming the third host never reaches it -----------
+    let recorder_log = state_dir().join("out3/connections.log");
+    let bounce = exec(
+        "in1",
+        &[
+            "python3",
+            "-c",
+            &format!(
+                "import ftplib\n\
+                 f = ftplib.FTP('{SRV1}', timeout=10)\n\
+                 f.login('ftptest', 'ftptest')\n\
+                 try:\n    print(f.sendcmd('PORT {},9,221'))\n\
+                 except ftplib.all_errors as e:\n    print('REFUSED', e)\n\
+                 try:\n    f.retrlines('LIST')\n\
+                 except ftplib.all_errors as e:\n    print('LIST', e)\n",
+                OUT3.replace('.', ",")
+            ),
+        ],
+    );
+    let said = text(&bounce);
+    assert!(
+        said.contains("REFUSED 504"),
+        "bounce PORT was not refused: {said}"
+    );
+    let denial = wait_denial(dir.path(), "bounce").expect("no bounce deny line");
+    assert_eq!(denial["target"], format!("{OUT3}:2525"));
+    assert_eq!(
+        denial["client"].as_str().unwrap().split(':').next(),
+        Some("192.0.2.10")
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let reached = std::fs::read_to_string(&recorder_log).unwrap_or_default();
+    assert!(
+        reached.trim().is_empty(),
+        "the bounce target was reached: {reached}"
+    );
+    eprintln!(
+        "  bounce PORT to {OUT3}:2525                                  refused (504, deny bounce), target saw no connection"
+    );
+
+    // ---- PASV theft: a second inside host races to the pinhole -----------
+    let signal = dir.path().join("go");
+    let victim = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("{PREFIX}in1"),
+            "timeout",
+            "60",
+            "python3",
+        ])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/race.py"))
+        .args(["pasv", SRV1])
+        .arg(&signal)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut victim = victim;
+    let mut first = String::new();
+    {
+        use std::io::BufRead;
+        let stdout = victim.stdout.as_mut().unwrap();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first)
+            .unwrap();
+    }
+    let parts: Vec<&str> = first.split_whitespace().collect();
+    assert_eq!(parts.first(), Some(&"PASV"), "victim said {first:?}");
+    let (addr, port) = (parts[1], parts[2]);
+    let loot = dir.path().join("loot");
+    let steal = exec(
+        "in2",
+        &[
+            "python3",
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/lab/race.py")
+                .to_str()
+                .unwrap(),
+            "steal",
+            addr,
+            port,
+            loot.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(&signal, b"go").unwrap();
+    let victim_out = victim.wait_with_output().unwrap();
+    let victim_said = text(&victim_out);
+    let stolen = std::fs::read(&loot).unwrap_or_default();
+    assert!(
+        stolen.is_empty() || stolen.starts_with(b"ERROR"),
+        "the attacker got {} bytes: {}",
+        stolen.len(),
+        text(&steal)
+    );
+    assert!(
+        victim_said.contains(&format!("SHA256 {}", expected_sha("srv1"))),
+        "the real client did not get the file: {victim_said}"
+    );
+    let theft = wait_denial(dir.path(), "pasv_theft").expect("no pasv_theft deny line");
+    assert!(
+        theft["peer"].as_str().unwrap().starts_with("192.0.2.11:"),
+        "{theft}"
+    );
+    assert_eq!(theft["expected_peer"], "192.0.2.10");
+    eprintln!(
+        "  PASV theft from 192.0.2.11                                  refused (deny pasv_theft), victim's sha256 intact"
+    );
+
+    // ---- server-to-server (FXP) ----------------------------------------
+    let fxp = |dest: &str| {
+        exec(
+            "in1",
+            &[
+                "python3",
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/lab/fxp.py")
+                    .to_str()
+                    .unwrap(),
+                SRV1,
+                SRV2,
+                "data.bin",
+                dest,
+            ],
+        )
+    };
+    let refused = fxp("fxp-denied.bin");
+    assert_eq!(
+        refused.status.code(),
+        Some(2),
+        "FXP was not refused: {}",
+        text(&refused)
+    );
+    let denial = wait_denial(dir.path(), "fxp_denied").expect("no fxp_denied deny line");
+    assert_eq!(denial["server"], format!("{SRV1}:21"));
+    assert!(
+        !state_dir().join("srv2/root/fxp-denied.bin").exists()
+            || std::fs::metadata(state_dir().join("srv2/root/fxp-denied.bin"))
+                .unwrap()
+                .len()
+                == 0,
+        "data reached srv2 although FXP was refused"
+    );
+    eprintln!(
+        "  FXP vsftpd -> proftpd, default policy                       refused (504, deny fxp_denied), nothing arrived"
+    );
+
+    // Allow the two servers and reload with SIGHUP.
+    gateway_config(dir.path(), true);
+    let pid = guard.gateway.as_ref().unwrap().id();
+    // `ip netns exec` execs ftpgate, so the child's pid is ftpgate's.
+    let hup = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    std::thread::sleep(Duration::from_millis(500));
+    let relayed_before = metric("ftpgate_data_bytes_total");
+    let allowed = fxp("fxp-allowed.bin");
+    assert!(
+        allowed.status.success(),
+        "allowed FXP failed: {}",
+        text(&allowed)
+    );
+    let arrived = sha256_file(&state_dir().join("srv2/root/fxp-allowed.bin"));
+    assert_eq!(arrived, expected_sha("srv1"), "FXP file differs");
+    assert_eq!(metric("ftpgate_rewrites_total{kind=\"fxp\"}"), 1.0);
+    let relayed_after = metric("ftpgate_data_bytes_total");
+    assert!(
+        relayed_after - relayed_before < 1024.0,
+        "FXP data went through the gateway ({} bytes)",
+        relayed_after - relayed_before
+    );
+    eprintln!(
+        "  FXP vsftpd -> proftpd, [[policy.fxp]] after SIGHUP          pass (sha256 intact, data server to server)"
+    );
+}
