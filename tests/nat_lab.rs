@@ -127,7 +127,7 @@ bind = "127.0.0.1:9121"
 
 fn start_gateway(config: &Path, dir: &Path) -> Child {
     let log = std::fs::File::create(dir.join("ftpgate.stderr")).unwrap();
-    let child = Command::new("ip")
+    let mut child = Command::new("ip")
         .args(["netns", "exec", &format!("{PREFIX}gw")])
         .arg(env!("CARGO_BIN_EXE_ftpgate"))
         .args(["--log-level", "debug", "run", "--config"])
@@ -145,6 +145,8 @@ fn start_gateway(config: &Path, dir: &Path) -> Child {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!(
         "gateway did not become ready:\n{}",
         std::fs::read_to_string(dir.join("ftpgate.stderr")).unwrap_or_default()
