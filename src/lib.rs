@@ -10,6 +10,7 @@ pub mod admin;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod denials;
 pub mod denylog;
 pub mod metrics;
 pub mod nft;

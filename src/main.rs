@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use ftpgate::{daemon, nft};
+use ftpgate::{daemon, denials, nft};
 
 #[derive(Parser)]
 #[command(version, about = "FTP application-level gateway for the network edge")]
@@ -34,6 +34,43 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Summarise a deny log: counts by reason, top clients, top targets.
+    Denials {
+        /// Only denials newer than this ("1h", "30m", "2d").
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this reason (e.g. bounce, pasv_theft, pinhole_expired).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Print new denials as they are written, one line each.
+        #[arg(long, short)]
+        follow: bool,
+        /// The deny log (JSON lines).
+        file: PathBuf,
+    },
+}
+
+fn show_denials(
+    since: Option<String>,
+    reason: Option<String>,
+    follow: bool,
+    file: &std::path::Path,
+) -> anyhow::Result<()> {
+    let filter = denials::Filter {
+        since: since
+            .as_deref()
+            .map(denials::since)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        reason,
+    };
+    if follow {
+        denials::follow(file, &filter, |line| println!("{line}"))?;
+        return Ok(());
+    }
+    let summary = denials::summarize_file(file, &filter)?;
+    print!("{}", summary.render(&file.display().to_string()));
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -61,6 +98,12 @@ fn main() -> ExitCode {
         Command::NftRules { config } => daemon::load(&config).map(|cfg| {
             print!("{}", nft::ruleset(&cfg, &config.display().to_string()));
         }),
+        Command::Denials {
+            since,
+            reason,
+            follow,
+            file,
+        } => show_denials(since, reason, follow, &file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
