@@ -21,6 +21,7 @@ pub const PINHOLES_EXPIRED: &str = "ftpgate_pinholes_expired_total";
 pub const PINHOLES_REFUSED: &str = "ftpgate_pinhole_connections_refused_total";
 pub const PORT_POOL_FREE: &str = "ftpgate_port_pool_free";
 pub const DATA_CONNECTIONS: &str = "ftpgate_data_connections_total";
+pub const DATA_CONNECTIONS_ACTIVE: &str = "ftpgate_data_connections_active";
 pub const DATA_BYTES: &str = "ftpgate_data_bytes_total";
 pub const PINHOLE_WAIT: &str = "ftpgate_pinhole_wait_seconds";
 pub const UPSTREAM_CONNECT: &str = "ftpgate_upstream_connect_seconds";
@@ -111,4 +112,20 @@ pub fn data_connection(mode: &'static str, to_client: u64, to_server: u64, took:
 
 pub fn config_reload(result: &'static str) {
     counter!(CONFIG_RELOADS, "result" => result).increment(1);
+}
+
+/// Counts a data connection as active while it lives.
+pub struct DataConnectionActive(());
+
+impl DataConnectionActive {
+    pub fn start() -> Self {
+        gauge!(DATA_CONNECTIONS_ACTIVE).increment(1.0);
+        DataConnectionActive(())
+    }
+}
+
+impl Drop for DataConnectionActive {
+    fn drop(&mut self) {
+        gauge!(DATA_CONNECTIONS_ACTIVE).decrement(1.0);
+    }
 }

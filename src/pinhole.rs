@@ -168,14 +168,6 @@ impl PinholePool {
         }
     }
 
-    fn mark_connected(&self, port: u16, key: u64) {
-        if let Some(entry) = self.lock().by_port.get_mut(&port)
-            && entry.key == key
-        {
-            entry.cancel = None;
-        }
-    }
-
     fn release(&self, port: u16, key: u64) {
         let mut inner = self.lock();
         if inner.by_port.get(&port).is_some_and(|e| e.key == key) {
@@ -251,7 +243,7 @@ impl PinholeTask {
             deny,
             info,
         } = self;
-        let _release = Release {
+        let release = Release {
             pool: &pool,
             port: opened.addr.port(),
             key: opened.key,
@@ -272,7 +264,10 @@ impl PinholeTask {
             return;
         };
         m::pinhole_wait(started.elapsed());
-        pool.mark_connected(opened.addr.port(), opened.key);
+        // The pinhole is used up: its listener is closed, its port free for
+        // the next one. What follows is a data connection.
+        drop(release);
+        let _active = m::DataConnectionActive::start();
         let _ = updates.send(PinholeUpdate::Connected(request.id)).await;
         match connect_from(request.connect_from, request.connect_to, timeouts.connect).await {
             Ok(outbound) => {

@@ -34,6 +34,10 @@ pub struct LineFramer {
     max_line: usize,
     /// Set while discarding the rest of an over-long line, holding its head.
     discarding: Option<Vec<u8>>,
+    /// How many bytes after `start` are known to hold no LF. Without it a
+    /// line trickling in a byte at a time was rescanned from its start on
+    /// every read: quadratic in the line length (8 KiB replies).
+    scanned: usize,
 }
 
 impl LineFramer {
@@ -45,12 +49,17 @@ impl LineFramer {
             start: 0,
             max_line: max_line.max(TOO_LONG_HEAD),
             discarding: None,
+            scanned: 0,
         }
     }
 
     pub fn push(&mut self, data: &[u8]) {
-        if self.discarding.is_some() {
-            // Nothing before the next LF will be kept: do not store it.
+        // While an over-long line is being discarded, nothing before its LF
+        // is kept. Once that LF is stored (the caller has not read the frame
+        // yet: a held session stops reading), the bytes after it are new
+        // lines and must be kept whole; filtering them too cut the start off
+        // the next line, so the frames depended on how input was split.
+        if self.discarding.is_some() && self.buffered() == 0 {
             if let Some(i) = data.iter().position(|&b| b == b'\n') {
                 self.raw.extend_from_slice(&data[i..]);
             }
@@ -66,7 +75,11 @@ impl LineFramer {
 
     pub fn next_frame(&mut self) -> Option<Frame> {
         let pending = &self.raw[self.start..];
-        let frame = match pending.iter().position(|&b| b == b'\n') {
+        let lf = pending[self.scanned..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|i| self.scanned + i);
+        let frame = match lf {
             Some(i) => {
                 let line = &pending[..i];
                 let frame = if let Some(head) = self.discarding.take() {
@@ -80,6 +93,7 @@ impl LineFramer {
                     }
                 };
                 self.start += i + 1;
+                self.scanned = 0;
                 Some(frame)
             }
             None => {
@@ -89,6 +103,9 @@ impl LineFramer {
                 }
                 if self.discarding.is_some() {
                     self.start = self.raw.len();
+                    self.scanned = 0;
+                } else {
+                    self.scanned = pending.len();
                 }
                 None
             }

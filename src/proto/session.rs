@@ -2,7 +2,7 @@
 //! login state, the pinholes it asked for and its timers.
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -221,9 +221,26 @@ struct PassivePlan {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Expect {
-    Login,
+    /// USER/PASS/ACCT: a 230 or 232 logs in.
+    Login(LoginEnd),
+    /// REIN.
+    Rein(LoginEnd),
     Passive(PassivePlan),
     Other,
+}
+
+/// Whether a USER or REIN ended a login. The gateway stops treating the
+/// session as logged in as soon as it forwards such a command (so nothing
+/// pipelined after it can open a pinhole), but when the server refuses the
+/// command, its login stands and so must the gateway's: vsftpd answers a
+/// second USER with "530 Can't change to another user." and REIN with
+/// "502 REIN not implemented." and keeps the user logged in. Without this,
+/// every later PORT/PASV was refused with 530 and the login timer closed the
+/// session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoginEnd {
+    EndedLogin,
+    NoLogin,
 }
 
 /// An entry of the FIFO that pairs replies with commands.
@@ -537,26 +554,39 @@ impl Session {
 
     // ---- input processing -------------------------------------------------
 
+    /// Handles every line that can be handled now.
+    ///
+    /// The order does not depend on how the bytes were cut into reads, so
+    /// the result is the same as if each line had arrived on its own:
+    /// - Client lines go first, as far as they can. Handling one never
+    ///   unblocks the server side, but a server reply can unblock the client
+    ///   (it frees a pending slot at `MAX_PENDING`), so the client goes again
+    ///   after every server line. (Reading all server lines of a read first
+    ///   made a reply that arrived in the same read as earlier replies
+    ///   unsolicited, and the same reply in a read of its own paired with a
+    ///   command: a 227 was rewritten or not depending on TCP segmentation.)
+    /// - When a client line becomes held, the drain stops until the daemon
+    ///   answers (every answer drains again); otherwise the rest of a server
+    ///   read would be handled before the answer, and the same lines read
+    ///   separately after it.
     fn drain(&mut self, now: Instant) {
         loop {
-            let mut progressed = false;
-            while self.wants_input(Side::Server) {
-                let Some(frame) = self.server_in.next_frame() else {
-                    break;
-                };
-                self.on_server_frame(frame);
-                progressed = true;
-            }
             while self.wants_input(Side::Client) {
                 let Some(frame) = self.client_in.next_frame() else {
                     break;
                 };
                 self.on_client_frame(frame, now);
-                progressed = true;
+                if self.held_command.is_some() {
+                    return;
+                }
             }
-            if !progressed {
+            if !self.wants_input(Side::Server) {
                 return;
             }
+            let Some(frame) = self.server_in.next_frame() else {
+                return;
+            };
+            self.on_server_frame(frame);
         }
     }
 
@@ -599,16 +629,23 @@ impl Session {
                 Route::Queued,
             ),
             Verb::User | Verb::Pass | Verb::Acct => {
-                if cmd.verb == Verb::User {
+                let mut end = LoginEnd::NoLogin;
+                if cmd.verb == Verb::User && self.logged_in {
                     // A new USER starts a new login (RFC 959 section 4.1.1).
                     self.logged_in = false;
+                    end = LoginEnd::EndedLogin;
                 }
-                self.forward_line(&line, Expect::Login);
+                self.forward_line(&line, Expect::Login(end));
             }
             Verb::Rein => {
+                let end = if self.logged_in {
+                    LoginEnd::EndedLogin
+                } else {
+                    LoginEnd::NoLogin
+                };
                 self.logged_in = false;
                 self.login_deadline = Some(now + self.cfg.login_timeout);
-                self.forward_line(&line, Expect::Other);
+                self.forward_line(&line, Expect::Rein(end));
             }
             Verb::Quit | Verb::Other => self.forward_line(&line, Expect::Other),
         }
@@ -750,7 +787,10 @@ impl Session {
         }
         let client_af = af_number(self.peers.client);
         let client = match cmd.verb {
-            Verb::Pasv if client_af == 1 => Style::Pasv,
+            // The 227 must name an IPv4 address of the gateway. An IPv4
+            // client reaching an IPv6-only gateway address (PROXY protocol
+            // behind a balancer) has none: refused here, not a panic later.
+            Verb::Pasv if client_af == 1 && self.pasv_announce_ip().is_some() => Style::Pasv,
             // PASV can only name an IPv4 address (RFC 2428 section 1).
             Verb::Pasv => return self.refuse_family(cmd),
             _ => match command::parse_epsv_arg(cmd.arg) {
@@ -858,7 +898,16 @@ impl Session {
     }
 
     fn reply_end(&mut self, code: Code, line: Vec<u8>, malformed: bool) {
-        if malformed {
+        // A malformed final 227/229 to a pending PASV/EPSV is refused by
+        // on_passive_reply as malformed_passive_reply (with the 425 the
+        // client gets); logging it here too would make two deny events for
+        // one refusal.
+        let passive_final = matches!(code, Code(227) | Code(229))
+            && matches!(
+                self.pending.front(),
+                Some(Pending::Command(Expect::Passive(_)))
+            );
+        if malformed && !passive_final {
             self.refuse(
                 Denial::new(DenyReason::MalformedReply, Side::Server),
                 "",
@@ -876,12 +925,18 @@ impl Session {
             Some(Pending::Greeting) | Some(Pending::Command(Expect::Other)) | None => {
                 self.send_line_to_client(&line);
             }
-            Some(Pending::Command(Expect::Login)) => {
+            Some(Pending::Command(Expect::Login(end))) => {
                 if matches!(code, Code(230) | Code(232)) && !self.logged_in {
                     self.logged_in = true;
                     self.login_deadline = None;
                     self.events.push_back(Event::LoggedIn);
+                } else {
+                    self.login_refused(end, code);
                 }
+                self.send_line_to_client(&line);
+            }
+            Some(Pending::Command(Expect::Rein(end))) => {
+                self.login_refused(end, code);
                 self.send_line_to_client(&line);
             }
             Some(Pending::Command(Expect::Passive(plan))) => {
@@ -894,6 +949,15 @@ impl Session {
             }
         }
         self.flush_local_replies();
+    }
+
+    /// The final reply to a USER or REIN that ended a login: a 4yz/5yz
+    /// means the server kept that login (see [`LoginEnd`]).
+    fn login_refused(&mut self, end: LoginEnd, code: Code) {
+        if end == LoginEnd::EndedLogin && code.0 >= 400 && !self.logged_in {
+            self.logged_in = true;
+            self.login_deadline = None;
+        }
     }
 
     fn on_passive_reply(&mut self, plan: PassivePlan, code: Code, line: Vec<u8>, malformed: bool) {
@@ -963,15 +1027,23 @@ impl Session {
         }
     }
 
+    /// The gateway address a 227 names: the advertised address, else the
+    /// address the client connected to, when it is IPv4.
+    fn pasv_announce_ip(&self) -> Option<Ipv4Addr> {
+        match (self.ep.advertise, self.ep.client_local.ip()) {
+            (Some(IpAddr::V4(ip)), _) | (_, IpAddr::V4(ip)) => Some(ip),
+            _ => None,
+        }
+    }
+
     fn send_passive_reply(&mut self, held: HeldReply, listen: SocketAddr) {
         let port = listen.port();
         let line: Vec<u8> = match held.plan.client {
             Style::Pasv => {
-                let ip = match (self.ep.advertise, self.ep.client_local.ip(), listen.ip()) {
-                    (Some(IpAddr::V4(ip)), _, _)
-                    | (_, IpAddr::V4(ip), _)
-                    | (_, _, IpAddr::V4(ip)) => ip,
-                    _ => unreachable!("PASV is refused on IPv6 client sessions"),
+                let Some(ip) = self.pasv_announce_ip() else {
+                    // The endpoints never change, and on_passive_command
+                    // only plans a 227 when this address exists.
+                    unreachable!("PASV is refused without an IPv4 address to announce")
                 };
                 let numbers = format_host_port(SocketAddrV4::new(ip, port));
                 match (held.plan.upstream, reply::parse_227(&held.line)) {

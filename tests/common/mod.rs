@@ -180,15 +180,19 @@ bind = "127.0.0.1:0"
 pub struct FtpClient {
     rd: BufReader<OwnedReadHalf>,
     wr: OwnedWriteHalf,
+    /// This end of the control connection.
+    pub local: SocketAddr,
 }
 
 impl FtpClient {
     pub async fn connect(addr: SocketAddr) -> FtpClient {
         let s = TcpStream::connect(addr).await.unwrap();
+        let local = s.local_addr().unwrap();
         let (r, w) = s.into_split();
         let mut c = FtpClient {
             rd: BufReader::new(r),
             wr: w,
+            local,
         };
         let greeting = c.reply().await;
         assert!(greeting.starts_with("220"), "{greeting}");
@@ -263,4 +267,77 @@ pub async fn curl(args: &[&str]) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Parses the port of a 229 reply.
+pub fn parse_229(reply: &str) -> u16 {
+    let start = reply.find("(|||").unwrap() + 4;
+    let end = reply[start..].find('|').unwrap() + start;
+    reply[start..end].parse().unwrap()
+}
+
+/// GET `path` from the admin listener; returns (status line, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).await.unwrap();
+    let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let labels = labels
+            .split(',')
+            .filter(|kv| !kv.is_empty())
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap();
+                (k.to_string(), v.trim_matches('"').to_string())
+            })
+            .collect();
+        out.push(Sample {
+            name: name.to_string(),
+            labels,
+            value: value.parse().unwrap(),
+        });
+    }
+    out
+}
+
+/// The value of `name` whose labels include `labels`, summed over the rest.
+pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum()
 }
