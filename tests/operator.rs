@@ -15,6 +15,9 @@ use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+/// A metric name, a subset of its labels, and the value expected.
+type Expected = (&'static str, Vec<(&'static str, &'static str)>, f64);
+
 fn without_ts(mut v: Value) -> Value {
     let ts = v
         .as_object_mut()
@@ -92,7 +95,7 @@ async fn sessions_produce_exact_deny_lines_and_metric_values() {
     assert_eq!(status, "HTTP/1.1 200 OK");
     let m = parse_metrics(&body);
     let reverse = ("mode", "reverse");
-    let checks: Vec<(&str, Vec<(&str, &str)>, f64)> = vec![
+    let checks: Vec<Expected> = vec![
         (
             "ftpgate_denials_total",
             vec![reverse, ("reason", "bounce")],
