@@ -211,3 +211,49 @@ fn report(result: io::Result<()>) {
         m::deny_log_dropped();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{DenyReason, Side};
+
+    fn info() -> SessionInfo {
+        SessionInfo {
+            id: 1,
+            mode: Mode::Reverse,
+            client: "192.0.2.10:40000".parse().unwrap(),
+            server: Some("198.51.100.20:21".parse().unwrap()),
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_queue_drops_lines_and_says_how_many_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deny.jsonl");
+        let cfg = DenyLogConfig {
+            path: Some(path.clone()),
+            queue: 2,
+        };
+        let (log, _writer) = DenyLog::start(&cfg).unwrap();
+        // The writer cannot run before this task yields: the queue of 2
+        // fills and the other 8 lines are dropped.
+        for _ in 0..10 {
+            log.record(
+                &info(),
+                &Denial::new(DenyReason::Bounce, Side::Client),
+                None,
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[0]["reason"], "deny_log_dropped");
+        assert_eq!(lines[0]["dropped"], 8);
+        assert_eq!(lines[1]["reason"], "bounce");
+        assert_eq!(lines[2]["reason"], "bounce");
+    }
+}
