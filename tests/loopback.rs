@@ -205,3 +205,28 @@ async fn pinhole_nobody_connects_to_expires_with_a_deny_line() {
     // The port is closed now.
     assert!(TcpStream::connect(pasv).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_beyond_the_per_client_limit_get_421_and_a_deny_line() {
+    let test = "sessions_beyond_the_per_client_limit_get_421_and_a_deny_line";
+    let Some(server) = server_or_skip(test, None) else {
+        return;
+    };
+    let gw = Gateway::reverse(
+        server.addr,
+        "52800-52899",
+        "[limits]\nmax_sessions_per_client = 1\n",
+    )
+    .await;
+    let mut first = FtpClient::login(gw.addr).await;
+    let mut second = TcpStream::connect(gw.addr).await.unwrap();
+    let mut reply = String::new();
+    second.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("421 "), "{reply:?}");
+    let denial = gw.wait_denial("client_session_limit").await;
+    assert_eq!(denial["reply"], reply.trim_end());
+    // The first session is unaffected, and its slot frees when it ends.
+    assert!(first.cmd("QUIT").await.starts_with("221"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    FtpClient::login(gw.addr).await;
+}
