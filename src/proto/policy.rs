@@ -99,28 +99,34 @@ impl Policy {
                 behind_pinhole,
             } => {
                 let endpoint = behind_pinhole.unwrap_or(target);
+                // Who comes first: a PORT to a third host's port 25 is a
+                // bounce (RFC 2577), whatever its port.
+                let direct = if behind_pinhole.is_none() && endpoint.ip() == peers.client {
+                    None
+                } else {
+                    match self.fxp_rule(peers.server, endpoint.ip()) {
+                        Some(rule) => Some(format!("fxp:{}", rule.name)),
+                        None => {
+                            return Decision::Deny {
+                                reason: if behind_pinhole.is_some() {
+                                    DenyReason::FxpDenied
+                                } else {
+                                    DenyReason::Bounce
+                                },
+                                rule: RULE_DATA_PEER.to_string(),
+                            };
+                        }
+                    }
+                };
                 if let Some(deny) = self.check_port(endpoint.port()) {
                     return deny;
                 }
-                if behind_pinhole.is_none() && endpoint.ip() == peers.client {
-                    return Decision::Relay {
+                match direct {
+                    None => Decision::Relay {
                         endpoint,
                         replaced: false,
-                    };
-                }
-                match self.fxp_rule(peers.server, endpoint.ip()) {
-                    Some(rule) => Decision::Direct {
-                        endpoint,
-                        rule: format!("fxp:{}", rule.name),
                     },
-                    None => Decision::Deny {
-                        reason: if behind_pinhole.is_some() {
-                            DenyReason::FxpDenied
-                        } else {
-                            DenyReason::Bounce
-                        },
-                        rule: RULE_DATA_PEER.to_string(),
-                    },
+                    Some(rule) => Decision::Direct { endpoint, rule },
                 }
             }
             DataRequest::Passive { announced } => {
@@ -208,6 +214,8 @@ mod tests {
         assert_eq!(deny_reason(bounce), Some(DenyReason::Bounce));
         let low = p.decide(peers(), active("192.0.2.10:25", None));
         assert_eq!(deny_reason(low), Some(DenyReason::PrivilegedPort));
+        let smtp_bounce = p.decide(peers(), active("203.0.113.5:25", None));
+        assert_eq!(deny_reason(smtp_bounce), Some(DenyReason::Bounce));
         let listed = policy().decide(peers(), active("192.0.2.10:3306", None));
         assert_eq!(deny_reason(listed), Some(DenyReason::DeniedPort));
     }
