@@ -222,6 +222,9 @@ impl Running {
     /// Carries out what the core asked for. Answers to the core may queue
     /// more events, so this loops until the core is quiet.
     fn process_events(&mut self) {
+        for (class, n) in self.session.take_command_counts() {
+            m::commands(class.as_str(), n);
+        }
         while let Some(event) = self.session.poll_event() {
             let now = Instant::now().into_std();
             match event {

@@ -65,8 +65,8 @@ pub fn rewrite(kind: &'static str) {
     counter!(REWRITES, "kind" => kind).increment(1);
 }
 
-pub fn command(class: &'static str) {
-    counter!(COMMANDS, "class" => class).increment(1);
+pub fn commands(class: &'static str, n: u64) {
+    counter!(COMMANDS, "class" => class).increment(n);
 }
 
 pub fn upstream_connect(took: Duration, ok: bool) {

@@ -152,6 +152,13 @@ async fn sessions_produce_exact_deny_lines_and_metric_values() {
             1.0,
         ),
         ("ftpgate_deny_log_dropped_total", vec![], 0.0),
+        // USER+PASS twice; EPSV, PORT, PASV; RETR; AUTH; TYPE; QUIT twice.
+        ("ftpgate_commands_total", vec![("class", "login")], 4.0),
+        ("ftpgate_commands_total", vec![("class", "data_setup")], 3.0),
+        ("ftpgate_commands_total", vec![("class", "transfer")], 1.0),
+        ("ftpgate_commands_total", vec![("class", "security")], 1.0),
+        ("ftpgate_commands_total", vec![("class", "other")], 1.0),
+        ("ftpgate_commands_total", vec![("class", "quit")], 2.0),
     ];
     let mut wrong = Vec::new();
     for (name, labels, want) in &checks {

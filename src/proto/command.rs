@@ -66,6 +66,44 @@ impl Verb {
     }
 }
 
+/// What a command is for, as counted in `ftpgate_commands_total{class}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandClass {
+    /// USER, PASS, ACCT, REIN.
+    Login,
+    /// PORT, EPRT, PASV, EPSV and the refused LPRT, LPSV, SPSV.
+    DataSetup,
+    /// Commands that use a data connection: RETR, STOR, STOU, APPE, LIST,
+    /// NLST, MLSD.
+    Transfer,
+    /// AUTH and the other RFC 2228 security commands.
+    Security,
+    Quit,
+    Other,
+}
+
+impl CommandClass {
+    pub const ALL: [CommandClass; 6] = [
+        CommandClass::Login,
+        CommandClass::DataSetup,
+        CommandClass::Transfer,
+        CommandClass::Security,
+        CommandClass::Quit,
+        CommandClass::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandClass::Login => "login",
+            CommandClass::DataSetup => "data_setup",
+            CommandClass::Transfer => "transfer",
+            CommandClass::Security => "security",
+            CommandClass::Quit => "quit",
+            CommandClass::Other => "other",
+        }
+    }
+}
+
 /// A parsed command line (Telnet-decoded, terminator removed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Command<'a> {
@@ -79,6 +117,29 @@ pub struct Command<'a> {
 /// The longest verb accepted; RFC 959 verbs have at most four letters, some
 /// extensions (XSHA256) are longer.
 const MAX_VERB: usize = 16;
+
+impl Command<'_> {
+    pub fn class(&self) -> CommandClass {
+        match self.verb {
+            Verb::User | Verb::Pass | Verb::Acct | Verb::Rein => CommandClass::Login,
+            Verb::Port
+            | Verb::Eprt
+            | Verb::Pasv
+            | Verb::Epsv
+            | Verb::Lprt
+            | Verb::Lpsv
+            | Verb::Spsv => CommandClass::DataSetup,
+            Verb::Auth | Verb::Protected => CommandClass::Security,
+            Verb::Quit => CommandClass::Quit,
+            Verb::Other => match self.verb_text.as_str() {
+                "RETR" | "STOR" | "STOU" | "APPE" | "LIST" | "NLST" | "MLSD" => {
+                    CommandClass::Transfer
+                }
+                _ => CommandClass::Other,
+            },
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the command verb is not a clean token")]

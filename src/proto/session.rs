@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use super::Side;
 use super::command::{
-    self, ArgError, Command, EpsvArg, Verb, af_number, format_eprt_arg, format_host_port,
+    self, ArgError, Command, CommandClass, EpsvArg, Verb, af_number, format_eprt_arg,
+    format_host_port,
 };
 use super::deny::{Denial, DenyReason};
 use super::framing::{Frame, LineFramer, check_line_bytes, telnet_decode, telnet_encode_into};
@@ -331,6 +332,8 @@ pub struct Session {
     held_command: Option<HeldCommand>,
     held_reply: Option<HeldReply>,
     slots: Vec<Slot>,
+    /// Commands seen per class since the last `take_command_counts`.
+    command_counts: [u64; CommandClass::ALL.len()],
     next_id: u64,
     login_deadline: Option<Instant>,
     last_activity: Instant,
@@ -366,6 +369,7 @@ impl Session {
             held_command: None,
             held_reply: None,
             slots: Vec::new(),
+            command_counts: [0; CommandClass::ALL.len()],
             next_id: 1,
             login_deadline: Some(now + cfg.login_timeout),
             last_activity: now,
@@ -545,6 +549,15 @@ impl Session {
     }
 
     /// Takes the bytes to write to `to`.
+    /// Commands per class since the last call (for metrics).
+    pub fn take_command_counts(&mut self) -> impl Iterator<Item = (CommandClass, u64)> + use<> {
+        let counts = std::mem::take(&mut self.command_counts);
+        CommandClass::ALL
+            .into_iter()
+            .zip(counts)
+            .filter(|(_, n)| *n > 0)
+    }
+
     pub fn take_transmit(&mut self, to: Side) -> Vec<u8> {
         match to {
             Side::Client => std::mem::take(&mut self.to_client),
@@ -615,6 +628,10 @@ impl Session {
                 Route::Queued,
             );
         };
+        let class = cmd.class();
+        if let Some(i) = CommandClass::ALL.iter().position(|c| *c == class) {
+            self.command_counts[i] += 1;
+        }
         match cmd.verb {
             Verb::Port | Verb::Eprt => self.on_active_command(&cmd),
             Verb::Pasv | Verb::Epsv => self.on_passive_command(&cmd, &line),
