@@ -42,38 +42,29 @@ pub struct Gateway {
     shared: Arc<Shared>,
     config: watch::Receiver<Arc<Config>>,
     sessions: Arc<Semaphore>,
+    /// The semaphore's size (limits.max_sessions at start; a reload does not
+    /// resize it).
+    max_sessions: usize,
     per_client: Mutex<HashMap<IpAddr, usize>>,
     next_id: AtomicU64,
-    /// Every address and port the gateway listens on (loop detection).
-    listen_ports: Vec<u16>,
 }
 
 impl Gateway {
     pub fn new(shared: Arc<Shared>, config: watch::Receiver<Arc<Config>>) -> Arc<Gateway> {
         let cfg = config.borrow().clone();
-        let listen_ports = cfg
-            .listeners
-            .iter()
-            .flat_map(|l| l.bind.iter().map(|a| a.port()))
-            .collect();
         Arc::new(Gateway {
             shared,
             sessions: Arc::new(Semaphore::new(cfg.limits.max_sessions)),
+            max_sessions: cfg.limits.max_sessions,
             config,
             per_client: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            listen_ports,
         })
     }
 
     /// Sessions currently running.
     pub fn active_sessions(&self) -> usize {
-        let cfg = self.config.borrow();
-        cfg.limits.max_sessions
-            - self
-                .sessions
-                .available_permits()
-                .min(cfg.limits.max_sessions)
+        self.max_sessions - self.sessions.available_permits().min(self.max_sessions)
     }
 
     /// Accepts on `listener` until `stop` turns true; sessions run in `tasks`.
@@ -197,7 +188,6 @@ impl Gateway {
                 if orig == canonical(local) || is_local_ip(orig.ip()) {
                     return Err(DenyReason::Loop);
                 }
-                let _ = &self.listen_ports;
                 Ok(orig)
             }
         }
