@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -19,15 +19,18 @@ use crate::metrics as m;
 use crate::pinhole::PinholePool;
 use crate::server::{self, Gateway};
 
-static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+static RECORDER: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
 
-/// The process-wide Prometheus recorder (installed once).
+/// The process-wide Prometheus recorder, installed by the first caller
+/// (several gateways in one process, as in tests, share it).
 pub fn recorder() -> anyhow::Result<PrometheusHandle> {
-    if let Some(h) = RECORDER.get() {
+    let mut slot = RECORDER.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(h) = slot.as_ref() {
         return Ok(h.clone());
     }
     let handle = crate::admin::install_recorder()?;
-    Ok(RECORDER.get_or_init(|| handle).clone())
+    *slot = Some(handle.clone());
+    Ok(handle)
 }
 
 /// A started gateway.
