@@ -265,4 +265,47 @@ not json
         assert!(line.contains("target=198.51.100.30:2525"), "{line}");
         assert!(line.contains("reply=\"504 "), "{line}");
     }
+
+    #[test]
+    fn follow_prints_new_lines_and_survives_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("deny.jsonl");
+        std::fs::write(&path, LOG.lines().next().unwrap().to_string() + "\n").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        let filter = Filter {
+            reason: Some("pasv_theft".into()),
+            ..Filter::default()
+        };
+        // follow() runs until the process ends; the thread is left behind.
+        std::thread::spawn(move || follow(&p, &filter, |l| tx.send(l.to_string()).unwrap()));
+        std::thread::sleep(Duration::from_millis(400));
+        let theft = LOG.lines().nth(3).unwrap();
+        let append = |path: &Path, line: &str| {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+                .unwrap();
+            writeln!(f, "{line}").unwrap();
+        };
+        // Lines already there are not repeated; new matching lines are.
+        append(&path, LOG.lines().nth(1).unwrap());
+        append(&path, theft);
+        let got = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(
+            got.contains("pasv_theft") && got.contains("peer=192.0.2.11:3333"),
+            "{got}"
+        );
+        // logrotate: the file is moved away and a new one started.
+        std::fs::rename(&path, dir.path().join("deny.jsonl.1")).unwrap();
+        append(&path, theft);
+        let again = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(again.contains("pasv_theft"), "{again}");
+        assert!(
+            rx.recv_timeout(Duration::from_millis(600)).is_err(),
+            "a line came twice"
+        );
+    }
 }

@@ -204,3 +204,24 @@ async fn sighup_reloads_policy_and_reopens_the_log_and_sigterm_drains() {
         .unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_config_starts_and_stops_cleanly() {
+    let test = "the_shipped_config_starts_and_stops_cleanly";
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/ftpgate.toml");
+    // It binds fixed ports (2121, 9121): skip, saying so, if they are taken.
+    for port in [2121, 9121] {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            return skip(test, &format!("port {port} is in use on this machine"));
+        }
+    }
+    let mut daemon = Daemon::start(&config);
+    let (status, _) = common::http_get("127.0.0.1:9121".parse().unwrap(), "/healthz").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    daemon.signal("-TERM");
+    let status = tokio::task::spawn_blocking(move || daemon.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}

@@ -230,3 +230,34 @@ async fn sessions_beyond_the_per_client_limit_get_421_and_a_deny_line() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     FtpClient::login(gw.addr).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_connection_without_a_redirect_is_refused_as_a_loop() {
+    // No nftables redirect: the connection's original destination is the
+    // gateway itself (or there is none), so relaying would loop.
+    let dir = tempfile::tempdir().unwrap();
+    let deny = dir.path().join("deny.jsonl");
+    let text = format!(
+        "[[listener]]\nmode = \"transparent\"\nbind = [\"127.0.0.1:0\"]\n\
+         [deny_log]\npath = \"{}\"\n",
+        deny.display()
+    );
+    let cfg = ftpgate::config::Config::parse(&text).unwrap();
+    let running = ftpgate::daemon::start(cfg).await.unwrap();
+    let mut s = TcpStream::connect(running.listeners[0].1).await.unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("421 "), "{reply:?}");
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        let text = std::fs::read_to_string(&deny).unwrap_or_default();
+        if let Some(l) = text.lines().next() {
+            break serde_json::from_str::<serde_json::Value>(l).unwrap();
+        }
+        assert!(std::time::Instant::now() < until, "no deny line");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(line["reason"], "loop");
+    assert_eq!(line["mode"], "transparent");
+    assert_eq!(line["reply"], reply.trim_end());
+}
