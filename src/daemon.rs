@@ -56,6 +56,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         Some(addr) => {
             let l = server::bind(addr).context("admin listener")?;
             let bound = l.local_addr()?;
+            tracing::info!(addr = %bound, "admin listening (/metrics, /healthz, /readyz)");
             tokio::spawn(crate::admin::serve(l, handle, Arc::clone(&ready)));
             Some(bound)
         }

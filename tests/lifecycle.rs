@@ -14,6 +14,7 @@ use common::{FtpClient, FtpServer, skip};
 struct Daemon {
     child: Child,
     addr: SocketAddr,
+    admin: Option<SocketAddr>,
     stderr: std::sync::mpsc::Receiver<String>,
 }
 
@@ -36,17 +37,26 @@ impl Daemon {
         let mut d = Daemon {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
+            admin: None,
             stderr: rx,
         };
-        let line = d.wait_stderr("listening");
-        let addr = line
-            .split("addr=")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap();
-        d.addr = addr.parse().unwrap();
+        let addr_of = |line: &str| -> SocketAddr {
+            let a = line
+                .split("addr=")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap();
+            a.parse().unwrap()
+        };
+        // The admin listener is bound (and logged) before the FTP listeners.
+        let mut line = d.wait_stderr("listening");
+        if line.contains("admin listening") {
+            d.admin = Some(addr_of(&line));
+            line = d.wait_stderr("listening");
+        }
+        d.addr = addr_of(&line);
         d
     }
 
@@ -99,6 +109,8 @@ deny_ports = [{deny_ports}]
 shutdown_grace = "3s"
 [deny_log]
 path = "{}"
+[admin]
+bind = "127.0.0.1:0"
 "#,
         deny.display()
     );
@@ -182,6 +194,15 @@ async fn sighup_reloads_policy_and_reopens_the_log_and_sigterm_drains() {
     daemon.signal("-HUP");
     daemon.wait_stderr("reload failed, keeping the old configuration");
     assert!(n.cmd("NOOP").await.starts_with("200"));
+    let (_, body) = common::http_get(daemon.admin.unwrap(), "/metrics").await;
+    let m = common::parse_metrics(&body);
+    let reloads =
+        |result| common::metric(&m, "ftpgate_config_reloads_total", &[("result", result)]);
+    assert_eq!(
+        (reloads("success"), reloads("failure")),
+        (1.0, 1.0),
+        "{body}"
+    );
 
     // SIGTERM: no new sessions, running ones finish within the grace.
     daemon.signal("-TERM");
