@@ -24,6 +24,8 @@ use crate::proto::{
 const READ_BUFFER: usize = 16 * 1024;
 /// A peer that does not take our bytes for this long is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A refused connection gets this long to take its 421.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What every session shares.
 pub struct Shared {
@@ -74,14 +76,10 @@ pub async fn serve(
         Err(e) => {
             m::upstream_connect(began.elapsed(), false);
             tracing::warn!(session = id, %upstream, "upstream unreachable: {e}");
-            let reply = "421 Service not available: cannot reach the server.";
-            let mut denial =
+            let denial =
                 Denial::new(DenyReason::UpstreamUnreachable, Side::Server).target(upstream);
-            denial.reply = Some(reply.into());
-            shared.deny.record(&info, &denial, None);
-            let _ = write_timeout(&mut client, format!("{reply}\r\n").as_bytes()).await;
-            m::session_refused(settings.mode, "upstream_unreachable");
-            return;
+            let reply = "421 Service not available: cannot reach the server.";
+            return refuse_connection(&shared.deny, &mut client, &info, denial, reply).await;
         }
     };
     let _ = client.set_nodelay(true);
@@ -114,6 +112,23 @@ pub async fn serve(
     }
     m::session_ended(run.settings.mode, outcome);
     tracing::debug!(session = id, outcome, "session ended");
+}
+
+/// Refuses a control connection before any session runs on it: one deny
+/// line, one refused-session count, the reply, then the connection closes.
+pub async fn refuse_connection(
+    deny: &DenyLog,
+    stream: &mut TcpStream,
+    info: &SessionInfo,
+    mut denial: Denial,
+    reply: &str,
+) {
+    denial.reply = Some(reply.to_string());
+    deny.record(info, &denial, None);
+    m::session_refused(info.mode, denial.reason.as_str());
+    let line = format!("{reply}\r\n");
+    let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, stream.write_all(line.as_bytes())).await;
+    let _ = stream.shutdown().await;
 }
 
 async fn connect_any(to: SocketAddr, limit: Duration) -> io::Result<TcpStream> {

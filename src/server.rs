@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -16,7 +15,6 @@ use tokio::task::JoinSet;
 use crate::config::{Config, Listener, Mode};
 use crate::control::{self, SessionSettings, Shared};
 use crate::denylog::SessionInfo;
-use crate::metrics as m;
 use crate::pinhole::DataTimeouts;
 use crate::proto::policy::canonical;
 use crate::proto::{Denial, DenyReason, Side};
@@ -200,17 +198,8 @@ impl Gateway {
         reason: DenyReason,
         reply: &str,
     ) {
-        let mut denial = Denial::new(reason, Side::Client);
-        denial.reply = Some(reply.to_string());
-        self.shared.deny.record(info, &denial, None);
-        m::session_refused(info.mode, reason.as_str());
-        let line = format!("{reply}\r\n");
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            stream.write_all(line.as_bytes()),
-        )
-        .await;
-        let _ = stream.shutdown().await;
+        let denial = Denial::new(reason, Side::Client);
+        control::refuse_connection(&self.shared.deny, stream, info, denial, reply).await;
     }
 
     fn claim_client(&self, ip: IpAddr, limit: usize) -> Option<()> {

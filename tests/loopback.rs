@@ -261,3 +261,23 @@ async fn transparent_connection_without_a_redirect_is_refused_as_a_loop() {
     assert_eq!(line["mode"], "transparent");
     assert_eq!(line["reply"], reply.trim_end());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_gets_421_and_a_deny_line() {
+    // Nothing listens on the upstream port: the connection is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = closed.local_addr().unwrap();
+    drop(closed);
+    let gw = Gateway::reverse(upstream, "52900-52999", "").await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.unwrap();
+    assert_eq!(
+        reply,
+        "421 Service not available: cannot reach the server.\r\n"
+    );
+    let denial = gw.wait_denial("upstream_unreachable").await;
+    assert_eq!(denial["side"], "server");
+    assert_eq!(denial["target"], upstream.to_string());
+    assert_eq!(denial["reply"], reply.trim_end());
+}
