@@ -854,36 +854,20 @@ impl Session {
         let class = reply::classify(&line, self.open_reply);
         if first && (malformed || class.is_none()) {
             // A stream that does not start like FTP gets no ALG actions.
-            self.refuse(
-                Denial::new(DenyReason::NotFtp, Side::Server),
-                "",
-                Route::Silent,
-            );
+            self.server_line_refused(DenyReason::NotFtp);
             return self.close(CloseReason::NotFtp);
         }
         let Some(class) = class else {
             // Not part of any reply: never forwarded.
-            return self.refuse(
-                Denial::new(DenyReason::MalformedReply, Side::Server),
-                "",
-                Route::Silent,
-            );
+            return self.server_line_refused(DenyReason::MalformedReply);
         };
         match class {
-            ReplyLine::Text if malformed => self.refuse(
-                Denial::new(DenyReason::MalformedReply, Side::Server),
-                "",
-                Route::Silent,
-            ),
+            ReplyLine::Text if malformed => self.server_line_refused(DenyReason::MalformedReply),
             ReplyLine::Text => self.reply_text(line),
             ReplyLine::Start(code) => {
                 self.open_reply = Some(code);
                 let line = if malformed {
-                    self.refuse(
-                        Denial::new(DenyReason::MalformedReply, Side::Server),
-                        "",
-                        Route::Silent,
-                    );
+                    self.server_line_refused(DenyReason::MalformedReply);
                     withheld(code, '-')
                 } else {
                     line
@@ -925,11 +909,7 @@ impl Session {
                 Some(Pending::Command(Expect::Passive(_)))
             );
         if malformed && !passive_final {
-            self.refuse(
-                Denial::new(DenyReason::MalformedReply, Side::Server),
-                "",
-                Route::Silent,
-            );
+            self.server_line_refused(DenyReason::MalformedReply);
         }
         let line = if malformed { withheld(code, ' ') } else { line };
         if code.is_preliminary() {
@@ -1117,6 +1097,11 @@ impl Session {
                 _ => return,
             }
         }
+    }
+
+    /// A server line the gateway will not pass on: logged, nobody answered.
+    fn server_line_refused(&mut self, reason: DenyReason) {
+        self.refuse(Denial::new(reason, Side::Server), "", Route::Silent);
     }
 
     /// Every refusal goes through here: one deny event, one reply.
