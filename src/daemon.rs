@@ -159,10 +159,12 @@ impl Running {
 pub async fn run(path: PathBuf) -> anyhow::Result<()> {
     let cfg = load(&path)?;
     let grace = cfg.limits.shutdown_grace;
-    let running = start(cfg).await?;
+    // Handlers first: a signal that arrives once "listening" is logged must
+    // drain the gateway, not kill it with the default action.
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let running = start(cfg).await?;
     let mut grace = grace;
     loop {
         tokio::select! {
