@@ -1,0 +1,319 @@
+//! Client-side command handling: framing errors, login tracking, and the
+//! PORT/EPRT and PASV/EPSV commands, held while the daemon resolves a target
+//! or opens a pinhole.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::Session;
+use super::output::{BAD_ARGUMENT, Route, TOO_MANY_DATA_CONNECTIONS};
+use super::pending::{Expect, LoginEnd, PassivePlan, Style};
+use super::types::{DataMode, Event, PinholeId, PinholeRequest, ResolveId, Resolved, RewriteKind};
+use crate::proto::Side;
+use crate::proto::command::{
+    self, ArgError, Command, CommandClass, EpsvArg, Verb, af_number, format_eprt_arg,
+    format_host_port,
+};
+use crate::proto::deny::{Denial, DenyReason};
+use crate::proto::framing::{Frame, check_line_bytes, telnet_decode};
+use crate::proto::policy::{DataRequest, Decision, canonical};
+
+/// Longest command argument copied into a deny event.
+const MAX_LOGGED_ARG: usize = 256;
+
+/// A PORT/EPRT held back while the daemon works on it.
+#[derive(Debug, Clone)]
+pub(super) struct ActiveCommand {
+    verb: Verb,
+    verb_text: String,
+    arg: String,
+    target: SocketAddr,
+}
+
+/// The client line the session is holding; no further client line is read
+/// until the daemon answers.
+#[derive(Debug, Clone)]
+pub(super) enum HeldCommand {
+    Resolving(ResolveId, ActiveCommand),
+    Opening(PinholeId, ActiveCommand),
+}
+
+impl Session {
+    pub(super) fn on_client_frame(&mut self, frame: Frame, now: Instant) {
+        let raw = match frame {
+            Frame::Line(raw) => raw,
+            Frame::TooLong(_) => {
+                let denial = Denial::new(DenyReason::LineTooLong, Side::Client);
+                return self.refuse(denial, "500 Command line too long.", Route::Queued);
+            }
+        };
+        let line = telnet_decode(&raw);
+        if check_line_bytes(&line).is_err() {
+            let denial = Denial::new(DenyReason::MalformedLine, Side::Client);
+            return self.refuse(
+                denial,
+                "500 Syntax error: bare CR or NUL in command line.",
+                Route::Queued,
+            );
+        }
+        let Ok(cmd) = command::parse_command(&line) else {
+            let denial = Denial::new(DenyReason::MalformedCommand, Side::Client);
+            return self.refuse(
+                denial,
+                "500 Syntax error, command unrecognized.",
+                Route::Queued,
+            );
+        };
+        let class = cmd.class();
+        if let Some(i) = CommandClass::ALL.iter().position(|c| *c == class) {
+            self.command_counts[i] += 1;
+        }
+        match cmd.verb {
+            Verb::Port | Verb::Eprt => self.on_active_command(&cmd),
+            Verb::Pasv | Verb::Epsv => self.on_passive_command(&cmd, &line),
+            Verb::Lprt | Verb::Lpsv | Verb::Spsv => self.refuse(
+                command_denial(DenyReason::UnsupportedCommand, &cmd),
+                "502 Command not implemented: use EPRT or EPSV.",
+                Route::Queued,
+            ),
+            Verb::Auth | Verb::Protected => self.refuse(
+                command_denial(DenyReason::AuthRefused, &cmd).rule("auth_tls"),
+                "534 Request denied for policy reasons: the control channel must stay inspectable.",
+                Route::Queued,
+            ),
+            Verb::User | Verb::Pass | Verb::Acct => {
+                let mut end = LoginEnd::NoLogin;
+                if cmd.verb == Verb::User && self.logged_in {
+                    // A new USER starts a new login (RFC 959 section 4.1.1).
+                    self.logged_in = false;
+                    end = LoginEnd::EndedLogin;
+                }
+                self.forward_line(&line, Expect::Login(end));
+            }
+            Verb::Rein => {
+                let end = if self.logged_in {
+                    LoginEnd::EndedLogin
+                } else {
+                    LoginEnd::NoLogin
+                };
+                self.logged_in = false;
+                self.login_deadline = Some(now + self.cfg.login_timeout);
+                self.forward_line(&line, Expect::Rein(end));
+            }
+            Verb::Quit | Verb::Other => self.forward_line(&line, Expect::Other),
+        }
+    }
+
+    /// The checks every data-connection command shares. `Err` carries the
+    /// refusal.
+    fn data_command_allowed(&self, cmd: &Command) -> Result<(), (DenyReason, &'static str)> {
+        if !self.logged_in {
+            return Err((DenyReason::NotLoggedIn, "530 Please log in first."));
+        }
+        if self.epsv_all && !(cmd.verb == Verb::Epsv) {
+            return Err((
+                DenyReason::EpsvAll,
+                "503 EPSV ALL in effect: only EPSV may set up data connections.",
+            ));
+        }
+        Ok(())
+    }
+
+    fn on_active_command(&mut self, cmd: &Command) {
+        if let Err((reason, reply)) = self.data_command_allowed(cmd) {
+            return self.refuse(command_denial(reason, cmd), reply, Route::Queued);
+        }
+        let arg = cmd.arg.unwrap_or_default();
+        let parsed = match cmd.verb {
+            Verb::Port => command::parse_port_arg(arg).map(SocketAddr::V4),
+            _ => command::parse_eprt_arg(arg),
+        };
+        let target = match parsed {
+            Ok(target) => canonical(target),
+            Err(ArgError::Syntax) => {
+                return self.refuse(
+                    command_denial(DenyReason::BadArgument, cmd),
+                    BAD_ARGUMENT,
+                    Route::Queued,
+                );
+            }
+            Err(ArgError::Family) => return self.refuse_family(cmd),
+        };
+        if af_number(target.ip()) != af_number(self.peers.client) {
+            return self.refuse_family(cmd);
+        }
+        let active = ActiveCommand {
+            verb: cmd.verb,
+            verb_text: cmd.verb_text.clone(),
+            arg: loggable_arg(cmd),
+            target,
+        };
+        if target.ip() == self.peers.client {
+            self.decide_active(active, None);
+        } else {
+            // Maybe one of the gateway's own pinholes (server-to-server).
+            let id = ResolveId(self.allocate_id());
+            self.events.push_back(Event::Resolve { id, target });
+            self.held_command = Some(HeldCommand::Resolving(id, active));
+        }
+    }
+
+    fn refuse_family(&mut self, cmd: &Command) {
+        let reply = match af_number(self.peers.client) {
+            1 => "522 Network protocol not supported, use (1).",
+            _ => "522 Network protocol not supported, use (2).",
+        };
+        self.refuse(
+            command_denial(DenyReason::AddressFamily, cmd),
+            reply,
+            Route::Queued,
+        );
+    }
+
+    pub(super) fn decide_active(&mut self, cmd: ActiveCommand, found: Option<Resolved>) {
+        let request = DataRequest::Active {
+            target: cmd.target,
+            behind_pinhole: found.map(|r| canonical(r.endpoint)),
+        };
+        match self.cfg.policy.decide(self.peers, request) {
+            Decision::Deny { reason, rule } => {
+                let denial = with_command(Denial::new(reason, Side::Client), &cmd)
+                    .target(request_endpoint(request))
+                    .rule(rule);
+                self.refuse(
+                    denial,
+                    "504 Data connection target refused by policy.",
+                    Route::Queued,
+                );
+            }
+            Decision::Relay { endpoint, .. } => {
+                let Some(id) = self.reserve_slot(DataMode::Active, self.peers.server) else {
+                    let denial =
+                        with_command(Denial::new(DenyReason::PinholeLimit, Side::Client), &cmd);
+                    return self.refuse(denial, TOO_MANY_DATA_CONNECTIONS, Route::Queued);
+                };
+                self.events.push_back(Event::OpenPinhole(PinholeRequest {
+                    id,
+                    mode: DataMode::Active,
+                    listen_ip: self.ep.server_local.ip(),
+                    expected_peer: self.peers.server,
+                    connect_to: endpoint,
+                    connect_from: self.ep.client_local.ip(),
+                }));
+                self.held_command = Some(HeldCommand::Opening(id, cmd));
+            }
+            Decision::Direct { endpoint, .. } => {
+                if let Some(found) = found {
+                    self.events.push_back(Event::TakeOverPinhole(found.pinhole));
+                }
+                let line = active_line(cmd.verb, endpoint);
+                self.forward_line(line.as_bytes(), Expect::Other);
+                self.events.push_back(Event::Rewrite {
+                    kind: RewriteKind::Fxp,
+                    address_replaced: found.is_some(),
+                });
+            }
+        }
+    }
+
+    pub(super) fn forward_active(&mut self, cmd: &ActiveCommand, listen: SocketAddr) {
+        let line = active_line(cmd.verb, listen);
+        let kind = if line.starts_with("PORT") {
+            RewriteKind::Port
+        } else {
+            RewriteKind::Eprt
+        };
+        self.forward_line(line.as_bytes(), Expect::Other);
+        self.events.push_back(Event::Rewrite {
+            kind,
+            address_replaced: true,
+        });
+    }
+
+    fn on_passive_command(&mut self, cmd: &Command, line: &[u8]) {
+        if let Err((reason, reply)) = self.data_command_allowed(cmd) {
+            return self.refuse(command_denial(reason, cmd), reply, Route::Queued);
+        }
+        let client_af = af_number(self.peers.client);
+        let client = match cmd.verb {
+            // The 227 must name an IPv4 address of the gateway. An IPv4
+            // client reaching an IPv6-only gateway address (PROXY protocol
+            // behind a balancer) has none: refused here, not a panic later.
+            Verb::Pasv if client_af == 1 && self.pasv_announce_ip().is_some() => Style::Pasv,
+            // PASV can only name an IPv4 address (RFC 2428 section 1).
+            Verb::Pasv => return self.refuse_family(cmd),
+            _ => match command::parse_epsv_arg(cmd.arg) {
+                Ok(EpsvArg::All) => {
+                    self.epsv_all = true;
+                    return self.forward_line(line, Expect::Other);
+                }
+                Ok(EpsvArg::Any) => Style::Epsv,
+                Ok(EpsvArg::Family(af)) if af == client_af => Style::Epsv,
+                Ok(EpsvArg::Family(_)) | Err(ArgError::Family) => return self.refuse_family(cmd),
+                Err(ArgError::Syntax) => {
+                    return self.refuse(
+                        command_denial(DenyReason::BadArgument, cmd),
+                        BAD_ARGUMENT,
+                        Route::Queued,
+                    );
+                }
+            },
+        };
+        // The upstream side may use another family than the client side.
+        let upstream = if client == Style::Pasv && af_number(self.peers.server) == 1 {
+            Style::Pasv
+        } else {
+            Style::Epsv
+        };
+        let verb: &[u8] = match upstream {
+            Style::Pasv => b"PASV",
+            Style::Epsv => b"EPSV",
+        };
+        self.forward_line(verb, Expect::Passive(PassivePlan { client, upstream }));
+    }
+}
+
+fn request_endpoint(request: DataRequest) -> SocketAddr {
+    match request {
+        DataRequest::Active {
+            target,
+            behind_pinhole,
+        } => behind_pinhole.unwrap_or(target),
+        DataRequest::Passive { announced } => announced,
+    }
+}
+
+/// The PORT or EPRT line the gateway sends for `addr`: PORT only when the
+/// client used PORT and the address is IPv4.
+fn active_line(verb: Verb, addr: SocketAddr) -> String {
+    match (verb, addr) {
+        (Verb::Port, SocketAddr::V4(v4)) => format!("PORT {}", format_host_port(v4)),
+        _ => format!("EPRT {}", format_eprt_arg(addr)),
+    }
+}
+
+fn loggable_arg(cmd: &Command) -> String {
+    match cmd.arg {
+        Some(_) if cmd.verb.is_secret() => String::new(),
+        Some(arg) => {
+            let text = String::from_utf8_lossy(arg);
+            text.chars().take(MAX_LOGGED_ARG).collect()
+        }
+        None => String::new(),
+    }
+}
+
+fn command_denial(reason: DenyReason, cmd: &Command) -> Denial {
+    let mut d = Denial::new(reason, Side::Client);
+    d.verb = Some(cmd.verb_text.clone());
+    let arg = loggable_arg(cmd);
+    d.argument = (!arg.is_empty()).then_some(arg);
+    d
+}
+
+pub(super) fn with_command(mut d: Denial, cmd: &ActiveCommand) -> Denial {
+    d.verb = Some(cmd.verb_text.clone());
+    d.argument = Some(cmd.arg.clone());
+    d.target.get_or_insert(cmd.target);
+    d
+}

@@ -1,0 +1,320 @@
+//! One control session: both directions, the pending-command FIFO, the
+//! login state, the pinholes it asked for and its timers.
+//!
+//! This module holds the [`Session`] state, its public `handle_*`/`poll_*`/
+//! `take_*` API and the drain loop. The rest lives in one file per concern:
+//! `types` (the public vocabulary), `pending` (the FIFO pairing replies
+//! with commands), `commands` (client lines), `replies` (server lines),
+//! `pinholes` (slots and their expiry) and `output` (writing, refusing,
+//! closing).
+
+mod commands;
+mod output;
+mod pending;
+mod pinholes;
+mod replies;
+mod types;
+
+pub use types::{
+    CloseReason, DataMode, Endpoints, Event, ForeignPinhole, PinholeClose, PinholeId,
+    PinholeRequest, ResolveId, Resolved, RewriteKind, SessionConfig,
+};
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::Side;
+use super::command::CommandClass;
+use super::deny::{Denial, DenyReason};
+use super::framing::LineFramer;
+use super::policy::{ControlPeers, canonical, canonical_ip};
+use super::reply::Code;
+use commands::{HeldCommand, with_command};
+use output::Route;
+use pending::{MAX_PENDING, Pending};
+use pinholes::{Slot, SlotState};
+use replies::HeldReply;
+
+/// The sans-IO control session. See the module documentation of
+/// [`crate::proto`] for the event model.
+#[derive(Debug)]
+pub struct Session {
+    cfg: Arc<SessionConfig>,
+    ep: Endpoints,
+    peers: ControlPeers,
+    client_in: LineFramer,
+    server_in: LineFramer,
+    to_client: Vec<u8>,
+    to_server: Vec<u8>,
+    events: VecDeque<Event>,
+    pending: VecDeque<Pending>,
+    open_reply: Option<Code>,
+    passive_lines: Vec<Vec<u8>>,
+    passive_bytes: usize,
+    seen_server_line: bool,
+    logged_in: bool,
+    epsv_all: bool,
+    closed: bool,
+    held_command: Option<HeldCommand>,
+    held_reply: Option<HeldReply>,
+    slots: Vec<Slot>,
+    /// Commands seen per class since the last `take_command_counts`.
+    command_counts: [u64; CommandClass::ALL.len()],
+    next_id: u64,
+    login_deadline: Option<Instant>,
+    last_activity: Instant,
+}
+
+impl Session {
+    pub fn new(cfg: Arc<SessionConfig>, ep: Endpoints, now: Instant) -> Self {
+        let ep = Endpoints {
+            client: canonical(ep.client),
+            client_local: canonical(ep.client_local),
+            server: canonical(ep.server),
+            server_local: canonical(ep.server_local),
+            advertise: ep.advertise.map(canonical_ip),
+        };
+        Session {
+            peers: ControlPeers {
+                client: ep.client.ip(),
+                server: ep.server.ip(),
+            },
+            client_in: LineFramer::new(cfg.max_command_line),
+            server_in: LineFramer::new(cfg.max_reply_line),
+            to_client: Vec::new(),
+            to_server: Vec::new(),
+            events: VecDeque::new(),
+            pending: VecDeque::from([Pending::Greeting]),
+            open_reply: None,
+            passive_lines: Vec::new(),
+            passive_bytes: 0,
+            seen_server_line: false,
+            logged_in: false,
+            epsv_all: false,
+            closed: false,
+            held_command: None,
+            held_reply: None,
+            slots: Vec::new(),
+            command_counts: [0; CommandClass::ALL.len()],
+            next_id: 1,
+            login_deadline: Some(now + cfg.login_timeout),
+            last_activity: now,
+            cfg,
+            ep,
+        }
+    }
+
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.ep
+    }
+
+    pub fn is_logged_in(&self) -> bool {
+        self.logged_in
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Whether the daemon should read more from `from`. False while a line
+    /// from that side is held, or too many commands await replies.
+    pub fn wants_input(&self, from: Side) -> bool {
+        !self.closed
+            && match from {
+                Side::Client => self.held_command.is_none() && self.pending.len() < MAX_PENDING,
+                Side::Server => self.held_reply.is_none(),
+            }
+    }
+
+    /// Bytes received from `from`.
+    pub fn handle_input(&mut self, from: Side, data: &[u8], now: Instant) {
+        if self.closed {
+            return;
+        }
+        self.last_activity = now;
+        match from {
+            Side::Client => self.client_in.push(data),
+            Side::Server => self.server_in.push(data),
+        }
+        self.drain(now);
+    }
+
+    /// `from` closed its end of the control connection.
+    pub fn handle_eof(&mut self, from: Side, _now: Instant) {
+        self.close(match from {
+            Side::Client => CloseReason::ClientClosed,
+            Side::Server => CloseReason::ServerClosed,
+        });
+    }
+
+    /// The daemon answers an [`Event::Resolve`].
+    pub fn handle_resolved(&mut self, id: ResolveId, found: Option<Resolved>, now: Instant) {
+        match self.held_command.take() {
+            Some(HeldCommand::Resolving(held_id, cmd)) if held_id == id => {
+                self.decide_active(cmd, found);
+                self.drain(now);
+            }
+            other => self.held_command = other,
+        }
+    }
+
+    /// The pinhole `id` listens on `listen`.
+    pub fn handle_pinhole_opened(&mut self, id: PinholeId, listen: SocketAddr, now: Instant) {
+        let listen = canonical(listen);
+        let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) else {
+            return;
+        };
+        slot.state = SlotState::Waiting {
+            expires: now + self.cfg.pinhole_timeout,
+            listen,
+        };
+        match self.held_command.take() {
+            Some(HeldCommand::Opening(held_id, cmd)) if held_id == id => {
+                self.forward_active(&cmd, listen);
+            }
+            other => self.held_command = other,
+        }
+        if self.held_reply.as_ref().is_some_and(|h| h.id == id)
+            && let Some(held) = self.held_reply.take()
+        {
+            self.send_passive_reply(held, listen);
+        }
+        self.drain(now);
+    }
+
+    /// The daemon could not open pinhole `id`.
+    pub fn handle_pinhole_failed(&mut self, id: PinholeId, now: Instant) {
+        self.slots.retain(|s| s.id != id);
+        let refusal = Denial::new(DenyReason::PinholeUnavailable, Side::Client);
+        const REPLY: &str = "425 Can't open data connection: no pinhole available.";
+        match self.held_command.take() {
+            Some(HeldCommand::Opening(held_id, cmd)) if held_id == id => {
+                self.refuse(with_command(refusal.clone(), &cmd), REPLY, Route::Queued);
+            }
+            other => self.held_command = other,
+        }
+        if self.held_reply.as_ref().is_some_and(|h| h.id == id) {
+            self.held_reply = None;
+            self.refuse(refusal, REPLY, Route::InPlace);
+            self.flush_local_replies();
+        }
+        self.drain(now);
+    }
+
+    /// The expected peer connected to pinhole `id`; it now carries data.
+    pub fn handle_pinhole_connected(&mut self, id: PinholeId, _now: Instant) {
+        if let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) {
+            slot.state = SlotState::Connected;
+        }
+    }
+
+    /// Pinhole `id` and any data connection through it are gone.
+    pub fn handle_pinhole_closed(&mut self, id: PinholeId, now: Instant) {
+        self.slots.retain(|s| s.id != id);
+        if self.slots.is_empty() {
+            // A long transfer is activity: the idle clock restarts after it.
+            self.last_activity = self.last_activity.max(now);
+        }
+    }
+
+    /// The earliest time `handle_timeout` has work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed {
+            return None;
+        }
+        let login = self.login_deadline.filter(|_| !self.logged_in);
+        let idle = self
+            .slots
+            .is_empty()
+            .then(|| self.last_activity + self.cfg.idle_timeout);
+        let pinholes = self.next_pinhole_expiry();
+        login.into_iter().chain(idle).chain(pinholes).min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.closed {
+            return;
+        }
+        self.expire_pinholes(now);
+        if !self.logged_in && self.login_deadline.is_some_and(|d| d <= now) {
+            self.close_with_reply(
+                "421 Login timed out: closing control connection.",
+                CloseReason::LoginTimeout,
+            );
+        } else if self.slots.is_empty() && self.last_activity + self.cfg.idle_timeout <= now {
+            self.close_with_reply(
+                "421 Idle timeout: closing control connection.",
+                CloseReason::IdleTimeout,
+            );
+        }
+    }
+
+    /// The next action for the daemon.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Commands per class since the last call (for metrics).
+    pub fn take_command_counts(&mut self) -> impl Iterator<Item = (CommandClass, u64)> + use<> {
+        let counts = std::mem::take(&mut self.command_counts);
+        CommandClass::ALL
+            .into_iter()
+            .zip(counts)
+            .filter(|(_, n)| *n > 0)
+    }
+
+    /// Takes the bytes to write to `to`.
+    pub fn take_transmit(&mut self, to: Side) -> Vec<u8> {
+        match to {
+            Side::Client => std::mem::take(&mut self.to_client),
+            Side::Server => std::mem::take(&mut self.to_server),
+        }
+    }
+
+    /// The next id for a pinhole or a look-up; unique within the session.
+    fn allocate_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    // ---- input processing -------------------------------------------------
+
+    /// Handles every line that can be handled now.
+    ///
+    /// The order does not depend on how the bytes were cut into reads, so
+    /// the result is the same as if each line had arrived on its own:
+    /// - Client lines go first, as far as they can. Handling one never
+    ///   unblocks the server side, but a server reply can unblock the client
+    ///   (it frees a pending slot at `MAX_PENDING`), so the client goes again
+    ///   after every server line. (Reading all server lines of a read first
+    ///   made a reply that arrived in the same read as earlier replies
+    ///   unsolicited, and the same reply in a read of its own paired with a
+    ///   command: a 227 was rewritten or not depending on TCP segmentation.)
+    /// - When a client line becomes held, the drain stops until the daemon
+    ///   answers (every answer drains again); otherwise the rest of a server
+    ///   read would be handled before the answer, and the same lines read
+    ///   separately after it.
+    fn drain(&mut self, now: Instant) {
+        loop {
+            while self.wants_input(Side::Client) {
+                let Some(frame) = self.client_in.next_frame() else {
+                    break;
+                };
+                self.on_client_frame(frame, now);
+                if self.held_command.is_some() {
+                    return;
+                }
+            }
+            if !self.wants_input(Side::Server) {
+                return;
+            }
+            let Some(frame) = self.server_in.next_frame() else {
+                return;
+            };
+            self.on_server_frame(frame);
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! What the session writes: lines to either peer, the gateway's own replies
+//! in command order, the one refusal path and the close.
+
+use super::Session;
+use super::pending::{Expect, Pending};
+use super::types::{CloseReason, Event};
+use crate::proto::Side;
+use crate::proto::deny::{Denial, DenyReason};
+use crate::proto::framing::telnet_encode_into;
+
+/// Sent when a PORT/EPRT or a passive reply would need one pinhole more
+/// than a session may hold.
+pub(super) const TOO_MANY_DATA_CONNECTIONS: &str =
+    "425 Can't open data connection: too many open data connections.";
+/// Sent for a PORT, EPRT or EPSV argument that does not parse.
+pub(super) const BAD_ARGUMENT: &str = "501 Syntax error in parameters or arguments.";
+
+/// Where the gateway's own reply to a refusal goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Route {
+    /// A reply to a client command: queued behind earlier commands.
+    Queued,
+    /// Replaces the server's reply to the command now being answered.
+    InPlace,
+    /// No reply.
+    Silent,
+}
+
+impl Session {
+    pub(super) fn forward_line(&mut self, line: &[u8], expect: Expect) {
+        telnet_encode_into(line, &mut self.to_server);
+        self.to_server.extend_from_slice(b"\r\n");
+        self.pending.push_back(Pending::Command(expect));
+    }
+
+    pub(super) fn send_line_to_client(&mut self, line: &[u8]) {
+        telnet_encode_into(line, &mut self.to_client);
+        self.to_client.extend_from_slice(b"\r\n");
+    }
+
+    /// Sends the gateway's own replies that have reached the head of the
+    /// FIFO, unless a server reply is in the middle of being relayed.
+    pub(super) fn flush_local_replies(&mut self) {
+        while self.open_reply.is_none() && self.held_reply.is_none() {
+            match self.pending.front() {
+                Some(Pending::Local(_)) => {
+                    if let Some(Pending::Local(reply)) = self.pending.pop_front() {
+                        self.to_client.extend_from_slice(&reply);
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// A server line the gateway will not pass on: logged, nobody answered.
+    pub(super) fn server_line_refused(&mut self, reason: DenyReason) {
+        self.refuse(Denial::new(reason, Side::Server), "", Route::Silent);
+    }
+
+    /// Every refusal goes through here: one deny event, one reply.
+    pub(super) fn refuse(&mut self, mut denial: Denial, reply: &str, route: Route) {
+        if route != Route::Silent {
+            denial.reply = Some(reply.to_string());
+        }
+        self.events.push_back(Event::Deny(denial));
+        let bytes = format!("{reply}\r\n").into_bytes();
+        match route {
+            Route::Queued => {
+                self.pending.push_back(Pending::Local(bytes));
+                self.flush_local_replies();
+            }
+            Route::InPlace => self.to_client.extend_from_slice(&bytes),
+            Route::Silent => {}
+        }
+    }
+
+    pub(super) fn close_with_reply(&mut self, reply: &str, reason: CloseReason) {
+        // RFC 959 allows 421 at any time when the service shuts down.
+        self.to_client.extend_from_slice(reply.as_bytes());
+        self.to_client.extend_from_slice(b"\r\n");
+        self.close(reason);
+    }
+
+    pub(super) fn close(&mut self, reason: CloseReason) {
+        if !self.closed {
+            self.closed = true;
+            self.events.push_back(Event::Close(reason));
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! The FIFO that pairs replies with commands: what each forwarded command
+//! expects of its final reply, and the gateway's own replies queued in order.
+
+/// Pipelined commands tolerated without replies before the core stops
+/// reading the client (backpressure, not loss).
+pub(super) const MAX_PENDING: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Style {
+    /// PASV / 227.
+    Pasv,
+    /// EPSV / 229.
+    Epsv,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct PassivePlan {
+    /// What the client asked for and gets back.
+    pub(super) client: Style,
+    /// What the gateway sent upstream.
+    pub(super) upstream: Style,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Expect {
+    /// USER/PASS/ACCT: a 230 or 232 logs in.
+    Login(LoginEnd),
+    /// REIN.
+    Rein(LoginEnd),
+    Passive(PassivePlan),
+    Other,
+}
+
+/// Whether a USER or REIN ended a login. The gateway stops treating the
+/// session as logged in as soon as it forwards such a command (so nothing
+/// pipelined after it can open a pinhole), but when the server refuses the
+/// command, its login stands and so must the gateway's: vsftpd answers a
+/// second USER with "530 Can't change to another user." and REIN with
+/// "502 REIN not implemented." and keeps the user logged in. Without this,
+/// every later PORT/PASV was refused with 530 and the login timer closed the
+/// session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LoginEnd {
+    EndedLogin,
+    NoLogin,
+}
+
+/// An entry of the FIFO that pairs replies with commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Pending {
+    /// The server's greeting.
+    Greeting,
+    /// A forwarded command awaiting its final reply.
+    Command(Expect),
+    /// The gateway's own reply to a command it did not forward; sent once
+    /// every earlier command has its reply, so order is kept.
+    Local(Vec<u8>),
+}

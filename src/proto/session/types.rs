@@ -1,0 +1,189 @@
+//! The session's public vocabulary: its configuration, the addresses it is
+//! given, the names of pinholes and look-ups, and the events it emits.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use crate::proto::Side;
+use crate::proto::deny::Denial;
+use crate::proto::policy::Policy;
+
+/// Everything a session needs to know that does not change during it.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub policy: Policy,
+    /// Longest command line accepted from the client, in bytes.
+    pub max_command_line: usize,
+    /// Longest reply line accepted from the server, in bytes.
+    pub max_reply_line: usize,
+    /// Pinholes (waiting or carrying data) one session may hold.
+    pub max_pinholes: usize,
+    /// How long a pinhole waits for its peer.
+    pub pinhole_timeout: Duration,
+    /// Time from connect to a successful login.
+    pub login_timeout: Duration,
+    /// Control-channel silence tolerated while no data connection is open.
+    pub idle_timeout: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            policy: Policy::default(),
+            max_command_line: 2048,
+            max_reply_line: 8192,
+            max_pinholes: 2,
+            pinhole_timeout: Duration::from_secs(30),
+            login_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// The four addresses of the two control connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints {
+    /// The client, as seen on the inside.
+    pub client: SocketAddr,
+    /// The gateway's address the client connected to.
+    pub client_local: SocketAddr,
+    /// The upstream server.
+    pub server: SocketAddr,
+    /// The gateway's address on the upstream connection.
+    pub server_local: SocketAddr,
+    /// Announced in 227 replies instead of `client_local` (a NAT in front).
+    pub advertise: Option<IpAddr>,
+}
+
+/// Names a pinhole within its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PinholeId(pub u64);
+
+/// Names an outstanding [`Event::Resolve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ResolveId(pub u64);
+
+/// The daemon's handle for a pinhole of another session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ForeignPinhole(pub u64);
+
+/// Who connects to a pinhole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataMode {
+    /// PORT/EPRT: the server connects in, the gateway connects to the client.
+    Active,
+    /// PASV/EPSV: the client connects in, the gateway connects to the server.
+    Passive,
+}
+
+impl DataMode {
+    pub(super) fn connecting_side(self) -> Side {
+        match self {
+            DataMode::Active => Side::Server,
+            DataMode::Passive => Side::Client,
+        }
+    }
+}
+
+/// What the daemon must open: listen on `listen_ip` (a free port of its
+/// range), accept one connection from `expected_peer` only, then connect
+/// from `connect_from` to `connect_to` and relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinholeRequest {
+    pub id: PinholeId,
+    pub mode: DataMode,
+    pub listen_ip: IpAddr,
+    pub expected_peer: IpAddr,
+    pub connect_to: SocketAddr,
+    pub connect_from: IpAddr,
+}
+
+/// The endpoint behind a pinhole of the gateway, found by [`Event::Resolve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved {
+    pub pinhole: ForeignPinhole,
+    pub endpoint: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinholeClose {
+    /// A newer PORT/PASV replaced it (RFC 959: one data address at a time).
+    Superseded,
+    /// Its peer did not connect in time.
+    Expired,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewriteKind {
+    Port,
+    Eprt,
+    Pasv,
+    Epsv,
+    /// A PORT/EPRT passed on for a server-to-server transfer.
+    Fxp,
+}
+
+impl RewriteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RewriteKind::Port => "port",
+            RewriteKind::Eprt => "eprt",
+            RewriteKind::Pasv => "pasv",
+            RewriteKind::Epsv => "epsv",
+            RewriteKind::Fxp => "fxp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    ClientClosed,
+    ServerClosed,
+    LoginTimeout,
+    IdleTimeout,
+    NotFtp,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::ServerClosed => "server_closed",
+            CloseReason::LoginTimeout => "login_timeout",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::NotFtp => "not_ftp",
+        }
+    }
+}
+
+/// What the core asks of the daemon, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Open a pinhole; answer with `handle_pinhole_opened` or
+    /// `handle_pinhole_failed`.
+    OpenPinhole(PinholeRequest),
+    /// Close a pinhole of this session that is still waiting.
+    ClosePinhole {
+        id: PinholeId,
+        cause: PinholeClose,
+    },
+    /// Is `target` one of the gateway's own pinholes? Answer with
+    /// `handle_resolved`.
+    Resolve {
+        id: ResolveId,
+        target: SocketAddr,
+    },
+    /// Close another session's pinhole: its endpoint now gets a direct
+    /// server-to-server connection instead.
+    TakeOverPinhole(ForeignPinhole),
+    Deny(Denial),
+    /// An address-bearing line was rewritten (or passed on, for FXP).
+    Rewrite {
+        kind: RewriteKind,
+        address_replaced: bool,
+    },
+    /// The user logged in.
+    LoggedIn,
+    /// Flush what is queued for each side, then close the session.
+    Close(CloseReason),
+}
