@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ftpgate::proto::driver::lab_endpoints;
-use ftpgate::proto::{Event, Session, SessionConfig, Side};
+use ftpgate::proto::{Event, Session, SessionConfig, SessionId, Side};
 use ftpgate::relay;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -96,6 +96,7 @@ fn core_figures(commands: usize) -> (f64, f64) {
     let mut session = Session::new(
         Arc::new(SessionConfig::default()),
         lab_endpoints(),
+        SessionId(1),
         Instant::now(),
     );
     let now = Instant::now();

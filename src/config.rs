@@ -52,8 +52,32 @@ pub struct Listener {
     pub advertise: Option<IpAddr>,
 }
 
+/// Which data plane carries the bytes of data connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plane {
+    /// A pinhole listener per data connection and a userland relay
+    /// (splice(2) on Linux). Works without privileges and everywhere.
+    Proxy,
+    /// nftables map elements per pinhole: conntrack carries the bytes and
+    /// userland never touches them. Linux, CAP_NET_ADMIN, the rules printed
+    /// by `ftpgate nft-rules` loaded.
+    Kernel,
+}
+
+impl Plane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Plane::Proxy => "proxy",
+            Plane::Kernel => "kernel",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Data {
+    pub plane: Plane,
+    /// The conntrack mark of data connections on the kernel plane.
+    pub kernel_mark: u32,
     pub ports: (u16, u16),
     pub accept_timeout: Duration,
     pub connect_timeout: Duration,
@@ -169,6 +193,8 @@ fn default_intercept_port() -> u16 {
 #[derive(Debug, Deserialize)]
 #[serde(default)]
 struct RawData {
+    plane: String,
+    kernel_mark: u32,
     ports: String,
     accept_timeout: String,
     connect_timeout: String,
@@ -179,6 +205,8 @@ struct RawData {
 impl Default for RawData {
     fn default() -> Self {
         RawData {
+            plane: "proxy".into(),
+            kernel_mark: 0xf7a0,
             ports: "50000-50999".into(),
             accept_timeout: "30s".into(),
             connect_timeout: "10s".into(),
@@ -404,8 +432,29 @@ impl RawConfig {
         }
 
         let d = self.data;
+        let plane = match d.plane.as_str() {
+            "proxy" => Plane::Proxy,
+            "kernel" => Plane::Kernel,
+            other => {
+                problems.push(format!(
+                    "`data.plane` = {other:?}: write \"proxy\" or \"kernel\""
+                ));
+                Plane::Proxy
+            }
+        };
+        if d.kernel_mark == 0 {
+            problems.push("`data.kernel_mark` must not be 0 (0 is every unmarked flow)".into());
+        }
+        let ports = port_range(&d.ports, problems);
+        if plane == Plane::Kernel && ports.0 == ports.1 {
+            problems.push(
+                "`data.ports`: the kernel plane needs at least two ports (the first is the fall-through listener)".into(),
+            );
+        }
         let data = Data {
-            ports: port_range(&d.ports, problems),
+            plane,
+            kernel_mark: d.kernel_mark,
+            ports,
             accept_timeout: duration("data.accept_timeout", &d.accept_timeout, problems),
             connect_timeout: duration("data.connect_timeout", &d.connect_timeout, problems),
             idle_timeout: duration("data.idle_timeout", &d.idle_timeout, problems),

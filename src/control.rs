@@ -1,7 +1,6 @@
 //! One control session: a `select!` loop that feeds the protocol core with
 //! bytes, timer expiries and pinhole news, and carries out what it asks.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -13,12 +12,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::Mode;
+use crate::dataplane::{DataTimeouts, Owner, Plane, PlaneEvent, apparent_addresses};
 use crate::denylog::{DenyLog, SessionInfo};
 use crate::metrics as m;
-use crate::pinhole::{DataTimeouts, PinholePool, PinholeTask, PinholeUpdate};
 use crate::proto::{
-    CloseReason, DataMode, Denial, DenyReason, Endpoints, Event, PinholeClose, PinholeId, Session,
-    SessionConfig, Side,
+    CloseReason, Denial, DenyReason, Endpoints, Event, PinholeClose, PinholeRequest, Session,
+    SessionConfig, SessionId, Side,
 };
 
 const READ_BUFFER: usize = 16 * 1024;
@@ -27,9 +26,12 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A refused connection gets this long to take its 421.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Plane events queued for one session before the plane waits.
+const PLANE_EVENTS: usize = 64;
+
 /// What every session shares.
 pub struct Shared {
-    pub pool: Arc<PinholePool>,
+    pub plane: Plane,
     pub deny: DenyLog,
 }
 
@@ -97,19 +99,30 @@ pub async fn serve(
         server_local,
         advertise: settings.advertise,
     };
+    let (events_tx, events_rx) = mpsc::channel(PLANE_EVENTS);
     let mut run = Running {
-        session: Session::new(settings.core.clone(), ep, Instant::now().into_std()),
+        session: Session::new(
+            settings.core.clone(),
+            ep,
+            SessionId(id),
+            Instant::now().into_std(),
+        ),
+        owner: Owner {
+            events: events_tx,
+            info: Arc::clone(&info),
+            timeouts: settings.data,
+        },
+        _pinholes: SessionPinholes {
+            shared: Arc::clone(&shared),
+            session: SessionId(id),
+        },
         shared,
         settings,
         info,
-        pinholes: HashMap::new(),
-        updates: mpsc::channel(64),
+        events: events_rx,
         last_close: None,
     };
     let outcome = run.drive(client, server, &mut shutdown).await;
-    for key in run.pinholes.values() {
-        run.shared.pool.cancel(*key);
-    }
     m::session_ended(run.settings.mode, outcome);
     tracing::debug!(session = id, outcome, "session ended");
 }
@@ -124,7 +137,7 @@ pub async fn refuse_connection(
     reply: &str,
 ) {
     denial.reply = Some(reply.to_string());
-    deny.record(info, &denial, None);
+    deny.record(info, &denial);
     m::session_refused(info.mode, denial.reason.as_str());
     let line = format!("{reply}\r\n");
     let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, stream.write_all(line.as_bytes())).await;
@@ -143,14 +156,28 @@ async fn write_timeout(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "peer does not read"))?
 }
 
+/// Withdraws a session's waiting pinholes when it ends, however it ends
+/// (a panicking session included).
+struct SessionPinholes {
+    shared: Arc<Shared>,
+    session: SessionId,
+}
+
+impl Drop for SessionPinholes {
+    fn drop(&mut self) {
+        self.shared.plane.release_session(self.session);
+    }
+}
+
 struct Running {
     shared: Arc<Shared>,
     settings: SessionSettings,
     info: Arc<SessionInfo>,
     session: Session,
-    /// This session's pinholes by id, with their pool keys.
-    pinholes: HashMap<PinholeId, u64>,
-    updates: (mpsc::Sender<PinholeUpdate>, mpsc::Receiver<PinholeUpdate>),
+    /// Where the plane sends news of this session's pinholes.
+    owner: Owner,
+    events: mpsc::Receiver<PlaneEvent>,
+    _pinholes: SessionPinholes,
     last_close: Option<CloseReason>,
 }
 
@@ -180,7 +207,7 @@ impl Running {
             tokio::select! {
                 r = client.read(&mut cbuf), if client_rd => self.input(Side::Client, r, &cbuf),
                 r = server.read(&mut sbuf), if server_rd => self.input(Side::Server, r, &sbuf),
-                Some(update) = self.updates.1.recv() => self.pinhole_update(update),
+                Some(event) = self.events.recv() => self.plane_event(event),
                 () = sleep_until_opt(deadline) => {
                     self.session.handle_timeout(Instant::now().into_std());
                 }
@@ -211,14 +238,23 @@ impl Running {
         }
     }
 
-    fn pinhole_update(&mut self, update: PinholeUpdate) {
+    /// News from the data plane. The core decides; the plane carries out.
+    fn plane_event(&mut self, event: PlaneEvent) {
         let now = Instant::now().into_std();
-        match update {
-            PinholeUpdate::Connected(id) => self.session.handle_pinhole_connected(id, now),
-            PinholeUpdate::Closed(id) => {
-                self.pinholes.remove(&id);
-                self.session.handle_pinhole_closed(id, now);
+        match event {
+            PlaneEvent::Arrived { id, peer, verdict } => {
+                let decided = self.session.handle_data_connection(id, peer, now);
+                let _ = verdict.send(decided);
             }
+            PlaneEvent::Established { id, peer } => {
+                // The kernel matched the expected peer already; the core
+                // still has the last word (the pinhole may have expired in
+                // the same instant), but the flow exists either way.
+                let decided = self.session.handle_data_connection(id, peer, now);
+                tracing::debug!(session = self.info.id, ?id, %peer, ?decided, "kernel data connection");
+            }
+            PlaneEvent::Closed { id } => self.session.handle_pinhole_closed(id, now),
+            PlaneEvent::TakenOver { id } => self.session.handle_pinhole_taken_over(id, now),
         }
     }
 
@@ -248,16 +284,15 @@ impl Running {
                     if cause == PinholeClose::Expired {
                         m::pinhole_expired();
                     }
-                    if let Some(key) = self.pinholes.remove(&id) {
-                        self.shared.pool.cancel(key);
-                    }
+                    self.shared.plane.cancel(id);
                 }
                 Event::Resolve { id, target } => {
-                    let found = self.shared.pool.resolve(target);
+                    let client = self.session.endpoints().client.ip();
+                    let found = self.shared.plane.resolve(target, client);
                     self.session.handle_resolved(id, found, now);
                 }
-                Event::TakeOverPinhole(foreign) => self.shared.pool.cancel(foreign.0),
-                Event::Deny(denial) => self.shared.deny.record(&self.info, &denial, None),
+                Event::TakeOverPinhole(id) => self.shared.plane.take_over(id),
+                Event::Deny(denial) => self.shared.deny.record(&self.info, &denial),
                 Event::Rewrite { kind, .. } => m::rewrite(kind.as_str()),
                 Event::LoggedIn => {
                     tracing::debug!(session = self.info.id, "logged in");
@@ -267,33 +302,13 @@ impl Running {
         }
     }
 
-    fn open_pinhole(&mut self, request: crate::proto::PinholeRequest) {
+    fn open_pinhole(&mut self, request: PinholeRequest) {
         let now = Instant::now().into_std();
         let ep = *self.session.endpoints();
-        // How a client may name this pinhole in a PORT to another server.
-        let mut apparent = vec![request.listen_ip];
-        if request.mode == DataMode::Passive {
-            apparent.extend(ep.advertise);
-            if self.settings.mode == Mode::Transparent {
-                apparent.push(ep.server.ip());
-            }
-        }
-        match self.shared.pool.open(&request, apparent) {
-            Ok(opened) => {
-                let addr = opened.addr;
-                self.pinholes.insert(request.id, opened.key);
-                let task = PinholeTask {
-                    pool: Arc::clone(&self.shared.pool),
-                    opened,
-                    request: request.clone(),
-                    timeouts: self.settings.data,
-                    updates: self.updates.0.clone(),
-                    deny: self.shared.deny.clone(),
-                    info: Arc::clone(&self.info),
-                };
-                tokio::spawn(task.run());
-                self.session.handle_pinhole_opened(request.id, addr, now);
-            }
+        let apparent =
+            apparent_addresses(&request, self.settings.mode, ep.advertise, ep.server.ip());
+        match self.shared.plane.open(&request, apparent, &self.owner) {
+            Ok(addr) => self.session.handle_pinhole_opened(request.id, addr, now),
             Err(e) => {
                 tracing::warn!(session = self.info.id, listen = %request.listen_ip, "cannot open pinhole: {e}");
                 self.session.handle_pinhole_failed(request.id, now);

@@ -14,9 +14,9 @@ use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::control::Shared;
+use crate::dataplane;
 use crate::denylog::DenyLog;
 use crate::metrics as m;
-use crate::pinhole::PinholePool;
 use crate::server::{self, Gateway};
 
 static RECORDER: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
@@ -70,7 +70,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         }
     }
     let shared = Arc::new(Shared {
-        pool: Arc::new(PinholePool::new(cfg.data.ports)),
+        plane: dataplane::start(&cfg.data).await?,
         deny: deny.clone(),
     });
     let cfg = Arc::new(cfg);
@@ -164,6 +164,7 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    raise_fd_limit();
     let running = start(cfg).await?;
     let mut grace = grace;
     loop {
@@ -196,6 +197,34 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
     );
     running.shutdown(grace).await;
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit. Every session
+/// holds two sockets and every data connection two more: a daemon started
+/// from a shell (soft limit 1024) would die of EMFILE at a few hundred
+/// sessions although the hard limit (systemd: 65536 in the shipped unit;
+/// often 524288) allows far more.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            let before = limit.rlim_cur;
+            limit.rlim_cur = limit.rlim_max;
+            before == limit.rlim_max || libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if raised {
+        tracing::info!(open_files = limit.rlim_cur, "open-file limit");
+    } else {
+        tracing::warn!(
+            "cannot raise the open-file limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 pub fn load(path: &Path) -> anyhow::Result<Config> {

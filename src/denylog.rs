@@ -85,7 +85,7 @@ impl DenyLog {
 
     /// Records one refusal. `peer` is the host that actually connected, when
     /// that is not the expected one.
-    pub fn record(&self, info: &SessionInfo, denial: &Denial, peer: Option<SocketAddr>) {
+    pub fn record(&self, info: &SessionInfo, denial: &Denial) {
         let reason = denial.reason.as_str();
         m::denial(reason, info.mode);
         tracing::info!(
@@ -109,7 +109,7 @@ impl DenyLog {
             argument: denial.argument.as_deref(),
             target: denial.target,
             expected_peer: denial.expected_peer,
-            peer,
+            peer: denial.peer,
             rule: denial.rule.as_deref(),
             reply: denial.reply.as_deref(),
         };
@@ -238,11 +238,7 @@ mod tests {
         // The writer cannot run before this task yields: the queue of 2
         // fills and the other 8 lines are dropped.
         for _ in 0..10 {
-            log.record(
-                &info(),
-                &Denial::new(DenyReason::Bounce, Side::Client),
-                None,
-            );
+            log.record(&info(), &Denial::new(DenyReason::Bounce, Side::Client));
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let text = std::fs::read_to_string(&path).unwrap();

@@ -3,18 +3,18 @@
 //! [`proto`] is the sans-IO protocol core; everything else is the daemon that
 //! carries out its decisions with sockets, timers and logs: [`server`]
 //! accepts control connections, [`control`] runs one session around the core,
-//! [`pinhole`] and [`relay`] carry the data connections, [`denylog`] and
+//! [`dataplane`] and [`relay`] carry the data connections, [`denylog`] and
 //! [`metrics`] make every decision visible.
 
 pub mod admin;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod dataplane;
 pub mod denials;
 pub mod denylog;
 pub mod metrics;
 pub mod nft;
-pub mod pinhole;
 pub mod proto;
 pub mod relay;
 pub mod server;

@@ -29,6 +29,7 @@ pub const DATA_TRANSFER: &str = "ftpgate_data_transfer_seconds";
 pub const UPSTREAM_FAILURES: &str = "ftpgate_upstream_connect_failures_total";
 pub const CONFIG_RELOADS: &str = "ftpgate_config_reloads_total";
 pub const COMMANDS: &str = "ftpgate_commands_total";
+pub const CONNTRACK_OVERRUNS: &str = "ftpgate_conntrack_event_overruns_total";
 
 /// Histogram buckets, in seconds, for waits from milliseconds to minutes.
 pub const WAIT_BUCKETS: &[f64] = &[
@@ -89,6 +90,10 @@ pub fn pinhole_expired() {
     counter!(PINHOLES_EXPIRED).increment(1);
 }
 
+pub fn conntrack_overrun() {
+    counter!(CONNTRACK_OVERRUNS).increment(1);
+}
+
 pub fn pinhole_refused() {
     counter!(PINHOLES_REFUSED).increment(1);
 }
@@ -103,11 +108,19 @@ pub fn port_pool_free(free: usize) {
 
 /// One finished data connection. `direction` is "download" (server to
 /// client) or "upload"; `mode` is "active" or "passive".
-pub fn data_connection(mode: &'static str, to_client: u64, to_server: u64, took: Duration) {
-    counter!(DATA_CONNECTIONS, "mode" => mode).increment(1);
-    counter!(DATA_BYTES, "direction" => "download", "mode" => mode).increment(to_client);
-    counter!(DATA_BYTES, "direction" => "upload", "mode" => mode).increment(to_server);
-    histogram!(DATA_TRANSFER, "mode" => mode).record(took.as_secs_f64());
+pub fn data_connection(
+    plane: &'static str,
+    mode: &'static str,
+    to_client: u64,
+    to_server: u64,
+    took: Duration,
+) {
+    counter!(DATA_CONNECTIONS, "mode" => mode, "plane" => plane).increment(1);
+    counter!(DATA_BYTES, "direction" => "download", "mode" => mode, "plane" => plane)
+        .increment(to_client);
+    counter!(DATA_BYTES, "direction" => "upload", "mode" => mode, "plane" => plane)
+        .increment(to_server);
+    histogram!(DATA_TRANSFER, "mode" => mode, "plane" => plane).record(took.as_secs_f64());
 }
 
 pub fn config_reload(result: &'static str) {

@@ -5,10 +5,16 @@
 //! EPSV clients and clients that ignore the address in a 227 reply (curl's
 //! default): they connect to the server's address on the pinhole port, and
 //! the redirect delivers that connection to the gateway.
+//!
+//! The kernel data plane adds the sets and maps ftpgate fills per pinhole,
+//! the rule that consumes a pinhole on its first connection and translates
+//! it, the fall-through redirect of everything else in the data range to
+//! ftpgate's own listener (the first port of the range), and the source
+//! translation of the onward leg. See `dataplane::kernel`.
 
 use std::fmt::Write;
 
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, Plane};
 
 pub fn ruleset(cfg: &Config, source: &str) -> String {
     let mut out = String::new();
@@ -26,9 +32,29 @@ pub fn ruleset(cfg: &Config, source: &str) -> String {
         out,
         "# The input filter must also accept TCP to the listener ports and to {low}-{high}."
     );
+    let kernel = cfg.data.plane == Plane::Kernel;
+    let mark = cfg.data.kernel_mark;
+    if kernel {
+        let _ = writeln!(
+            out,
+            "# Kernel data plane: conntrack carries ftpgate's data connections. Needs"
+        );
+        let _ = writeln!(
+            out,
+            "# net.ipv4.ip_forward=1 (and net.ipv6.conf.all.forwarding=1 for IPv6)."
+        );
+        let _ = writeln!(
+            out,
+            "# Your forward chain (policy drop) needs this one line for ftpgate's flows:"
+        );
+        let _ = writeln!(out, "#   ct mark {mark:#010x} accept");
+    }
     let _ = writeln!(out, "table inet ftpgate");
     let _ = writeln!(out, "delete table inet ftpgate");
     let _ = writeln!(out, "table inet ftpgate {{");
+    if kernel {
+        kernel_sets(&mut out);
+    }
     let _ = writeln!(out, "\tchain prerouting {{");
     let _ = writeln!(
         out,
@@ -37,13 +63,7 @@ pub fn ruleset(cfg: &Config, source: &str) -> String {
     let mut any = false;
     for listener in cfg.listeners.iter().filter(|l| l.mode == Mode::Transparent) {
         any = true;
-        let iif = match listener.interfaces.as_slice() {
-            [] => String::new(),
-            names => {
-                let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
-                format!("iifname {{ {} }} ", quoted.join(", "))
-            }
-        };
+        let iif = iif_match(&listener.interfaces);
         let v4 = listener.bind.iter().find(|a| a.is_ipv4()).map(|a| a.port());
         let v6 = listener.bind.iter().find(|a| a.is_ipv6()).map(|a| a.port());
         let intercept = listener.intercept_port;
@@ -65,6 +85,11 @@ pub fn ruleset(cfg: &Config, source: &str) -> String {
                 "\t\t{iif}{family}tcp dport {intercept} redirect to :{port}"
             );
         }
+        if kernel {
+            // The pinhole rules below come first; what they leave goes to
+            // the fall-through listener.
+            continue;
+        }
         let _ = writeln!(
             out,
             "\t\t# data connections to a server's address on a pinhole port (EPSV, curl)"
@@ -73,12 +98,107 @@ pub fn ruleset(cfg: &Config, source: &str) -> String {
             let _ = writeln!(out, "\t\t{iif}{family}tcp dport {low}-{high} redirect");
         }
     }
-    if !any {
+    if kernel {
+        kernel_prerouting(&mut out, cfg);
+    } else if !any {
         let _ = writeln!(out, "\t\t# no transparent listener: nothing to redirect");
     }
     let _ = writeln!(out, "\t}}");
+    if kernel {
+        let _ = writeln!(out, "\tchain postrouting {{");
+        let _ = writeln!(
+            out,
+            "\t\ttype nat hook postrouting priority srcnat; policy accept;"
+        );
+        let _ = writeln!(
+            out,
+            "\t\t# the onward leg leaves from the gateway's address on that side"
+        );
+        for (ip, _) in FAMILIES {
+            let _ = writeln!(
+                out,
+                "\t\tct mark {mark:#010x} snat {ip} to {ip} saddr . {ip} daddr . tcp dport map @snat{}",
+                family_suffix(ip)
+            );
+        }
+        let _ = writeln!(out, "\t}}");
+    }
     let _ = writeln!(out, "}}");
     out
+}
+
+/// `iifname { "a", "b" } ` for the named interfaces; nothing for none.
+fn iif_match(interfaces: &[String]) -> String {
+    match interfaces {
+        [] => String::new(),
+        names => {
+            let quoted: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+            format!("iifname {{ {} }} ", quoted.join(", "))
+        }
+    }
+}
+
+/// (nftables payload keyword, address type) per family.
+const FAMILIES: [(&str, &str); 2] = [("ip", "ipv4_addr"), ("ip6", "ipv6_addr")];
+
+fn family_suffix(ip: &str) -> &'static str {
+    if ip == "ip" { "4" } else { "6" }
+}
+
+/// The sets and maps the kernel plane fills, keyed by (expected peer,
+/// address it connects to, pinhole port).
+fn kernel_sets(out: &mut String) {
+    for (ip, addr) in FAMILIES {
+        let n = family_suffix(ip);
+        let key = format!("{addr} . {addr} . inet_service");
+        let _ = writeln!(out, "\t# pinholes waiting for their one connection");
+        let _ = writeln!(
+            out,
+            "\tset armed{n} {{ type {key}; flags dynamic,timeout; }}"
+        );
+        let _ = writeln!(out, "\t# where each pinhole leads");
+        let _ = writeln!(
+            out,
+            "\tmap dnat{n} {{ type {key} : {addr} . inet_service; flags timeout; }}"
+        );
+        let _ = writeln!(out, "\t# the source address of the onward leg");
+        let _ = writeln!(
+            out,
+            "\tmap snat{n} {{ type {key} : {addr}; flags timeout; }}"
+        );
+    }
+}
+
+fn kernel_prerouting(out: &mut String, cfg: &Config) {
+    let (low, high) = cfg.data.ports;
+    let mark = cfg.data.kernel_mark;
+    let _ = writeln!(
+        out,
+        "\t\t# a pinhole's first connection from its expected peer: consumed and translated"
+    );
+    for (ip, _) in FAMILIES {
+        let n = family_suffix(ip);
+        let key = format!("{ip} saddr . {ip} daddr . tcp dport");
+        let _ = writeln!(
+            out,
+            "\t\ttcp dport {low}-{high} {key} @armed{n} delete @armed{n} {{ {key} }} ct mark set {mark:#010x} dnat {ip} to {key} map @dnat{n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\t\t# everything else in the data range: ftpgate's fall-through listener (theft is logged)"
+    );
+    for listener in cfg.listeners.iter().filter(|l| l.mode == Mode::Transparent) {
+        let _ = writeln!(
+            out,
+            "\t\t{}tcp dport {low}-{high} redirect to :{low}",
+            iif_match(&listener.interfaces)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\t\tfib daddr type local tcp dport {low}-{high} redirect to :{low}"
+    );
 }
 
 #[cfg(test)]

@@ -14,8 +14,8 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, Listener, Mode};
 use crate::control::{self, SessionSettings, Shared};
+use crate::dataplane::DataTimeouts;
 use crate::denylog::SessionInfo;
-use crate::pinhole::DataTimeouts;
 use crate::proto::policy::canonical;
 use crate::proto::{Denial, DenyReason, Side};
 
@@ -171,16 +171,7 @@ impl Gateway {
             Mode::Reverse => listener.upstream.ok_or(DenyReason::Loop),
             Mode::Transparent => {
                 let local = stream.local_addr().map_err(|_| DenyReason::Loop)?;
-                let sock = SockRef::from(stream);
-                let orig = match local {
-                    SocketAddr::V4(_) => sock.original_dst_v4(),
-                    SocketAddr::V6(_) => sock.original_dst_v6(),
-                };
-                let orig = orig
-                    .ok()
-                    .and_then(|a| a.as_socket())
-                    .map(canonical)
-                    .ok_or(DenyReason::Loop)?;
+                let orig = original_dst(stream).ok_or(DenyReason::Loop)?;
                 // Without a redirect the original destination is the
                 // gateway itself: relaying would loop.
                 if orig == canonical(local) || is_local_ip(orig.ip()) {
@@ -221,6 +212,18 @@ impl Gateway {
             }
         }
     }
+}
+
+/// The destination a redirected connection was addressed to
+/// (SO_ORIGINAL_DST, IPv4 or IPv6), canonicalised.
+pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    let local = stream.local_addr().ok()?;
+    let sock = SockRef::from(stream);
+    let orig = match local {
+        SocketAddr::V4(_) => sock.original_dst_v4(),
+        SocketAddr::V6(_) => sock.original_dst_v6(),
+    };
+    orig.ok().and_then(|a| a.as_socket()).map(canonical)
 }
 
 /// Whether `ip` is an address of this host (binding to it succeeds).

@@ -14,11 +14,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ftpgate::proto::driver::{
-    self, Driver, FOREIGN_ENDPOINT, FOREIGN_PINHOLE_PORT, Step, Transcript, lab_endpoints,
+    self, Driver, FOREIGN_ENDPOINT, FOREIGN_PINHOLE, FOREIGN_PINHOLE_PORT, Step, Transcript,
+    lab_endpoints, pinhole,
 };
 use ftpgate::proto::{
-    CloseReason, DataMode, Denial, DenyReason, Endpoints, Event, ForeignPinhole, FxpRule,
-    PinholeClose, PinholeId, PinholeRequest, Policy, RewriteKind, SessionConfig, Side,
+    CloseReason, DataMode, DataVerdict, Denial, DenyReason, Endpoints, Event, FxpRule,
+    PinholeClose, PinholeRequest, Policy, RewriteKind, SessionConfig, Side,
 };
 
 // ---- helpers ---------------------------------------------------------------
@@ -609,7 +610,7 @@ fn pasv_address_is_replaced_by_the_server_control_address() {
         d.transcript.events,
         vec![
             Event::OpenPinhole(PinholeRequest {
-                id: PinholeId(1),
+                id: pinhole(1),
                 mode: DataMode::Passive,
                 listen_ip: ip(GATEWAY_INSIDE),
                 expected_peer: ip(CLIENT),
@@ -870,7 +871,7 @@ fn port_from_the_clients_own_address_opens_a_pinhole_and_is_rewritten() {
         d.transcript.events,
         vec![
             Event::OpenPinhole(PinholeRequest {
-                id: PinholeId(1),
+                id: pinhole(1),
                 mode: DataMode::Active,
                 listen_ip: ip(GATEWAY_OUTSIDE),
                 expected_peer: ip(SERVER),
@@ -961,7 +962,7 @@ fn port_to_a_gateway_pinhole_with_an_fxp_rule_names_the_real_endpoint_and_takes_
         panic!("{:#?}", d.transcript.events);
     };
     assert_eq!(*target, sa("192.0.2.1:50999"));
-    assert_eq!(*pinhole, ForeignPinhole(7));
+    assert_eq!(*pinhole, FOREIGN_PINHOLE);
     assert_eq!(*kind, RewriteKind::Fxp);
     assert!(*address_replaced);
     // 40001 = 156 * 256 + 65
@@ -1089,7 +1090,7 @@ fn pinhole_cap_refuses_a_new_data_connection_with_425() {
     d.input(Side::Client, CLIENT_PORT);
     d.input(Side::Server, b"200 PORT ok\r\n");
     // The server connects: the pinhole now carries data.
-    d.session.handle_pinhole_connected(PinholeId(1), d.now);
+    assert_eq!(d.peer_connects(1), DataVerdict::Accept);
     d.transcript = Transcript::default();
     d.input(Side::Client, CLIENT_PORT);
     assert_wire(&d.transcript, R425_LIMIT, "");
@@ -1102,7 +1103,7 @@ fn pinhole_cap_refuses_a_new_data_connection_with_425() {
     the_denial(&d.transcript, DenyReason::PinholeLimit);
 
     // Once the transfer is over, a new pinhole is possible again.
-    d.session.handle_pinhole_closed(PinholeId(1), d.now);
+    d.session.handle_pinhole_closed(pinhole(1), d.now);
     d.transcript = Transcript::default();
     d.input(Side::Client, CLIENT_PORT);
     assert_eq!(opened(&d.transcript).len(), 1);
@@ -1129,11 +1130,11 @@ fn a_new_port_supersedes_the_waiting_pinhole() {
     assert_eq!(
         d.transcript.events[0],
         Event::ClosePinhole {
-            id: PinholeId(1),
+            id: pinhole(1),
             cause: PinholeClose::Superseded
         }
     );
-    assert_eq!(opened(&d.transcript)[0].id, PinholeId(2));
+    assert_eq!(opened(&d.transcript)[0].id, pinhole(2));
     assert_eq!(opened(&d.transcript)[0].connect_to, sa("192.0.2.10:6447"));
     assert!(denials(&d.transcript).is_empty());
 }
@@ -1149,7 +1150,7 @@ fn a_pasv_reply_supersedes_the_waiting_port_pinhole() {
     assert_eq!(
         d.transcript.events[0],
         Event::ClosePinhole {
-            id: PinholeId(1),
+            id: pinhole(1),
             cause: PinholeClose::Superseded
         }
     );
@@ -1166,7 +1167,7 @@ fn waiting_pinhole_expires_after_the_timeout_with_one_deny_event() {
     assert_eq!(
         d.transcript.events[0],
         Event::ClosePinhole {
-            id: PinholeId(1),
+            id: pinhole(1),
             cause: PinholeClose::Expired
         }
     );
@@ -1183,7 +1184,7 @@ fn connected_pinhole_does_not_expire() {
     let mut d = logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(Side::Server, PRIVATE_227);
-    d.session.handle_pinhole_connected(PinholeId(1), d.now);
+    assert_eq!(d.peer_connects(1), DataVerdict::Accept);
     d.transcript = Transcript::default();
     d.advance(Duration::from_secs(120));
     assert!(d.transcript.events.is_empty(), "{:#?}", d.transcript.events);
@@ -1246,7 +1247,7 @@ fn idle_timeout_is_suppressed_while_a_data_connection_is_open() {
     let mut d = logged_in();
     d.input(Side::Client, b"PASV\r\nRETR big\r\n");
     d.input(Side::Server, PRIVATE_227);
-    d.session.handle_pinhole_connected(PinholeId(1), d.now);
+    assert_eq!(d.peer_connects(1), DataVerdict::Accept);
     d.input(Side::Server, b"150 Opening\r\n");
     d.transcript = Transcript::default();
     // A transfer much longer than the idle timeout.
@@ -1254,7 +1255,7 @@ fn idle_timeout_is_suppressed_while_a_data_connection_is_open() {
         d.advance(Duration::from_secs(10 * 60));
     }
     assert!(!d.session.is_closed(), "{:#?}", d.transcript.events);
-    d.session.handle_pinhole_closed(PinholeId(1), d.now);
+    d.session.handle_pinhole_closed(pinhole(1), d.now);
     d.input(Side::Server, b"226 Done\r\n");
     // The idle clock restarts after the transfer.
     d.advance(Duration::from_secs(15 * 60 - 1));

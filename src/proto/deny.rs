@@ -143,6 +143,8 @@ pub struct Denial {
     pub target: Option<SocketAddr>,
     /// The host that was expected to connect (pinhole expiry, PASV theft).
     pub expected_peer: Option<IpAddr>,
+    /// Who connected instead of the expected peer (PASV theft).
+    pub peer: Option<SocketAddr>,
     /// The policy element that decided.
     pub rule: Option<String>,
     /// The FTP reply the gateway sent instead, without CRLF.
@@ -158,6 +160,7 @@ impl Denial {
             argument: None,
             target: None,
             expected_peer: None,
+            peer: None,
             rule: None,
             reply: None,
         }
@@ -165,6 +168,11 @@ impl Denial {
 
     pub fn target(mut self, target: SocketAddr) -> Self {
         self.target = Some(target);
+        self
+    }
+
+    pub fn peer(mut self, peer: SocketAddr) -> Self {
+        self.peer = Some(peer);
         self
     }
 

@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Endpoints, Event, ForeignPinhole, Resolved, Session, SessionConfig, Side};
+use super::{
+    DataVerdict, Endpoints, Event, PinholeId, PinholeRequest, Resolved, Session, SessionConfig,
+    SessionId, Side,
+};
 
 /// Everything a session produced, in order.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -31,6 +34,22 @@ pub fn lab_endpoints() -> Endpoints {
 /// The gateway's pinhole with this port stands for a server-to-server
 /// endpoint (used to exercise [`Event::Resolve`]).
 pub const FOREIGN_PINHOLE_PORT: u16 = 50999;
+/// The key of that pinhole: another session's.
+pub const FOREIGN_PINHOLE: PinholeId = PinholeId {
+    session: SessionId(99),
+    seq: 7,
+};
+/// The driver's session number.
+pub const SESSION: SessionId = SessionId(1);
+
+/// The key of the driver session's `seq`-th numbered object (pinholes and
+/// lookups share one counter).
+pub fn pinhole(seq: u64) -> PinholeId {
+    PinholeId {
+        session: SESSION,
+        seq,
+    }
+}
 pub const FOREIGN_ENDPOINT: &str = "198.51.100.21:40001";
 
 pub struct Driver {
@@ -39,16 +58,19 @@ pub struct Driver {
     pub transcript: Transcript,
     /// When false, OpenPinhole requests fail.
     pub pinholes_work: bool,
+    /// Every pinhole request answered so far.
+    pub requests: Vec<PinholeRequest>,
 }
 
 impl Driver {
     pub fn new(cfg: SessionConfig, ep: Endpoints) -> Self {
         let now = Instant::now();
         Driver {
-            session: Session::new(Arc::new(cfg), ep, now),
+            session: Session::new(Arc::new(cfg), ep, SESSION, now),
             now,
             transcript: Transcript::default(),
             pinholes_work: true,
+            requests: Vec::new(),
         }
     }
 
@@ -84,8 +106,9 @@ impl Driver {
             self.transcript.events.push(event.clone());
             match event {
                 Event::OpenPinhole(req) => {
+                    self.requests.push(req.clone());
                     if self.pinholes_work {
-                        let port = 50000 + (req.id.0 % 900) as u16;
+                        let port = 50000 + (req.id.seq % 900) as u16;
                         let addr = SocketAddr::new(req.listen_ip, port);
                         self.session.handle_pinhole_opened(req.id, addr, self.now);
                     } else {
@@ -94,7 +117,7 @@ impl Driver {
                 }
                 Event::Resolve { id, target } => {
                     let found = (target.port() == FOREIGN_PINHOLE_PORT).then(|| Resolved {
-                        pinhole: ForeignPinhole(7),
+                        pinhole: FOREIGN_PINHOLE,
                         endpoint: FOREIGN_ENDPOINT.parse().unwrap(),
                     });
                     self.session.handle_resolved(id, found, self.now);
@@ -102,6 +125,27 @@ impl Driver {
                 _ => {}
             }
         }
+    }
+
+    /// A connection from `peer` arrives at the driver session's pinhole
+    /// `seq`; returns the core's verdict.
+    pub fn connect_from(&mut self, seq: u64, peer: SocketAddr) -> DataVerdict {
+        let verdict = self
+            .session
+            .handle_data_connection(pinhole(seq), peer, self.now);
+        self.settle();
+        verdict
+    }
+
+    /// The expected peer of pinhole `seq` connects to it.
+    pub fn peer_connects(&mut self, seq: u64) -> DataVerdict {
+        let expected = self
+            .requests
+            .iter()
+            .find(|r| r.id == pinhole(seq))
+            .map(|r| r.expected_peer)
+            .expect("the driver answered this pinhole request");
+        self.connect_from(seq, SocketAddr::new(expected, 40100))
     }
 
     /// Logs in: greeting, USER, 331, PASS, 230.

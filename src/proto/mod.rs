@@ -49,8 +49,8 @@ pub mod session;
 pub use deny::{Denial, DenyReason};
 pub use policy::{FxpRule, Policy};
 pub use session::{
-    CloseReason, DataMode, Endpoints, Event, ForeignPinhole, PinholeClose, PinholeId,
-    PinholeRequest, ResolveId, Resolved, RewriteKind, Session, SessionConfig,
+    CloseReason, DataMode, DataVerdict, Endpoints, Event, PinholeClose, PinholeId, PinholeRequest,
+    ResolveId, Resolved, RewriteKind, Session, SessionConfig, SessionId,
 };
 
 /// One end of the control connection.

@@ -16,8 +16,8 @@ mod replies;
 mod types;
 
 pub use types::{
-    CloseReason, DataMode, Endpoints, Event, ForeignPinhole, PinholeClose, PinholeId,
-    PinholeRequest, ResolveId, Resolved, RewriteKind, SessionConfig,
+    CloseReason, DataMode, DataVerdict, Endpoints, Event, PinholeClose, PinholeId, PinholeRequest,
+    ResolveId, Resolved, RewriteKind, SessionConfig, SessionId,
 };
 
 use std::collections::VecDeque;
@@ -62,13 +62,15 @@ pub struct Session {
     slots: Vec<Slot>,
     /// Commands seen per class since the last `take_command_counts`.
     command_counts: [u64; CommandClass::ALL.len()],
+    /// This session's number: the first half of its pinholes' keys.
+    id: SessionId,
     next_id: u64,
     login_deadline: Option<Instant>,
     last_activity: Instant,
 }
 
 impl Session {
-    pub fn new(cfg: Arc<SessionConfig>, ep: Endpoints, now: Instant) -> Self {
+    pub fn new(cfg: Arc<SessionConfig>, ep: Endpoints, id: SessionId, now: Instant) -> Self {
         let ep = Endpoints {
             client: canonical(ep.client),
             client_local: canonical(ep.client_local),
@@ -98,6 +100,7 @@ impl Session {
             held_reply: None,
             slots: Vec::new(),
             command_counts: [0; CommandClass::ALL.len()],
+            id,
             next_id: 1,
             login_deadline: Some(now + cfg.login_timeout),
             last_activity: now,
@@ -201,13 +204,6 @@ impl Session {
             self.flush_local_replies();
         }
         self.drain(now);
-    }
-
-    /// The expected peer connected to pinhole `id`; it now carries data.
-    pub fn handle_pinhole_connected(&mut self, id: PinholeId, _now: Instant) {
-        if let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) {
-            slot.state = SlotState::Connected;
-        }
     }
 
     /// Pinhole `id` and any data connection through it are gone.

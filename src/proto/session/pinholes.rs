@@ -6,8 +6,9 @@ use std::time::Instant;
 
 use super::Session;
 use super::output::Route;
-use super::types::{DataMode, Event, PinholeClose, PinholeId};
+use super::types::{DataMode, DataVerdict, Event, PinholeClose, PinholeId};
 use crate::proto::deny::{Denial, DenyReason};
+use crate::proto::policy::canonical_ip;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum SlotState {
@@ -28,6 +29,59 @@ pub(super) struct Slot {
 }
 
 impl Session {
+    /// A connection from `peer` arrived at pinhole `id`. The core alone
+    /// decides: the expected peer, while the pinhole waits, is taken (one
+    /// connection per pinhole); anyone else is PASV theft (or, for an
+    /// active pinhole, a server other than the one the PORT went to) and
+    /// is refused and logged with its address.
+    pub fn handle_data_connection(
+        &mut self,
+        id: PinholeId,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> DataVerdict {
+        if self.closed {
+            return DataVerdict::Refuse;
+        }
+        let peer_ip = canonical_ip(peer.ip());
+        let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) else {
+            // Superseded, expired or already over: nothing waits here.
+            return DataVerdict::Refuse;
+        };
+        let listen = match slot.state {
+            SlotState::Waiting { .. } if peer_ip == slot.expected_peer => {
+                slot.state = SlotState::Connected;
+                self.last_activity = now;
+                return DataVerdict::Accept;
+            }
+            SlotState::Waiting { listen, .. } => Some(listen),
+            SlotState::Requested | SlotState::Connected => None,
+        };
+        if peer_ip != slot.expected_peer {
+            let mut denial = Denial::new(DenyReason::PasvTheft, slot.mode.connecting_side())
+                .expected_peer(slot.expected_peer)
+                .peer(peer)
+                .rule("expected_peer_only");
+            denial.target = listen;
+            self.refuse(denial, "", Route::Silent);
+        }
+        DataVerdict::Refuse
+    }
+
+    /// Another session of the same client took pinhole `id` over for a
+    /// server-to-server transfer: it is withdrawn if it still waits.
+    pub fn handle_pinhole_taken_over(&mut self, id: PinholeId, _now: Instant) {
+        let before = self.slots.len();
+        self.slots
+            .retain(|s| !(s.id == id && matches!(s.state, SlotState::Waiting { .. })));
+        if self.slots.len() < before {
+            self.events.push_back(Event::ClosePinhole {
+                id,
+                cause: PinholeClose::TakenOver,
+            });
+        }
+    }
+
     /// Claims a pinhole slot. A new data-connection offer supersedes the
     /// ones still waiting (RFC 959: the server keeps one data address).
     pub(super) fn reserve_slot(
@@ -52,7 +106,10 @@ impl Session {
         if self.slots.len() >= self.cfg.max_pinholes {
             return None;
         }
-        let id = PinholeId(self.allocate_id());
+        let id = PinholeId {
+            session: self.id,
+            seq: self.allocate_id(),
+        };
         self.slots.push(Slot {
             id,
             mode,

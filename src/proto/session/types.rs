@@ -55,17 +55,24 @@ pub struct Endpoints {
     pub advertise: Option<IpAddr>,
 }
 
-/// Names a pinhole within its session.
+/// Names a session within the gateway (the daemon's session number).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PinholeId(pub u64);
+pub struct SessionId(pub u64);
+
+/// The one key of a pinhole, everywhere: in the core that owns it, in the
+/// data plane that carries it out, and in another session that names it
+/// in a server-to-server PORT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PinholeId {
+    /// The session that asked for it and owns its life.
+    pub session: SessionId,
+    /// Its number within that session.
+    pub seq: u64,
+}
 
 /// Names an outstanding [`Event::Resolve`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ResolveId(pub u64);
-
-/// The daemon's handle for a pinhole of another session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ForeignPinhole(pub u64);
 
 /// Who connects to a pinhole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +108,8 @@ pub struct PinholeRequest {
 /// The endpoint behind a pinhole of the gateway, found by [`Event::Resolve`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resolved {
-    pub pinhole: ForeignPinhole,
+    /// A pinhole of another session of the same client.
+    pub pinhole: PinholeId,
     pub endpoint: SocketAddr,
 }
 
@@ -111,6 +119,18 @@ pub enum PinholeClose {
     Superseded,
     /// Its peer did not connect in time.
     Expired,
+    /// Another session of the same client sent its address to a second
+    /// server (FXP): the servers now connect to each other directly.
+    TakenOver,
+}
+
+/// The core's answer to a connection that arrived at one of its pinholes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataVerdict {
+    /// The expected peer: carry the connection.
+    Accept,
+    /// Anyone else, or a pinhole that is no longer waiting: close it.
+    Refuse,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,7 +182,7 @@ pub enum Event {
     /// Open a pinhole; answer with `handle_pinhole_opened` or
     /// `handle_pinhole_failed`.
     OpenPinhole(PinholeRequest),
-    /// Close a pinhole of this session that is still waiting.
+    /// Withdraw a pinhole of this session that is still waiting.
     ClosePinhole {
         id: PinholeId,
         cause: PinholeClose,
@@ -173,9 +193,10 @@ pub enum Event {
         id: ResolveId,
         target: SocketAddr,
     },
-    /// Close another session's pinhole: its endpoint now gets a direct
-    /// server-to-server connection instead.
-    TakeOverPinhole(ForeignPinhole),
+    /// Tell the owner of another session's pinhole that its endpoint now
+    /// gets a direct server-to-server connection instead (the owner answers
+    /// with `handle_pinhole_taken_over` and withdraws it).
+    TakeOverPinhole(PinholeId),
     Deny(Denial),
     /// An address-bearing line was rewritten (or passed on, for FXP).
     Rewrite {

@@ -1,0 +1,217 @@
+//! Data planes: how the pinholes the protocol core decides are carried out.
+//!
+//! The core owns every pinhole's life (open, expiry, the theft verdict,
+//! close). A data plane only does what the core asked and reports what
+//! happened on sockets or in the kernel, as [`PlaneEvent`]s sent to the
+//! pinhole's owner, the control session that asked for it:
+//!
+//! - [`Plane::Proxy`]: a listener per pinhole accepts the connection and a
+//!   userland relay (splice(2) on Linux) moves the bytes;
+//! - `Plane::Kernel`: nftables set and map elements per pinhole, keyed by
+//!   the expected peer; conntrack carries the bytes and userland never
+//!   touches them. Connections that match no element fall through to one
+//!   listener of ftpgate, so a thief is still refused and logged.
+//!
+//! Both share the [`Registry`]: the port range, and for every live pinhole
+//! its key ([`PinholeId`]), its owner and the few facts other sessions need
+//! to recognise it in a server-to-server PORT. The control task never knows
+//! which plane runs.
+
+pub mod proxy;
+mod registry;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Mode;
+use crate::denylog::SessionInfo;
+use crate::proto::{DataMode, DataVerdict, PinholeId, PinholeRequest, Resolved, SessionId};
+
+pub use registry::Registry;
+
+/// What a plane reports to the session that owns a pinhole.
+#[derive(Debug)]
+pub enum PlaneEvent {
+    /// A connection from `peer` arrived at pinhole `id`. The owner's core
+    /// decides (expected peer or theft) and answers on `verdict`.
+    Arrived {
+        id: PinholeId,
+        peer: SocketAddr,
+        verdict: oneshot::Sender<DataVerdict>,
+    },
+    /// The kernel let `peer` through pinhole `id` (it matched the element
+    /// keyed by the expected peer); the flow is already set up.
+    Established { id: PinholeId, peer: SocketAddr },
+    /// The data connection through pinhole `id` has ended.
+    Closed { id: PinholeId },
+    /// Another session of the same client named this passive pinhole in a
+    /// PORT to a second server (FXP): the servers now connect directly and
+    /// the pinhole is withdrawn.
+    TakenOver { id: PinholeId },
+}
+
+/// The session a pinhole belongs to: where its events go.
+#[derive(Clone)]
+pub struct Owner {
+    pub events: mpsc::Sender<PlaneEvent>,
+    pub info: Arc<SessionInfo>,
+    /// The session's data timeouts (from the configuration it started with).
+    pub timeouts: DataTimeouts,
+}
+
+impl Owner {
+    /// Sends `event`; a session that has ended has no more use for it.
+    pub async fn report(&self, event: PlaneEvent) {
+        let _ = self.events.send(event).await;
+    }
+
+    /// Asks the owner's core about a connection from `peer`. A session
+    /// that ended, or does not answer within `limit`, refuses.
+    pub async fn ask(&self, id: PinholeId, peer: SocketAddr, limit: Duration) -> DataVerdict {
+        let (tx, rx) = oneshot::channel();
+        let asked = PlaneEvent::Arrived {
+            id,
+            peer,
+            verdict: tx,
+        };
+        if self.events.send(asked).await.is_err() {
+            return DataVerdict::Refuse;
+        }
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(verdict)) => verdict,
+            _ => DataVerdict::Refuse,
+        }
+    }
+}
+
+/// Timeouts of the data path.
+#[derive(Debug, Clone, Copy)]
+pub struct DataTimeouts {
+    /// How long a pinhole waits for its peer (the core's clock; the kernel
+    /// plane gives its elements this plus a margin, so they cannot outlive
+    /// a crashed gateway).
+    pub accept: Duration,
+    pub connect: Duration,
+    pub idle: Duration,
+}
+
+/// The addresses a client may use to reach (and name) a pinhole: the
+/// listen address; for passive pinholes also the advertised address and, in
+/// transparent mode, the server's own address (EPSV clients and clients that
+/// ignore the 227 address connect there, and the redirect brings them here).
+pub fn apparent_addresses(
+    request: &PinholeRequest,
+    mode: Mode,
+    advertise: Option<IpAddr>,
+    server: IpAddr,
+) -> Vec<IpAddr> {
+    let mut apparent = vec![request.listen_ip];
+    if request.mode == DataMode::Passive {
+        apparent.extend(advertise);
+        if mode == Mode::Transparent {
+            apparent.push(server);
+        }
+    }
+    apparent.retain(|ip| ip.is_ipv4() == request.expected_peer.is_ipv4());
+    apparent.dedup();
+    apparent
+}
+
+/// One data plane, shared by every session.
+pub enum Plane {
+    Proxy(proxy::ProxyPlane),
+}
+
+impl Plane {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Plane::Proxy(_) => "proxy",
+        }
+    }
+
+    /// Opens a pinhole for `request` on a free port of the range; its
+    /// events go to `owner`. Returns the address the pinhole is reached at.
+    pub fn open(
+        &self,
+        request: &PinholeRequest,
+        apparent: Vec<IpAddr>,
+        owner: &Owner,
+    ) -> io::Result<SocketAddr> {
+        match self {
+            Plane::Proxy(p) => p.open(request, apparent, owner),
+        }
+    }
+
+    /// Withdraws pinhole `id` if it is still waiting for its peer.
+    pub fn cancel(&self, id: PinholeId) {
+        match self {
+            Plane::Proxy(p) => p.cancel(id),
+        }
+    }
+
+    /// Withdraws every waiting pinhole of a session that has ended.
+    pub fn release_session(&self, session: SessionId) {
+        let registry = self.registry();
+        for id in registry.ids_of_session(session) {
+            self.cancel(id);
+        }
+    }
+
+    /// The live passive pinhole `client` would name with `target`, if any.
+    /// Only the client that opened a pinhole may name it: its other
+    /// sessions are how a server-to-server transfer works, anyone else is
+    /// trying to steer a server onto somebody else's transfer.
+    pub fn resolve(&self, target: SocketAddr, client: IpAddr) -> Option<Resolved> {
+        self.registry().resolve(target, client)
+    }
+
+    /// Tells the owner of pinhole `id` that a server-to-server transfer
+    /// took it over.
+    pub fn take_over(&self, id: PinholeId) {
+        if let Some(owner) = self.registry().owner(id) {
+            tokio::spawn(async move { owner.report(PlaneEvent::TakenOver { id }).await });
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        match self {
+            Plane::Proxy(p) => p.registry(),
+        }
+    }
+}
+
+/// Which way a data connection's bytes are counted: `peer_in` is the peer
+/// that connected to the pinhole (the client for passive, the server for
+/// active). Returns (download, upload): server to client, client to server.
+pub fn directions(mode: DataMode, from_peer: u64, to_peer: u64) -> (u64, u64) {
+    match mode {
+        DataMode::Passive => (to_peer, from_peer),
+        DataMode::Active => (from_peer, to_peer),
+    }
+}
+
+pub fn mode_label(mode: DataMode) -> &'static str {
+    match mode {
+        DataMode::Active => "active",
+        DataMode::Passive => "passive",
+    }
+}
+
+/// Why a data plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data.plane = \"kernel\" is not available in this build")]
+    KernelUnavailable,
+}
+
+/// Starts the data plane the configuration names.
+pub async fn start(data: &crate::config::Data) -> Result<Plane, StartError> {
+    match data.plane {
+        crate::config::Plane::Proxy => Ok(Plane::Proxy(proxy::ProxyPlane::new(data.ports))),
+        crate::config::Plane::Kernel => Err(StartError::KernelUnavailable),
+    }
+}

@@ -1,0 +1,190 @@
+//! The proxy plane: a listener per pinhole and a userland relay.
+//!
+//! A pinhole listens on a free port of the range. Every connection it
+//! accepts is reported to the owning session, whose core decides: the
+//! expected peer is taken (the listener closes, its port is free again) and
+//! relayed onward; anyone else is refused there and then, and the core logs
+//! the theft. The listener has no clock of its own: it lives until the core
+//! consumes, supersedes or expires the pinhole, or its session ends.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::oneshot;
+
+use super::registry::{Entry, Registry};
+use super::{Owner, PlaneEvent, directions, mode_label};
+use crate::metrics as m;
+use crate::proto::{DataVerdict, PinholeId, PinholeRequest};
+use crate::relay;
+
+/// Pinhole listeners accept only one connection; a small backlog still lets
+/// a thief's connection be accepted, logged and closed.
+const BACKLOG: i32 = 8;
+/// How long a pinhole waits for its session's verdict on a connection.
+pub const VERDICT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct ProxyPlane {
+    registry: Arc<Registry>,
+}
+
+impl ProxyPlane {
+    pub fn new(ports: (u16, u16)) -> ProxyPlane {
+        ProxyPlane {
+            registry: Arc::new(Registry::new(ports.0, ports.1)),
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn open(
+        &self,
+        request: &PinholeRequest,
+        apparent: Vec<IpAddr>,
+        owner: &Owner,
+    ) -> io::Result<SocketAddr> {
+        let (tx, rx) = oneshot::channel();
+        let (port, listener) = self.registry.claim(
+            |port| match bind_listener(SocketAddr::new(request.listen_ip, port)) {
+                Ok(l) => Ok(Some(l)),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => Ok(None),
+                Err(e) => Err(e),
+            },
+            |_| Entry {
+                id: request.id,
+                owner: owner.clone(),
+                request: request.clone(),
+                apparent,
+                opener: owner.info.client.ip(),
+                opened: Instant::now(),
+                cancel: Some(tx),
+            },
+        )?;
+        let task = Pinhole {
+            registry: Arc::clone(&self.registry),
+            request: request.clone(),
+            owner: owner.clone(),
+        };
+        tokio::spawn(task.run(listener, rx));
+        Ok(SocketAddr::new(request.listen_ip, port))
+    }
+
+    pub fn cancel(&self, id: PinholeId) {
+        if let Some((_, mut entry)) = self.registry.remove(id)
+            && let Some(tx) = entry.cancel.take()
+        {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // Lets a port be reused while old data connections sit in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// One pinhole's listener task.
+struct Pinhole {
+    registry: Arc<Registry>,
+    request: PinholeRequest,
+    owner: Owner,
+}
+
+impl Pinhole {
+    async fn run(self, listener: TcpListener, mut cancel: oneshot::Receiver<()>) {
+        let started = Instant::now();
+        let inbound = loop {
+            let accepted = tokio::select! {
+                _ = &mut cancel => return,
+                accepted = listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let verdict = self.owner.ask(self.request.id, peer, VERDICT_TIMEOUT).await;
+                    match verdict {
+                        DataVerdict::Accept => break stream,
+                        DataVerdict::Refuse => {
+                            m::pinhole_refused();
+                            drop(stream);
+                        }
+                    }
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("pinhole accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        // Used up: the listener closes and the port is free for the next.
+        drop(listener);
+        self.registry.remove(self.request.id);
+        m::pinhole_wait(started.elapsed());
+        carry(inbound, &self.request, &self.owner).await;
+    }
+}
+
+/// Connects a taken data connection onward and relays it; reports the end
+/// to the owner. Also used by the kernel plane for connections that reach
+/// its fall-through listener from the expected peer.
+pub async fn carry(inbound: TcpStream, request: &PinholeRequest, owner: &Owner) {
+    let timeouts = owner.timeouts;
+    let _ = inbound.set_nodelay(true);
+    let _active = m::DataConnectionActive::start();
+    match connect_from(request.connect_from, request.connect_to, timeouts.connect).await {
+        Ok(outbound) => {
+            let began = Instant::now();
+            let (counts, result) = relay::relay(inbound, outbound, timeouts.idle).await;
+            // a is the peer that connected in.
+            let (down, up) = directions(request.mode, counts.a_to_b, counts.b_to_a);
+            m::data_connection("proxy", mode_label(request.mode), down, up, began.elapsed());
+            if let Err(e) = result {
+                tracing::debug!(session = owner.info.id, "data relay ended: {e}");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(
+                session = owner.info.id,
+                target = %request.connect_to,
+                "data connection onward failed: {e}"
+            );
+        }
+    }
+    owner.report(PlaneEvent::Closed { id: request.id }).await;
+}
+
+/// Connects to `to` from the local address `from` (servers check that data
+/// connections come from the control connection's address).
+pub async fn connect_from(from: IpAddr, to: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
+    let socket = match to {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    if from.is_ipv4() == to.is_ipv4() {
+        socket.bind(SocketAddr::new(from, 0))?;
+    }
+    let stream = tokio::time::timeout(limit, socket.connect(to))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {to} timed out"),
+            )
+        })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}

@@ -1,0 +1,182 @@
+//! The registry of live pinholes: the data-port range, and for every pinhole
+//! waiting for its peer the port it holds, its key and its owner.
+//!
+//! It is the only table shared between sessions. It holds no pinhole state
+//! (waiting, connected, expired: the owning core decides those); only the
+//! facts fixed at open time that a plane or another session needs to find a
+//! pinhole by port: who may connect, where it leads, who may name it.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::Owner;
+use crate::metrics as m;
+use crate::proto::policy::canonical_ip;
+use crate::proto::{DataMode, PinholeId, PinholeRequest, Resolved, SessionId};
+
+/// One live pinhole.
+pub struct Entry {
+    pub id: PinholeId,
+    pub owner: Owner,
+    pub request: PinholeRequest,
+    /// Addresses the expected peer may connect to (see
+    /// [`super::apparent_addresses`]).
+    pub apparent: Vec<IpAddr>,
+    /// The client of the session that opened it: the only client that may
+    /// name it in a PORT (FXP).
+    pub opener: IpAddr,
+    /// When it was opened (for the wait histogram).
+    pub opened: Instant,
+    /// Proxy plane: stops the pinhole's listener.
+    pub cancel: Option<oneshot::Sender<()>>,
+}
+
+/// A copy of what a plane needs to act on a connection to a port.
+#[derive(Clone)]
+pub struct Found {
+    pub id: PinholeId,
+    pub owner: Owner,
+    pub request: PinholeRequest,
+    pub opened: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    by_port: HashMap<u16, Entry>,
+    by_id: HashMap<PinholeId, u16>,
+}
+
+pub struct Registry {
+    low: u16,
+    high: u16,
+    inner: Mutex<Inner>,
+}
+
+impl Registry {
+    /// A registry handing out ports `low..=high`.
+    pub fn new(low: u16, high: u16) -> Registry {
+        let registry = Registry {
+            low,
+            high,
+            inner: Mutex::new(Inner::default()),
+        };
+        m::port_pool_free(registry.size());
+        registry
+    }
+
+    fn size(&self) -> usize {
+        usize::from(self.high - self.low) + 1
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The tables stay consistent even if a holder panicked.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ports of the range not held by a pinhole.
+    pub fn free(&self) -> usize {
+        self.size() - self.lock().by_port.len()
+    }
+
+    /// Finds a free port, starting at a random one, for which `try_port`
+    /// succeeds (`Ok(None)`: that port is taken by someone else, try the
+    /// next), and registers the pinhole `make(port, value)` returns there.
+    pub fn claim<T>(
+        &self,
+        mut try_port: impl FnMut(u16) -> io::Result<Option<T>>,
+        make: impl FnOnce(u16) -> Entry,
+    ) -> io::Result<(u16, T)> {
+        let size = self.size();
+        let start = rand::random_range(0..size);
+        let mut inner = self.lock();
+        for i in 0..size {
+            let port = self.low + ((start + i) % size) as u16;
+            if inner.by_port.contains_key(&port) {
+                continue;
+            }
+            let Some(value) = try_port(port)? else {
+                continue;
+            };
+            let entry = make(port);
+            let mode = super::mode_label(entry.request.mode);
+            inner.by_id.insert(entry.id, port);
+            inner.by_port.insert(port, entry);
+            let free = size - inner.by_port.len();
+            drop(inner);
+            m::port_pool_free(free);
+            m::pinhole_opened(mode);
+            return Ok((port, value));
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            "no free port in the data port range",
+        ))
+    }
+
+    /// Removes pinhole `id` (used, cancelled or expired) and frees its port.
+    pub fn remove(&self, id: PinholeId) -> Option<(u16, Entry)> {
+        let mut inner = self.lock();
+        let port = inner.by_id.remove(&id)?;
+        let entry = inner.by_port.remove(&port)?;
+        let free = self.size() - inner.by_port.len();
+        drop(inner);
+        m::port_pool_free(free);
+        m::pinhole_closed();
+        Some((port, entry))
+    }
+
+    /// The pinhole holding `port`, if any.
+    pub fn at_port(&self, port: u16) -> Option<Found> {
+        let inner = self.lock();
+        inner.by_port.get(&port).map(|e| Found {
+            id: e.id,
+            owner: e.owner.clone(),
+            request: e.request.clone(),
+            opened: e.opened,
+        })
+    }
+
+    /// The live passive pinhole `client` names with `target`.
+    pub fn resolve(&self, target: SocketAddr, client: IpAddr) -> Option<Resolved> {
+        let target_ip = canonical_ip(target.ip());
+        let client = canonical_ip(client);
+        let inner = self.lock();
+        let entry = inner.by_port.get(&target.port())?;
+        (entry.request.mode == DataMode::Passive
+            && entry.opener == client
+            && entry.apparent.contains(&target_ip))
+        .then_some(Resolved {
+            pinhole: entry.id,
+            endpoint: entry.request.connect_to,
+        })
+    }
+
+    pub fn owner(&self, id: PinholeId) -> Option<Owner> {
+        let inner = self.lock();
+        let port = inner.by_id.get(&id)?;
+        inner.by_port.get(port).map(|e| e.owner.clone())
+    }
+
+    /// The live pinholes of one session.
+    pub fn ids_of_session(&self, session: SessionId) -> Vec<PinholeId> {
+        let inner = self.lock();
+        inner
+            .by_id
+            .keys()
+            .filter(|id| id.session == session)
+            .copied()
+            .collect()
+    }
+
+    /// Runs `f` on the entry of pinhole `id`.
+    pub fn with_entry<R>(&self, id: PinholeId, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+        let mut inner = self.lock();
+        let port = *inner.by_id.get(&id)?;
+        inner.by_port.get_mut(&port).map(f)
+    }
+}

@@ -1,0 +1,137 @@
+//! The core owns every pinhole's life: the data plane only reports who
+//! connected, and the core decides (expected peer or theft), expires, and
+//! withdraws pinholes taken over by a server-to-server transfer. Each
+//! refusal is exactly one deny event.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ftpgate::proto::driver::{Driver, Transcript, pinhole};
+use ftpgate::proto::{DataVerdict, DenyReason, Event, PinholeClose, Side};
+
+const THIEF: &str = "192.0.2.66:40000";
+
+fn passive_pinhole() -> Driver {
+    let mut d = Driver::lab();
+    d.login();
+    d.input(Side::Client, b"PASV\r\n");
+    d.input(
+        Side::Server,
+        b"227 Entering Passive Mode (198,51,100,20,200,10).\r\n",
+    );
+    assert_eq!(d.requests.len(), 1, "{:#?}", d.transcript.events);
+    d.transcript = Transcript::default();
+    d
+}
+
+fn denials(t: &Transcript) -> Vec<&ftpgate::proto::Denial> {
+    t.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Deny(d) => Some(d),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn expected_peer_is_accepted_once_and_a_second_connection_is_refused() {
+    let mut d = passive_pinhole();
+    assert_eq!(d.peer_connects(1), DataVerdict::Accept);
+    assert_eq!(d.peer_connects(1), DataVerdict::Refuse);
+    // The expected peer coming back is no theft: nothing is logged.
+    assert!(denials(&d.transcript).is_empty(), "{:#?}", d.transcript);
+}
+
+#[test]
+fn another_host_is_pasv_theft_with_its_address_and_the_pinhole_still_waits() {
+    let mut d = passive_pinhole();
+    let thief: SocketAddr = THIEF.parse().unwrap();
+    assert_eq!(d.connect_from(1, thief), DataVerdict::Refuse);
+    let logged = denials(&d.transcript);
+    assert_eq!(logged.len(), 1, "{:#?}", d.transcript);
+    let denial = logged[0];
+    assert_eq!(denial.reason, DenyReason::PasvTheft);
+    assert_eq!(denial.side, Side::Client);
+    assert_eq!(denial.peer, Some(thief));
+    assert_eq!(denial.expected_peer, Some("192.0.2.10".parse().unwrap()));
+    assert_eq!(denial.target.map(|t| t.port()), Some(50001));
+    assert_eq!(denial.rule.as_deref(), Some("expected_peer_only"));
+    // The real client still gets its data connection.
+    assert_eq!(d.peer_connects(1), DataVerdict::Accept);
+}
+
+#[test]
+fn a_thief_after_the_transfer_began_is_still_logged() {
+    let mut d = passive_pinhole();
+    assert_eq!(d.peer_connects(1), DataVerdict::Accept);
+    d.transcript = Transcript::default();
+    let thief: SocketAddr = THIEF.parse().unwrap();
+    assert_eq!(d.connect_from(1, thief), DataVerdict::Refuse);
+    let logged = denials(&d.transcript);
+    assert_eq!(logged.len(), 1);
+    assert_eq!(logged[0].reason, DenyReason::PasvTheft);
+}
+
+#[test]
+fn an_expired_pinhole_refuses_even_its_expected_peer() {
+    let mut d = passive_pinhole();
+    d.advance(Duration::from_secs(31));
+    assert!(
+        d.transcript.events.contains(&Event::ClosePinhole {
+            id: pinhole(1),
+            cause: PinholeClose::Expired
+        }),
+        "{:#?}",
+        d.transcript.events
+    );
+    assert_eq!(denials(&d.transcript)[0].reason, DenyReason::PinholeExpired);
+    assert_eq!(d.peer_connects(1), DataVerdict::Refuse);
+}
+
+#[test]
+fn an_active_pinhole_expects_the_server() {
+    let mut d = Driver::lab();
+    d.login();
+    d.input(Side::Client, b"PORT 192,0,2,10,25,46\r\n");
+    d.transcript = Transcript::default();
+    // The client itself connecting to the server-side pinhole is theft.
+    let client: SocketAddr = "192.0.2.10:40000".parse().unwrap();
+    assert_eq!(d.connect_from(1, client), DataVerdict::Refuse);
+    assert_eq!(denials(&d.transcript)[0].side, Side::Server);
+    let server: SocketAddr = "198.51.100.20:20".parse().unwrap();
+    assert_eq!(d.connect_from(1, server), DataVerdict::Accept);
+}
+
+#[test]
+fn a_pinhole_taken_over_for_fxp_is_withdrawn_once() {
+    let mut d = passive_pinhole();
+    d.session.handle_pinhole_taken_over(pinhole(1), d.now);
+    d.settle();
+    assert_eq!(
+        d.transcript.events,
+        vec![Event::ClosePinhole {
+            id: pinhole(1),
+            cause: PinholeClose::TakenOver
+        }]
+    );
+    // Not waiting any more: no expiry later, and no connection taken.
+    d.transcript = Transcript::default();
+    d.advance(Duration::from_secs(60));
+    assert!(denials(&d.transcript).is_empty(), "{:#?}", d.transcript);
+    assert_eq!(d.peer_connects(1), DataVerdict::Refuse);
+    // A second take-over of the same pinhole does nothing.
+    d.session.handle_pinhole_taken_over(pinhole(1), d.now);
+    d.settle();
+    assert!(d.transcript.events.is_empty());
+}
+
+#[test]
+fn a_connected_pinhole_is_not_taken_over() {
+    let mut d = passive_pinhole();
+    assert_eq!(d.peer_connects(1), DataVerdict::Accept);
+    d.transcript = Transcript::default();
+    d.session.handle_pinhole_taken_over(pinhole(1), d.now);
+    d.settle();
+    assert!(d.transcript.events.is_empty());
+}
