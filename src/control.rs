@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -21,6 +21,15 @@ use crate::proto::{
 };
 
 const READ_BUFFER: usize = 16 * 1024;
+
+thread_local! {
+    /// One read buffer per runtime thread, not two per session: an idle
+    /// session then holds no buffer at all (its cost is its core state and
+    /// its sockets). Borrowed only inside a synchronous section, so a task
+    /// moving between threads never holds it across an await.
+    static READ_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; READ_BUFFER].into_boxed_slice());
+}
 /// A peer that does not take our bytes for this long is gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A refused connection gets this long to take its 421.
@@ -188,8 +197,6 @@ impl Running {
         mut server: TcpStream,
         shutdown: &mut watch::Receiver<bool>,
     ) -> &'static str {
-        let mut cbuf = vec![0u8; READ_BUFFER];
-        let mut sbuf = vec![0u8; READ_BUFFER];
         let outcome = loop {
             self.process_events();
             if let Err(e) = self.flush(&mut client, &mut server).await {
@@ -205,8 +212,8 @@ impl Running {
                 self.session.wants_input(Side::Server),
             );
             tokio::select! {
-                r = client.read(&mut cbuf), if client_rd => self.input(Side::Client, r, &cbuf),
-                r = server.read(&mut sbuf), if server_rd => self.input(Side::Server, r, &sbuf),
+                r = client.readable(), if client_rd => self.input(Side::Client, r, &client),
+                r = server.readable(), if server_rd => self.input(Side::Server, r, &server),
                 Some(event) = self.events.recv() => self.plane_event(event),
                 () = sleep_until_opt(deadline) => {
                     self.session.handle_timeout(Instant::now().into_std());
@@ -230,12 +237,23 @@ impl Running {
         self.last_close.map_or("closed", CloseReason::as_str)
     }
 
-    fn input(&mut self, from: Side, read: io::Result<usize>, buf: &[u8]) {
+    /// `from` is readable (or failed): reads what is there into the
+    /// thread's buffer and feeds it to the core.
+    fn input(&mut self, from: Side, ready: io::Result<()>, stream: &TcpStream) {
         let now = Instant::now().into_std();
-        match read {
-            Ok(0) | Err(_) => self.session.handle_eof(from, now),
-            Ok(n) => self.session.handle_input(from, &buf[..n], now),
+        if ready.is_err() {
+            return self.session.handle_eof(from, now);
         }
+        READ_BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            match stream.try_read(&mut buf) {
+                Ok(0) => self.session.handle_eof(from, now),
+                Ok(n) => self.session.handle_input(from, &buf[..n], now),
+                // A spurious wake-up: readiness is cleared, wait again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => self.session.handle_eof(from, now),
+            }
+        });
     }
 
     /// News from the data plane. The core decides; the plane carries out.
