@@ -135,3 +135,64 @@ fn a_connected_pinhole_is_not_taken_over() {
     d.settle();
     assert!(d.transcript.events.is_empty());
 }
+
+#[test]
+fn a_transfer_final_reply_frees_its_data_connection_slot() {
+    // With one slot, a second transfer is only possible once the first
+    // one's data connection is over. The kernel plane reports that end
+    // minutes late (conntrack keeps TIME_WAIT), so the core takes it from
+    // the transfer's final reply.
+    let mut d = Driver::new(
+        ftpgate::proto::SessionConfig {
+            max_pinholes: 1,
+            ..Default::default()
+        },
+        ftpgate::proto::driver::lab_endpoints(),
+    );
+    d.login();
+    for (seq, verb) in [(1, "RETR a"), (2, "STOR b"), (3, "LIST")] {
+        d.input(Side::Client, b"PASV\r\n");
+        d.input(
+            Side::Server,
+            b"227 Entering Passive Mode (198,51,100,20,200,10).\r\n",
+        );
+        assert_eq!(d.peer_connects(seq), DataVerdict::Accept, "{verb}");
+        d.input(Side::Client, format!("{verb}\r\n").as_bytes());
+        d.input(Side::Server, b"150 Opening data connection\r\n");
+        d.input(Side::Server, b"226 Transfer complete\r\n");
+    }
+    assert_eq!(d.requests.len(), 3);
+    assert!(denials(&d.transcript).is_empty(), "{:#?}", d.transcript);
+}
+
+#[test]
+fn a_non_transfer_reply_keeps_the_data_connection_slot() {
+    let mut d = Driver::new(
+        ftpgate::proto::SessionConfig {
+            max_pinholes: 1,
+            ..Default::default()
+        },
+        ftpgate::proto::driver::lab_endpoints(),
+    );
+    d.login();
+    d.input(Side::Client, b"PASV\r\n");
+    d.input(
+        Side::Server,
+        b"227 Entering Passive Mode (198,51,100,20,200,10).\r\n",
+    );
+    assert_eq!(d.peer_connects(1), DataVerdict::Accept);
+    d.input(Side::Client, b"NOOP\r\n");
+    d.input(Side::Server, b"200 ok\r\n");
+    d.transcript = Transcript::default();
+    d.input(Side::Client, b"PASV\r\n");
+    d.input(
+        Side::Server,
+        b"227 Entering Passive Mode (198,51,100,20,200,11).\r\n",
+    );
+    assert_eq!(
+        denials(&d.transcript)[0].reason,
+        DenyReason::PinholeLimit,
+        "{:#?}",
+        d.transcript
+    );
+}

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::Session;
 use super::output::{BAD_ARGUMENT, Route, TOO_MANY_DATA_CONNECTIONS};
-use super::pending::{Expect, LoginEnd, PassivePlan, Style};
+use super::pending::{Expect, LoginEnd, PassivePlan, Style, is_transfer_verb};
 use super::types::{DataMode, Event, PinholeId, PinholeRequest, ResolveId, Resolved, RewriteKind};
 use crate::proto::Side;
 use crate::proto::command::{
@@ -99,6 +99,9 @@ impl Session {
                 self.logged_in = false;
                 self.login_deadline = Some(now + self.cfg.login_timeout);
                 self.forward_line(&line, Expect::Rein(end));
+            }
+            Verb::Other if is_transfer_verb(&cmd.verb_text) => {
+                self.forward_line(&line, Expect::Transfer)
             }
             Verb::Quit | Verb::Other => self.forward_line(&line, Expect::Other),
         }

@@ -28,7 +28,18 @@ pub(super) enum Expect {
     /// REIN.
     Rein(LoginEnd),
     Passive(PassivePlan),
+    /// A command that moves data (RETR, STOR, LIST, ...): its final reply
+    /// means its data connection is over (RFC 959 section 5.4: the server
+    /// closes or aborts the data connection before the 226/4yz/5yz).
+    Transfer,
     Other,
+}
+
+/// Commands whose final reply ends a data connection (RFC 959 4.1.3,
+/// RFC 3659 section 7 for MLSD).
+pub(super) fn is_transfer_verb(verb: &str) -> bool {
+    const TRANSFER: [&str; 7] = ["RETR", "STOR", "STOU", "APPE", "LIST", "NLST", "MLSD"];
+    TRANSFER.iter().any(|t| t.eq_ignore_ascii_case(verb))
 }
 
 /// Whether a USER or REIN ended a login. The gateway stops treating the

@@ -82,6 +82,13 @@ impl Session {
         }
     }
 
+    /// A transfer command got its final reply: the data connections it used
+    /// are over as far as the session is concerned.
+    pub(super) fn transfer_done(&mut self) {
+        self.slots
+            .retain(|s| !matches!(s.state, SlotState::Connected));
+    }
+
     /// Claims a pinhole slot. A new data-connection offer supersedes the
     /// ones still waiting (RFC 959: the server keeps one data address).
     pub(super) fn reserve_slot(

@@ -110,6 +110,14 @@ impl Session {
             Some(Pending::Greeting) | Some(Pending::Command(Expect::Other)) | None => {
                 self.send_line_to_client(&line);
             }
+            Some(Pending::Command(Expect::Transfer)) => {
+                // The transfer is over: its data connection no longer holds
+                // a slot, whenever its plane reports the end (the kernel
+                // plane hears of it only when conntrack drops the flow,
+                // minutes after TIME_WAIT).
+                self.transfer_done();
+                self.send_line_to_client(&line);
+            }
             Some(Pending::Command(Expect::Login(end))) => {
                 if matches!(code, Code(230) | Code(232)) && !self.logged_in {
                     self.logged_in = true;
