@@ -13,6 +13,8 @@ pub mod daemon;
 pub mod denials;
 pub mod denylog;
 pub mod metrics;
+#[cfg(target_os = "linux")]
+pub mod netfilter;
 pub mod nft;
 pub mod pinhole;
 pub mod proto;
