@@ -637,15 +637,24 @@ fn conntrack_dump_by_mark_returns_only_marked_flows() {
         let plain = TcpListener::bind("127.0.0.1:0")?;
         let marked_port = marked.local_addr()?.port();
         mark_port(marked_port)?;
+        // The inet rule marks IPv6 too: the same port on ::1.
+        let marked6 = TcpListener::bind(("::1", marked_port))?;
         let _a = TcpStream::connect(marked.local_addr()?)?;
         let _b = TcpStream::connect(plain.local_addr()?)?;
+        let c = TcpStream::connect(marked6.local_addr()?)?;
         block_on(async move {
-            let flows = conntrack::dump(MarkFilter::exact(MARK)).await?;
-            ensure!(flows.len() == 1, "{flows:?}");
-            ensure!(flows[0].orig.dst.port() == marked_port, "{flows:?}");
-            ensure!(flows[0].mark == MARK);
+            let mut flows = conntrack::dump(MarkFilter::exact(MARK)).await?;
+            flows.sort_by_key(|f| f.orig.src.is_ipv6());
+            ensure!(flows.len() == 2, "{flows:?}");
+            ensure!(
+                flows
+                    .iter()
+                    .all(|f| f.orig.dst.port() == marked_port && f.mark == MARK)
+            );
+            ensure!(flows[1].orig.src == c.local_addr()?, "{flows:?}");
+            ensure!(flows[1].reply.src == marked6.local_addr()?, "{flows:?}");
             let all = conntrack::dump(MarkFilter { mark: 0, mask: 0 }).await?;
-            ensure!(all.len() == 2, "{all:?}");
+            ensure!(all.len() == 3, "{all:?}");
             Ok(())
         })
     });
