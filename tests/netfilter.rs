@@ -46,12 +46,13 @@ fn ruleset(mark: u32, low: u16, high: u16, trap: u16) -> String {
     )
 }
 
-fn skip_reason() -> Option<&'static str> {
+fn skip_reason() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root");
+        return Some("needs root".into());
     }
-    for tool in ["nft", "ip"] {
+    // nft (nftables), ip (iproute2), unshare and nsenter (util-linux).
+    for tool in ["nft", "ip", "unshare", "nsenter"] {
         let found = Command::new("sh")
             .args([
                 "-c",
@@ -60,11 +61,7 @@ fn skip_reason() -> Option<&'static str> {
             .output()
             .is_ok_and(|o| o.status.success());
         if !found {
-            return Some(if tool == "nft" {
-                "needs nft (nftables)"
-            } else {
-                "needs ip (iproute2)"
-            });
+            return Some(format!("needs {tool}"));
         }
     }
     None
@@ -710,6 +707,126 @@ fn conntrack_event_overrun_is_a_distinct_error_and_the_subscription_recovers() {
                         Err(e) => return Err(e.into()),
                     }
                 }
+                Ok(())
+            })
+        },
+    );
+}
+
+/// Kills the helper process that holds the client namespace open.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Accepts one connection within 3 s, so a broken data path fails the
+/// test instead of hanging it.
+fn accept_within(listener: &TcpListener) -> Result<(TcpStream, SocketAddr)> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match listener.accept() {
+            Ok(conn) => return Ok(conn),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                ensure!(Instant::now() < deadline, "no connection arrived");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Connects from inside the network namespace of process `pid`.
+fn connect_from(pid: u32, to: SocketAddr) -> Result<TcpStream> {
+    std::thread::spawn(move || -> Result<TcpStream> {
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+        // SAFETY: setns moves only this short-lived thread.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        ensure!(rc == 0, "setns: {}", std::io::Error::last_os_error());
+        Ok(TcpStream::connect_timeout(&to, Duration::from_secs(3))?)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("connect thread panicked"))?
+}
+
+#[test]
+fn armed_pinhole_admits_one_connection_to_its_endpoint_and_the_next_is_trapped() {
+    in_netns(
+        "armed_pinhole_admits_one_connection_to_its_endpoint_and_the_next_is_trapped",
+        || {
+            // A client namespace joined to this one (the gateway) by a veth
+            // pair: prerouting sees only packets that arrive on an interface.
+            let client = Reap(
+                Command::new("unshare")
+                    .args(["-n", "sleep", "60"])
+                    .spawn()?,
+            );
+            let pid = client.0.id().to_string();
+            // Wait until the helper has left this namespace for its own.
+            let ours = std::fs::read_link("/proc/thread-self/ns/net")?;
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while std::fs::read_link(format!("/proc/{pid}/ns/net"))? == ours {
+                ensure!(Instant::now() < deadline, "unshare -n did not start");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            run(&[
+                "ip", "link", "add", "vg", "type", "veth", "peer", "name", "vc", "netns", &pid,
+            ])?;
+            run(&["ip", "addr", "add", "192.0.2.1/24", "dev", "vg"])?;
+            run(&["ip", "link", "set", "vg", "up"])?;
+            for cmd in [
+                &["ip", "addr", "add", "192.0.2.2/24", "dev", "vc"][..],
+                &["ip", "link", "set", "vc", "up"],
+                &["ip", "link", "set", "lo", "up"],
+            ] {
+                let mut all = vec!["nsenter", "-t", &pid, "-n"];
+                all.extend_from_slice(cmd);
+                run(&all)?;
+            }
+            let endpoint = TcpListener::bind("192.0.2.1:0")?;
+            let trap = TcpListener::bind("192.0.2.1:0")?;
+            nft_load(&ruleset(MARK, 50000, 50999, trap.local_addr()?.port()))?;
+            let nft = Nftables::open("ftpgate")?;
+            let pinhole = key("192.0.2.2", "192.0.2.1", 50001);
+            let t = Duration::from_secs(30);
+            nft.apply(&[
+                ElemOp::add("armed4", SetElem::new(&pinhole).with_timeout(t)),
+                ElemOp::add(
+                    "dnat4",
+                    SetElem::new(&pinhole)
+                        .with_data(&Endpoint(endpoint.local_addr()?))
+                        .with_timeout(t),
+                ),
+            ])?;
+            let endpoint_addr = endpoint.local_addr()?;
+            block_on(async move {
+                let mut events = Events::subscribe(EventsConfig {
+                    mark: Some(MarkFilter::exact(MARK)),
+                    ..EventsConfig::default()
+                })?;
+                let pid: u32 = pid.parse()?;
+                let to = sa("192.0.2.1:50001");
+                let first = tokio::task::spawn_blocking(move || connect_from(pid, to)).await??;
+                let (_conn, peer) = accept_within(&endpoint)?;
+                ensure!(peer == first.local_addr()?, "endpoint saw {peer}");
+                ensure!(
+                    nft.list("armed4")?.is_empty(),
+                    "the connection consumes the key"
+                );
+                let ev = tokio::time::timeout(Duration::from_secs(5), events.next()).await??;
+                ensure!(ev.kind == EventKind::New && ev.flow.mark == MARK, "{ev:?}");
+                ensure!(
+                    ev.flow.orig.dst == to && ev.flow.reply.src == endpoint_addr,
+                    "{ev:?}"
+                );
+
+                let second = tokio::task::spawn_blocking(move || connect_from(pid, to)).await??;
+                let (_trapped, peer) = accept_within(&trap)?;
+                ensure!(peer == second.local_addr()?, "trap saw {peer}");
                 Ok(())
             })
         },
