@@ -14,6 +14,8 @@ pub mod dataplane;
 pub mod denials;
 pub mod denylog;
 pub mod metrics;
+#[cfg(target_os = "linux")]
+pub mod netfilter;
 pub mod nft;
 pub mod proto;
 pub mod relay;
