@@ -35,6 +35,9 @@ enum Command {
         config: PathBuf,
     },
     /// Summarise a deny log: counts by reason, top clients, top targets.
+    /// List the kernel data plane's live pinhole elements (read over netlink
+    /// from the nftables table `inet ftpgate`).
+    Pinholes,
     Denials {
         /// Only denials newer than this ("1h", "30m", "2d").
         #[arg(long)]
@@ -73,6 +76,17 @@ fn show_denials(
     Ok(())
 }
 
+#[cfg(target_os = "linux")]
+fn list_pinholes() -> anyhow::Result<()> {
+    print!("{}", ftpgate::dataplane::kernel::list_pinholes()?);
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn list_pinholes() -> anyhow::Result<()> {
+    anyhow::bail!("the kernel data plane needs Linux")
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -98,6 +112,7 @@ fn main() -> ExitCode {
         Command::NftRules { config } => daemon::load(&config).map(|cfg| {
             print!("{}", nft::ruleset(&cfg, &config.display().to_string()));
         }),
+        Command::Pinholes => list_pinholes(),
         Command::Denials {
             since,
             reason,

@@ -7,7 +7,7 @@
 //!
 //! - [`Plane::Proxy`]: a listener per pinhole accepts the connection and a
 //!   userland relay (splice(2) on Linux) moves the bytes;
-//! - `Plane::Kernel`: nftables set and map elements per pinhole, keyed by
+//! - [`Plane::Kernel`]: nftables set and map elements per pinhole, keyed by
 //!   the expected peer; conntrack carries the bytes and userland never
 //!   touches them. Connections that match no element fall through to one
 //!   listener of ftpgate, so a thief is still refused and logged.
@@ -19,6 +19,9 @@
 
 pub mod proxy;
 mod registry;
+
+#[cfg(target_os = "linux")]
+pub mod kernel;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -124,12 +127,16 @@ pub fn apparent_addresses(
 /// One data plane, shared by every session.
 pub enum Plane {
     Proxy(proxy::ProxyPlane),
+    #[cfg(target_os = "linux")]
+    Kernel(kernel::KernelPlane),
 }
 
 impl Plane {
     pub fn name(&self) -> &'static str {
         match self {
             Plane::Proxy(_) => "proxy",
+            #[cfg(target_os = "linux")]
+            Plane::Kernel(_) => "kernel",
         }
     }
 
@@ -143,6 +150,8 @@ impl Plane {
     ) -> io::Result<SocketAddr> {
         match self {
             Plane::Proxy(p) => p.open(request, apparent, owner),
+            #[cfg(target_os = "linux")]
+            Plane::Kernel(k) => k.open(request, apparent, owner),
         }
     }
 
@@ -150,6 +159,8 @@ impl Plane {
     pub fn cancel(&self, id: PinholeId) {
         match self {
             Plane::Proxy(p) => p.cancel(id),
+            #[cfg(target_os = "linux")]
+            Plane::Kernel(k) => k.cancel(id),
         }
     }
 
@@ -180,6 +191,8 @@ impl Plane {
     pub fn registry(&self) -> &Registry {
         match self {
             Plane::Proxy(p) => p.registry(),
+            #[cfg(target_os = "linux")]
+            Plane::Kernel(k) => k.registry(),
         }
     }
 }
@@ -204,14 +217,20 @@ pub fn mode_label(mode: DataMode) -> &'static str {
 /// Why a data plane could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("data.plane = \"kernel\" is not available in this build")]
-    KernelUnavailable,
+    #[error("data.plane = \"kernel\" needs Linux (nftables and conntrack)")]
+    NotLinux,
+    #[cfg(target_os = "linux")]
+    #[error("data.plane = \"kernel\": {0}")]
+    Kernel(#[from] kernel::KernelError),
 }
 
 /// Starts the data plane the configuration names.
 pub async fn start(data: &crate::config::Data) -> Result<Plane, StartError> {
     match data.plane {
         crate::config::Plane::Proxy => Ok(Plane::Proxy(proxy::ProxyPlane::new(data.ports))),
-        crate::config::Plane::Kernel => Err(StartError::KernelUnavailable),
+        #[cfg(target_os = "linux")]
+        crate::config::Plane::Kernel => Ok(Plane::Kernel(kernel::KernelPlane::start(data).await?)),
+        #[cfg(not(target_os = "linux"))]
+        crate::config::Plane::Kernel => Err(StartError::NotLinux),
     }
 }
