@@ -25,6 +25,9 @@ const SRV2: &str = "198.51.100.21";
 const SRV1_V6: &str = "2001:db8:2::20";
 const SRV2_V6: &str = "2001:db8:2::21";
 const OUT3: &str = "198.51.100.30";
+/// The gateway's inside address, where the reverse listener publishes srv1.
+const GW_IN: &str = "192.0.2.1";
+const REVERSE_PORT: u16 = 2100;
 
 fn lab_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/lab.sh")
@@ -110,6 +113,11 @@ fn gateway_config(dir: &Path, fxp: bool, plane: &str) -> PathBuf {
 mode = "transparent"
 bind = ["0.0.0.0:2121", "[::]:2121"]
 interfaces = ["br-in"]
+
+[[listener]]
+mode = "reverse"
+bind = ["{GW_IN}:{REVERSE_PORT}"]
+upstream = "{SRV1}:21"
 
 [data]
 plane = "{plane}"
@@ -451,6 +459,37 @@ fn matrix(out: &Path) -> Vec<Cell> {
                 upload: true,
             });
         }
+    }
+    // Reverse mode: a listener on the gateway's inside address publishes
+    // vsftpd; clients name the gateway, not the server.
+    let url = format!("ftp://ftptest:ftptest@{GW_IN}:{REVERSE_PORT}/data.bin");
+    for (i, (name, args)) in [
+        ("reverse: curl EPSV", vec![]),
+        (
+            "reverse: curl PASV (227 address honoured)",
+            vec!["--disable-epsv", "--no-ftp-skip-pasv-ip"],
+        ),
+        ("reverse: curl PORT", vec!["-P", "-", "--disable-eprt"]),
+        ("reverse: curl EPRT", vec!["-P", "-"]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let file = out.join(format!("reverse-curl-{i}.bin"));
+        let mut cmd: Vec<String> = ["curl", "-sS", "--max-time", "30"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        cmd.extend(args.iter().map(|s| s.to_string()));
+        cmd.extend(["-o".into(), file.display().to_string(), url.clone()]);
+        cells.push(Cell {
+            name: format!("vsftpd: {name}"),
+            host: "in1",
+            cmd,
+            check: file,
+            server: "srv1",
+            upload: false,
+        });
     }
     cells
 }
