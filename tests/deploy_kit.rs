@@ -381,6 +381,65 @@ fn systemd_analyze_verify_is_clean() {
 }
 
 #[test]
+fn kernel_plane_drop_in_verifies_and_grants_only_netlink_admin() {
+    let test = "kernel_plane_drop_in_verifies_and_grants_only_netlink_admin";
+    let drop_in = read(&deploy("systemd/kernel-plane/kernel-plane.conf"));
+    let d = unit_directives(&drop_in);
+    assert_eq!(
+        one(&d, "AmbientCapabilities"),
+        "CAP_NET_BIND_SERVICE CAP_NET_ADMIN"
+    );
+    assert_eq!(
+        one(&d, "CapabilityBoundingSet"),
+        "CAP_NET_BIND_SERVICE CAP_NET_ADMIN"
+    );
+    assert!(one(&d, "RestrictAddressFamilies").contains("AF_NETLINK"));
+    assert!(
+        one(&d, "ExecStartPre").contains("ftpgate nft-rules --config /etc/ftpgate/ftpgate.toml"),
+        "the drop-in loads the rules ftpgate prints"
+    );
+    let sysctl = read(&deploy("sysctl/90-ftpgate-kernel-plane.conf"));
+    for key in [
+        "net.ipv4.ip_forward = 1",
+        "net.netfilter.nf_conntrack_acct = 1",
+    ] {
+        assert!(sysctl.contains(key), "{key} missing from the sysctl file");
+    }
+    let Some(analyze) = tool("systemd-analyze") else {
+        return skip(
+            test,
+            "systemd-analyze is not installed; scripts/install-test-deps installs it (as root)",
+        );
+    };
+    // The unit with the drop-in applied, as systemd would see it.
+    let dir = tempfile::tempdir().unwrap();
+    let unit = read(&deploy("systemd/ftpgate.service"))
+        .replace("/usr/local/bin/ftpgate ", &format!("{} ", ftpgate()));
+    let path = dir.path().join("ftpgate.service");
+    std::fs::write(&path, unit).unwrap();
+    let drop_dir = dir.path().join("ftpgate.service.d");
+    std::fs::create_dir_all(&drop_dir).unwrap();
+    std::fs::write(
+        drop_dir.join("kernel-plane.conf"),
+        drop_in.replace("/usr/local/bin/ftpgate ", &format!("{} ", ftpgate())),
+    )
+    .unwrap();
+    let out = run(
+        "systemd-analyze verify (with the kernel-plane drop-in)",
+        Command::new(analyze).arg("verify").arg(&path),
+    );
+    let said = text(&out);
+    let about_unit: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains("ftpgate.service") || l.contains("kernel-plane.conf"))
+        .collect();
+    assert!(
+        out.status.success() && about_unit.is_empty(),
+        "systemd-analyze verify complains:\n{said}"
+    );
+}
+
+#[test]
 fn systemd_analyze_security_exposure_is_low() {
     let test = "systemd_analyze_security_exposure_is_low";
     let Some(analyze) = tool("systemd-analyze") else {

@@ -306,6 +306,7 @@ fn kernel_plane_checks(dir: &Path) {
     }
     let port = port.trim().to_string();
     let live = pinholes();
+    eprintln!("  ftpgate pinholes while port {port} waits:\n{live}");
     assert!(
         live.lines()
             .any(|l| l.starts_with("armed4")
