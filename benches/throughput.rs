@@ -1,7 +1,8 @@
 //! Throughput figures, each against a baseline measured in the same run:
 //!
 //! - data relay: bytes through `relay::relay` on loopback vs the same bytes
-//!   copied directly between two loopback sockets;
+//!   copied directly between two loopback sockets, and the default mover
+//!   (splice on Linux) vs the copy loop;
 //! - control core: command lines through a `Session` (framing, parsing,
 //!   FIFO, policy) vs splitting the same bytes into lines.
 //!
@@ -50,18 +51,26 @@ async fn send_and_count(mut tx: TcpStream, mut rx: TcpStream, total: usize) -> D
     start.elapsed()
 }
 
-async fn relay_figures(total: usize) -> (f64, f64) {
+/// MB/s client -> [a | relay | b] -> server with the given mover.
+async fn through_relay(mover: relay::Mover, total: usize) -> f64 {
+    let (client, a) = pair().await;
+    let (b, server) = pair().await;
+    let task = tokio::spawn(relay::relay_with(mover, a, b, Duration::from_secs(30)));
+    let elapsed = send_and_count(client, server, total).await;
+    let _ = task.await;
+    total as f64 / 1e6 / elapsed.as_secs_f64()
+}
+
+/// MB/s direct, through the default (splice on Linux) relay, and through
+/// the copy loop.
+async fn relay_figures(total: usize) -> (f64, f64, f64) {
     // Baseline: client socket straight to server socket.
     let (c, s) = pair().await;
     let direct = send_and_count(c, s, total).await;
-    // Through the relay: client -> [a | relay | b] -> server.
-    let (client, a) = pair().await;
-    let (b, server) = pair().await;
-    let task = tokio::spawn(relay::relay(a, b, Duration::from_secs(30)));
-    let relayed = send_and_count(client, server, total).await;
-    let _ = task.await;
-    let mb = total as f64 / 1e6;
-    (mb / direct.as_secs_f64(), mb / relayed.as_secs_f64())
+    let direct = total as f64 / 1e6 / direct.as_secs_f64();
+    let relayed = through_relay(relay::Mover::default(), total).await;
+    let copied = through_relay(relay::Mover::Copy, total).await;
+    (direct, relayed, copied)
 }
 
 fn control_script(commands: usize) -> (Vec<u8>, Vec<u8>) {
@@ -120,11 +129,15 @@ fn core_figures(commands: usize) -> (f64, f64) {
 async fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
     let bytes = if bench { 1 << 30 } else { 1 << 20 };
-    let (direct, relayed) = relay_figures(bytes).await;
+    let (direct, relayed, copied) = relay_figures(bytes).await;
     println!(
         "relay: {} MB on loopback: direct {direct:.0} MB/s, through relay {relayed:.0} MB/s, ratio {:.2}",
         bytes / 1_000_000,
         relayed / direct
+    );
+    println!(
+        "relay: splice vs copy loop: {relayed:.0} vs {copied:.0} MB/s, ratio {:.2}",
+        relayed / copied
     );
     // The core stops reading a client with 256 unanswered commands; all
     // replies are fed after the commands, so the script stays below that.
