@@ -136,12 +136,8 @@ fn a_connected_pinhole_is_not_taken_over() {
     assert!(d.transcript.events.is_empty());
 }
 
-#[test]
-fn a_transfer_final_reply_frees_its_data_connection_slot() {
-    // With one slot, a second transfer is only possible once the first
-    // one's data connection is over. The kernel plane reports that end
-    // minutes late (conntrack keeps TIME_WAIT), so the core takes it from
-    // the transfer's final reply.
+/// A logged-in session that may hold one pinhole.
+fn one_slot() -> Driver {
     let mut d = Driver::new(
         ftpgate::proto::SessionConfig {
             max_pinholes: 1,
@@ -150,6 +146,16 @@ fn a_transfer_final_reply_frees_its_data_connection_slot() {
         ftpgate::proto::driver::lab_endpoints(),
     );
     d.login();
+    d
+}
+
+#[test]
+fn a_transfer_final_reply_frees_its_data_connection_slot() {
+    // With one slot, a second transfer is only possible once the first
+    // one's data connection is over. The kernel plane reports that end
+    // minutes late (conntrack keeps TIME_WAIT), so the core takes it from
+    // the transfer's final reply.
+    let mut d = one_slot();
     for (seq, verb) in [(1, "RETR a"), (2, "STOR b"), (3, "LIST")] {
         d.input(Side::Client, b"PASV\r\n");
         d.input(
@@ -167,14 +173,7 @@ fn a_transfer_final_reply_frees_its_data_connection_slot() {
 
 #[test]
 fn a_non_transfer_reply_keeps_the_data_connection_slot() {
-    let mut d = Driver::new(
-        ftpgate::proto::SessionConfig {
-            max_pinholes: 1,
-            ..Default::default()
-        },
-        ftpgate::proto::driver::lab_endpoints(),
-    );
-    d.login();
+    let mut d = one_slot();
     d.input(Side::Client, b"PASV\r\n");
     d.input(
         Side::Server,

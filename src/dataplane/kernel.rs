@@ -145,15 +145,7 @@ impl KernelPlane {
                     Err(e) => Err(io::Error::other(e.to_string())),
                 }
             },
-            |_| Entry {
-                id: request.id,
-                owner: owner.clone(),
-                request: request.clone(),
-                apparent: apparent.clone(),
-                opener: owner.info.client.ip(),
-                opened: Instant::now(),
-                cancel: None,
-            },
+            |_| Entry::new(request, apparent.clone(), owner, None),
         )?;
         Ok(SocketAddr::new(request.listen_ip, port))
     }

@@ -56,15 +56,7 @@ impl ProxyPlane {
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => Ok(None),
                 Err(e) => Err(e),
             },
-            |_| Entry {
-                id: request.id,
-                owner: owner.clone(),
-                request: request.clone(),
-                apparent,
-                opener: owner.info.client.ip(),
-                opened: Instant::now(),
-                cancel: Some(tx),
-            },
+            |_| Entry::new(request, apparent, owner, Some(tx)),
         )?;
         let task = Pinhole {
             registry: Arc::clone(&self.registry),

@@ -36,6 +36,26 @@ pub struct Entry {
     pub cancel: Option<oneshot::Sender<()>>,
 }
 
+impl Entry {
+    /// The entry for `request`, opened now by `owner`'s session.
+    pub fn new(
+        request: &PinholeRequest,
+        apparent: Vec<IpAddr>,
+        owner: &Owner,
+        cancel: Option<oneshot::Sender<()>>,
+    ) -> Entry {
+        Entry {
+            id: request.id,
+            owner: owner.clone(),
+            request: request.clone(),
+            apparent,
+            opener: owner.info.client.ip(),
+            opened: Instant::now(),
+            cancel,
+        }
+    }
+}
+
 /// A copy of what a plane needs to act on a connection to a port.
 #[derive(Clone)]
 pub struct Found {
