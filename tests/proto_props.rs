@@ -116,12 +116,9 @@ proptest! {
         let found = parse_227(&line).expect("numbers found");
         prop_assert_eq!(found.addr, addr);
         prop_assert_eq!(&line[found.span.clone()], numbers.as_bytes());
-        // Splicing other numbers in keeps the surrounding text.
-        let other = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 50001);
-        let spliced = reply::splice(&line, found.span, &format_host_port(other));
-        prop_assert_eq!(parse_227(&spliced).map(|p| p.addr), Some(other));
-        prop_assert!(spliced.starts_with(&line[..4 + before.len()]));
-        prop_assert!(spliced.ends_with(&after));
+        // The gateway's own line names what it was built from.
+        let canonical = reply::canonical_227(addr);
+        prop_assert_eq!(parse_227(&canonical).map(|p| p.addr), Some(addr));
     }
 
     #[test]
@@ -141,8 +138,8 @@ proptest! {
         prop_assert_eq!(found.port, port);
         let digits = port.to_string();
         prop_assert_eq!(&line[found.span.clone()], digits.as_bytes());
-        let spliced = reply::splice(&line, found.span, "50001");
-        prop_assert_eq!(parse_229(&spliced).map(|p| p.port), Some(50001));
+        let canonical = reply::canonical_229(port);
+        prop_assert_eq!(parse_229(&canonical).map(|p| p.port), Some(port));
     }
 
     #[test]

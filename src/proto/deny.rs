@@ -49,6 +49,10 @@ pub enum DenyReason {
     MalformedReply,
     /// The server's first line is no FTP reply.
     NotFtp,
+    /// A server line a client could read as a 227/229 (outside the final
+    /// reply to PASV/EPSV, which the gateway writes itself) was replaced by
+    /// a neutral line: logged once per reply.
+    PassiveReplyWithheld,
     /// A pinhole whose expected peer never connected.
     PinholeExpired,
     /// A data connection to a pinhole from a host other than the expected
@@ -65,7 +69,7 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 24] = [
+    pub const ALL: [DenyReason; 25] = [
         DenyReason::MalformedLine,
         DenyReason::LineTooLong,
         DenyReason::MalformedCommand,
@@ -84,6 +88,7 @@ impl DenyReason {
         DenyReason::MalformedPassiveReply,
         DenyReason::MalformedReply,
         DenyReason::NotFtp,
+        DenyReason::PassiveReplyWithheld,
         DenyReason::PinholeExpired,
         DenyReason::PasvTheft,
         DenyReason::Loop,
@@ -112,6 +117,7 @@ impl DenyReason {
             DenyReason::MalformedPassiveReply => "malformed_passive_reply",
             DenyReason::MalformedReply => "malformed_reply",
             DenyReason::NotFtp => "not_ftp",
+            DenyReason::PassiveReplyWithheld => "passive_reply_withheld",
             DenyReason::PinholeExpired => "pinhole_expired",
             DenyReason::PasvTheft => "pasv_theft",
             DenyReason::Loop => "loop",

@@ -35,7 +35,7 @@ use commands::{HeldCommand, with_command};
 use output::Route;
 use pending::{MAX_PENDING, Pending};
 use pinholes::{Slot, SlotState};
-use replies::HeldReply;
+use replies::{HeldReply, PassiveLines};
 
 /// The sans-IO control session. See the module documentation of
 /// [`crate::proto`] for the event model.
@@ -51,8 +51,10 @@ pub struct Session {
     events: VecDeque<Event>,
     pending: VecDeque<Pending>,
     open_reply: Option<Code>,
-    passive_lines: Vec<Vec<u8>>,
-    passive_bytes: usize,
+    /// The lines of a reply to PASV/EPSV read so far.
+    passive: PassiveLines,
+    /// A line of the reply being read was withheld and logged.
+    lookalike_logged: bool,
     seen_server_line: bool,
     logged_in: bool,
     epsv_all: bool,
@@ -90,8 +92,8 @@ impl Session {
             events: VecDeque::new(),
             pending: VecDeque::from([Pending::Greeting]),
             open_reply: None,
-            passive_lines: Vec::new(),
-            passive_bytes: 0,
+            passive: PassiveLines::default(),
+            lookalike_logged: false,
             seen_server_line: false,
             logged_in: false,
             epsv_all: false,

@@ -1,0 +1,261 @@
+//! Scenario tests for the core's hardening rules (DESIGN.md "State"): the
+//! client sees only passive addresses the gateway wrote, address-verb
+//! lookalikes are refused, the login timer, the abuse budget and the deny
+//! aggregation, and shutdown through the core.
+//!
+//! Lab addresses as in `proto_vectors.rs`: client 192.0.2.10, gateway
+//! 192.0.2.1 inside, server 198.51.100.20; the first pinhole is port 50001.
+
+use ftpgate::proto::driver::{Driver, Transcript};
+use ftpgate::proto::{Denial, DenyReason, Event, Side};
+
+// ---- helpers ---------------------------------------------------------------
+
+/// The one 227 line a client may see for the first pinhole.
+const CANONICAL_227: &str = "227 Entering Passive Mode (192,0,2,1,195,81).\r\n";
+/// The one 229 line a client may see for the first pinhole.
+const CANONICAL_229: &str = "229 Entering Extended Passive Mode (|||50001|)\r\n";
+/// What replaces a continuation line that looks like a passive reply.
+const WITHHELD_TEXT: &str = " (line withheld by ftpgate: looks like a passive reply)\r\n";
+/// What replaces the first line of a 227/229 reply to another command.
+const WITHHELD_START: &str = "200-(line withheld by ftpgate: looks like a passive reply)\r\n";
+/// What replaces the final line of a 227/229 reply to another command.
+const WITHHELD_END: &str = "200 (line withheld by ftpgate: looks like a passive reply)\r\n";
+const R425_LIMIT: &str = "425 Can't open data connection: too many open data connections.\r\n";
+const R425_PASSIVE_POLICY: &str =
+    "425 Can't open data connection: passive address refused by policy.\r\n";
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn logged_in() -> Driver {
+    let mut d = Driver::lab();
+    d.login();
+    d
+}
+
+fn denials(t: &Transcript) -> Vec<&Denial> {
+    t.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Deny(d) => Some(d),
+            _ => None,
+        })
+        .collect()
+}
+
+fn reasons(t: &Transcript) -> Vec<DenyReason> {
+    denials(t).iter().map(|d| d.reason).collect()
+}
+
+fn opened(t: &Transcript) -> usize {
+    t.events
+        .iter()
+        .filter(|e| matches!(e, Event::OpenPinhole(_)))
+        .count()
+}
+
+/// Sends `command`, then `reply` from the server, and returns what the
+/// client got.
+fn exchange(d: &mut Driver, command: &[u8], reply: &[u8]) -> String {
+    d.transcript = Transcript::default();
+    d.input(Side::Client, command);
+    d.input(Side::Server, reply);
+    text(&d.transcript.to_client)
+}
+
+// ---- 1. the client sees only passive replies the gateway wrote -------------
+
+#[test]
+fn final_227_to_pasv_is_the_canonical_line_whatever_text_the_server_wrote() {
+    for reply in [
+        &b"227 Entering Passive Mode (10,0,0,5,200,10).\r\n"[..],
+        b"227 Entering Passive Mode 10,0,0,5,200,10\r\n",
+        b"227 =10,0,0,5,200,10\r\n",
+        // Text around the numbers that a first-digit-group client would
+        // read as the address, and a second group after the real one.
+        b"227 Host 10.0.0.9 says (10,0,0,5,200,10) not 10,0,0,9,1,1\r\n",
+    ] {
+        let mut d = logged_in();
+        let got = exchange(&mut d, b"PASV\r\n", reply);
+        assert_eq!(got, CANONICAL_227, "{}", text(reply));
+        assert_eq!(opened(&d.transcript), 1);
+        assert!(reasons(&d.transcript).is_empty(), "{:#?}", d.transcript);
+    }
+}
+
+#[test]
+fn final_229_to_epsv_is_the_canonical_line_whatever_text_the_server_wrote() {
+    for reply in [
+        &b"229 Entering Extended Passive Mode (|||6446|)\r\n"[..],
+        b"229 ok (!!!6446!)\r\n",
+        b"229 Server 10.0.0.5 (|||6446|) 10,0,0,5,1,1\r\n",
+    ] {
+        let mut d = logged_in();
+        let got = exchange(&mut d, b"EPSV\r\n", reply);
+        assert_eq!(got, CANONICAL_229, "{}", text(reply));
+        assert_eq!(opened(&d.transcript), 1);
+    }
+}
+
+#[test]
+fn multi_line_227_to_pasv_shows_the_client_only_the_canonical_line() {
+    let mut d = logged_in();
+    let got = exchange(
+        &mut d,
+        b"PASV\r\n",
+        b"227-Entering Passive Mode (10,0,0,9,1,1)\r\n227-(10,0,0,9,1,2)\r\n 227 (10,0,0,9,1,3)\r\n227 Entering Passive Mode (10,0,0,5,200,10).\r\n",
+    );
+    assert_eq!(got, CANONICAL_227);
+    assert!(reasons(&d.transcript).is_empty());
+}
+
+#[test]
+fn multi_line_227_to_pasv_refused_by_policy_shows_the_client_only_the_425() {
+    let mut d = logged_in();
+    let got = exchange(
+        &mut d,
+        b"PASV\r\n",
+        b"227-Entering Passive Mode (10,0,0,9,1,1)\r\n 227 (10,0,0,9,1,3)\r\n227 (10,0,0,5,0,22)\r\n",
+    );
+    assert_eq!(got, R425_PASSIVE_POLICY);
+    assert_eq!(reasons(&d.transcript), [DenyReason::PrivilegedPort]);
+}
+
+#[test]
+fn multi_line_227_to_pasv_over_the_pinhole_cap_shows_the_client_only_the_425() {
+    let cfg = ftpgate::proto::SessionConfig {
+        max_pinholes: 0,
+        ..Default::default()
+    };
+    let mut d = Driver::new(cfg, ftpgate::proto::driver::lab_endpoints());
+    d.login();
+    let got = exchange(
+        &mut d,
+        b"PASV\r\n",
+        b"227-Entering Passive Mode (10,0,0,9,1,1)\r\n227 (10,0,0,5,200,10)\r\n",
+    );
+    assert_eq!(got, R425_LIMIT);
+}
+
+#[test]
+fn passive_lookalikes_in_an_error_reply_to_pasv_are_withheld_and_logged_once() {
+    let mut d = logged_in();
+    let got = exchange(
+        &mut d,
+        b"PASV\r\n",
+        b"425-Cannot open\r\n227 Entering Passive Mode (10,0,0,5,200,10).\r\n  227 (10,0,0,5,200,11)\r\n229-(|||6446|)\r\n still here\r\n425 sorry\r\n",
+    );
+    assert_eq!(
+        got,
+        format!(
+            "425-Cannot open\r\n{WITHHELD_TEXT}{WITHHELD_TEXT}{WITHHELD_TEXT} still here\r\n425 sorry\r\n"
+        )
+    );
+    assert_eq!(reasons(&d.transcript), [DenyReason::PassiveReplyWithheld]);
+    assert_eq!(denials(&d.transcript)[0].side, Side::Server);
+    assert_eq!(opened(&d.transcript), 0);
+}
+
+#[test]
+fn passive_lookalike_in_a_preliminary_reply_to_pasv_is_withheld() {
+    let mut d = logged_in();
+    let got = exchange(
+        &mut d,
+        b"PASV\r\n",
+        b"150-Wait\r\n227 (10,0,0,5,200,10)\r\n150 wait\r\n",
+    );
+    assert_eq!(got, format!("150-Wait\r\n{WITHHELD_TEXT}150 wait\r\n"));
+    assert_eq!(reasons(&d.transcript), [DenyReason::PassiveReplyWithheld]);
+}
+
+#[test]
+fn passive_lookalikes_in_a_reply_to_feat_are_withheld_and_logged_once_per_reply() {
+    let mut d = logged_in();
+    let reply: &[u8] = b"211-Features:\r\n 227 (10,0,0,5,200,10)\r\n227 (10,0,0,5,200,10)\r\n227-(10,0,0,5,200,10)\r\n\t229 (|||6446|)\r\n EPSV\r\n 2270 files\r\n211 End\r\n";
+    let got = exchange(&mut d, b"FEAT\r\n", reply);
+    assert_eq!(
+        got,
+        format!(
+            "211-Features:\r\n{w}{w}{w}{w} EPSV\r\n{w}211 End\r\n",
+            w = WITHHELD_TEXT
+        )
+    );
+    assert_eq!(text(&d.transcript.to_server), "FEAT\r\n");
+    assert_eq!(reasons(&d.transcript), [DenyReason::PassiveReplyWithheld]);
+    assert_eq!(opened(&d.transcript), 0);
+    // The next reply with a lookalike is logged again.
+    let got = exchange(&mut d, b"STAT\r\n", b"211-Status:\r\n227 x\r\n211 End\r\n");
+    assert_eq!(got, format!("211-Status:\r\n{WITHHELD_TEXT}211 End\r\n"));
+    assert_eq!(reasons(&d.transcript), [DenyReason::PassiveReplyWithheld]);
+}
+
+#[test]
+fn a_227_reply_to_another_command_becomes_a_neutral_200() {
+    let mut d = logged_in();
+    let got = exchange(
+        &mut d,
+        b"NOOP\r\n",
+        b"227 Entering Passive Mode (10,0,0,5,200,10).\r\n",
+    );
+    assert_eq!(got, WITHHELD_END);
+    assert_eq!(reasons(&d.transcript), [DenyReason::PassiveReplyWithheld]);
+    assert_eq!(opened(&d.transcript), 0);
+    // The reply still answered the NOOP: the next command pairs as usual.
+    let got = exchange(&mut d, b"PWD\r\n", b"257 \"/\"\r\n");
+    assert_eq!(got, "257 \"/\"\r\n");
+}
+
+#[test]
+fn a_multi_line_229_reply_to_another_command_keeps_its_structure() {
+    let mut d = logged_in();
+    let got = exchange(
+        &mut d,
+        b"NOOP\r\n",
+        b"229-Extended (|||6446|)\r\n hello\r\n229-(|||6447|)\r\n229 (|||6448|)\r\n",
+    );
+    assert_eq!(
+        got,
+        format!("{WITHHELD_START} hello\r\n{WITHHELD_TEXT}{WITHHELD_END}")
+    );
+    assert_eq!(reasons(&d.transcript), [DenyReason::PassiveReplyWithheld]);
+}
+
+#[test]
+fn unsolicited_227_and_229_become_neutral_200s_and_open_nothing() {
+    let mut d = logged_in();
+    d.input(
+        Side::Server,
+        b"227 Entering Passive Mode (10,0,0,5,200,10).\r\n229 (|||6446|)\r\n",
+    );
+    assert_eq!(
+        text(&d.transcript.to_client),
+        format!("{WITHHELD_END}{WITHHELD_END}")
+    );
+    assert_eq!(
+        reasons(&d.transcript),
+        [
+            DenyReason::PassiveReplyWithheld,
+            DenyReason::PassiveReplyWithheld
+        ]
+    );
+    assert_eq!(opened(&d.transcript), 0);
+}
+
+#[test]
+fn a_227_greeting_becomes_a_neutral_200() {
+    let mut d = Driver::lab();
+    d.input(Side::Server, b"227 (10,0,0,5,200,10)\r\n");
+    assert_eq!(text(&d.transcript.to_client), WITHHELD_END);
+    assert_eq!(reasons(&d.transcript), [DenyReason::PassiveReplyWithheld]);
+    assert!(!d.session.is_closed());
+}
+
+#[test]
+fn malformed_227_reply_to_another_command_is_withheld_with_a_neutral_code_and_one_event() {
+    let mut d = logged_in();
+    let got = exchange(&mut d, b"NOOP\r\n", b"227 (10,0,0,5,200,10)\0\r\n");
+    assert_eq!(got, "200 (reply line withheld by ftpgate: malformed)\r\n");
+    assert_eq!(reasons(&d.transcript), [DenyReason::MalformedReply]);
+}
