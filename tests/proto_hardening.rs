@@ -259,3 +259,55 @@ fn malformed_227_reply_to_another_command_is_withheld_with_a_neutral_code_and_on
     assert_eq!(got, "200 (reply line withheld by ftpgate: malformed)\r\n");
     assert_eq!(reasons(&d.transcript), [DenyReason::MalformedReply]);
 }
+
+// ---- 2. verbs that start like an address verb ------------------------------
+
+const R500_VERB: &str = "500 Syntax error, command unrecognized.\r\n";
+
+/// Some servers match verbs by prefix, so `PORTX 10,0,0,5,0,25` would be a
+/// PORT the gateway never checked.
+#[test]
+fn verbs_that_start_like_an_address_verb_are_refused_and_never_forwarded() {
+    for line in [
+        &b"PORTX 10,0,0,5,0,25\r\n"[..],
+        b"portal 192,0,2,10,25,46\r\n",
+        b"EPRTX |1|10.0.0.5|25|\r\n",
+        b"PASVX\r\n",
+        b"Epsv2\r\n",
+        b"LPRTX 4,4,10,0,0,5,2,0,25\r\n",
+        b"LPSVX\r\n",
+        b"SPSVX\r\n",
+        b"PORT1 10,0,0,5,0,25\r\n",
+    ] {
+        for login in [true, false] {
+            let mut d = if login {
+                logged_in()
+            } else {
+                let mut d = Driver::lab();
+                d.input(Side::Server, b"220 ready\r\n");
+                d.transcript = Transcript::default();
+                d
+            };
+            d.input(Side::Client, line);
+            let t = &d.transcript;
+            assert_eq!(text(&t.to_client), R500_VERB, "{}", text(line));
+            assert!(t.to_server.is_empty(), "forwarded {}", text(line));
+            assert_eq!(reasons(t), [DenyReason::AddressVerbLookalike]);
+            let denial = denials(t)[0];
+            assert_eq!(denial.side, Side::Client);
+            let verb = text(line).split(' ').next().unwrap().trim().to_uppercase();
+            assert_eq!(denial.verb.as_deref(), Some(verb.as_str()));
+            assert_eq!(denial.reply.as_deref(), Some(R500_VERB.trim_end()));
+            assert!(!d.session.is_closed());
+        }
+    }
+}
+
+#[test]
+fn verbs_that_only_share_a_shorter_prefix_are_relayed() {
+    let mut d = logged_in();
+    d.input(Side::Client, b"POR x\r\nPAS\r\nEPSILON\r\nPORTSMOUTH\r\n");
+    // PORTSMOUTH starts with PORT: refused; the others are relayed.
+    assert_eq!(text(&d.transcript.to_server), "POR x\r\nPAS\r\nEPSILON\r\n");
+    assert_eq!(reasons(&d.transcript), [DenyReason::AddressVerbLookalike]);
+}

@@ -511,11 +511,12 @@ fn lowercase_port_is_port_and_is_rewritten() {
 }
 
 #[test]
-fn portal_is_an_unknown_verb_forwarded_as_it_is() {
+fn portal_is_not_port_but_is_refused_as_a_lookalike_of_it() {
     let mut d = logged_in();
     d.input(Side::Client, b"PORTAL 192,0,2,10,25,46\r\n");
-    assert_wire(&d.transcript, "", "PORTAL 192,0,2,10,25,46\r\n");
-    assert!(d.transcript.events.is_empty(), "{:#?}", d.transcript.events);
+    assert_wire(&d.transcript, R500_VERB, "");
+    the_denial(&d.transcript, DenyReason::AddressVerbLookalike);
+    assert!(opened(&d.transcript).is_empty());
 }
 
 // ---- pipelining and reply pairing ---------------------------------------------

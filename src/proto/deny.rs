@@ -17,6 +17,9 @@ pub enum DenyReason {
     LineTooLong,
     /// A command whose verb is not a clean token (leading blank, tab, ...).
     MalformedCommand,
+    /// A verb that starts with an address verb but is longer (PORTX,
+    /// PASVX): some servers match verbs by prefix.
+    AddressVerbLookalike,
     /// PORT/EPRT/EPSV arguments that do not parse.
     BadArgument,
     /// An address family the control connection does not use.
@@ -69,10 +72,11 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 25] = [
+    pub const ALL: [DenyReason; 26] = [
         DenyReason::MalformedLine,
         DenyReason::LineTooLong,
         DenyReason::MalformedCommand,
+        DenyReason::AddressVerbLookalike,
         DenyReason::BadArgument,
         DenyReason::AddressFamily,
         DenyReason::Bounce,
@@ -102,6 +106,7 @@ impl DenyReason {
             DenyReason::MalformedLine => "malformed_line",
             DenyReason::LineTooLong => "line_too_long",
             DenyReason::MalformedCommand => "malformed_command",
+            DenyReason::AddressVerbLookalike => "address_verb_lookalike",
             DenyReason::BadArgument => "bad_argument",
             DenyReason::AddressFamily => "address_family",
             DenyReason::Bounce => "bounce",

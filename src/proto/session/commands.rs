@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::Session;
-use super::output::{BAD_ARGUMENT, Route, TOO_MANY_DATA_CONNECTIONS};
+use super::output::{BAD_ARGUMENT, Route, TOO_MANY_DATA_CONNECTIONS, UNRECOGNIZED};
 use super::pending::{Expect, LoginEnd, PassivePlan, Style, is_transfer_verb};
 use super::types::{DataMode, Event, PinholeId, PinholeRequest, ResolveId, Resolved, RewriteKind};
 use crate::proto::Side;
@@ -58,11 +58,7 @@ impl Session {
         }
         let Ok(cmd) = command::parse_command(&line) else {
             let denial = Denial::new(DenyReason::MalformedCommand, Side::Client);
-            return self.refuse(
-                denial,
-                "500 Syntax error, command unrecognized.",
-                Route::Queued,
-            );
+            return self.refuse(denial, UNRECOGNIZED, Route::Queued);
         };
         let class = cmd.class();
         if let Some(i) = CommandClass::ALL.iter().position(|c| *c == class) {
@@ -71,6 +67,13 @@ impl Session {
         match cmd.verb {
             Verb::Port | Verb::Eprt => self.on_active_command(&cmd),
             Verb::Pasv | Verb::Epsv => self.on_passive_command(&cmd, &line),
+            // Not forwarded: a server that matches verbs by prefix would
+            // take it for the address verb it starts with.
+            Verb::AddressLookalike => self.refuse(
+                command_denial(DenyReason::AddressVerbLookalike, &cmd),
+                UNRECOGNIZED,
+                Route::Queued,
+            ),
             Verb::Lprt | Verb::Lpsv | Verb::Spsv => self.refuse(
                 command_denial(DenyReason::UnsupportedCommand, &cmd),
                 "502 Command not implemented: use EPRT or EPSV.",

@@ -12,6 +12,10 @@ use crate::proto::framing::telnet_encode_into;
 /// than a session may hold.
 pub(super) const TOO_MANY_DATA_CONNECTIONS: &str =
     "425 Can't open data connection: too many open data connections.";
+/// Sent for a verb the gateway does not pass on: not a clean token, or a
+/// lookalike of an address verb (RFC 959 section 4.2.1: 500, syntax error,
+/// command unrecognized).
+pub(super) const UNRECOGNIZED: &str = "500 Syntax error, command unrecognized.";
 /// Sent for a PORT, EPRT or EPSV argument that does not parse.
 pub(super) const BAD_ARGUMENT: &str = "501 Syntax error in parameters or arguments.";
 
