@@ -6,6 +6,8 @@
 //! Lab addresses as in `proto_vectors.rs`: client 192.0.2.10, gateway
 //! 192.0.2.1 inside, server 198.51.100.20; the first pinhole is port 50001.
 
+use std::time::Duration;
+
 use ftpgate::proto::driver::{Driver, Transcript};
 use ftpgate::proto::{Denial, DenyReason, Event, Side};
 
@@ -310,4 +312,44 @@ fn verbs_that_only_share_a_shorter_prefix_are_relayed() {
     // PORTSMOUTH starts with PORT: refused; the others are relayed.
     assert_eq!(text(&d.transcript.to_server), "POR x\r\nPAS\r\nEPSILON\r\n");
     assert_eq!(reasons(&d.transcript), [DenyReason::AddressVerbLookalike]);
+}
+
+// ---- 3. the login timer restarts on a new USER -----------------------------
+
+fn login_timed_out(d: &Driver) -> bool {
+    d.session.is_closed()
+        && d.transcript.events.last()
+            == Some(&Event::Close(ftpgate::proto::CloseReason::LoginTimeout))
+}
+
+#[test]
+fn a_new_user_after_a_failed_login_gets_the_full_login_timeout_again() {
+    let mut d = Driver::lab();
+    d.input(Side::Server, b"220 ready\r\n");
+    d.input(Side::Client, b"USER u\r\n");
+    d.input(Side::Server, b"331 pw\r\n");
+    d.input(Side::Client, b"PASS wrong\r\n");
+    d.input(Side::Server, b"530 Login incorrect.\r\n");
+    d.advance(Duration::from_secs(25));
+    d.input(Side::Client, b"USER u\r\n");
+    d.input(Side::Server, b"331 pw\r\n");
+    // 50 s after connect, 25 s after the new USER: still open.
+    d.advance(Duration::from_secs(25));
+    assert!(!d.session.is_closed(), "{:#?}", d.transcript.events);
+    d.advance(Duration::from_secs(4));
+    assert!(!d.session.is_closed());
+    d.advance(Duration::from_secs(1));
+    assert!(login_timed_out(&d), "{:#?}", d.transcript.events);
+}
+
+#[test]
+fn a_new_user_after_a_login_starts_the_login_timer_when_the_server_accepts_it() {
+    let mut d = logged_in();
+    d.advance(Duration::from_secs(60));
+    d.input(Side::Client, b"USER other\r\n");
+    d.input(Side::Server, b"331 Password required\r\n");
+    d.advance(Duration::from_secs(29));
+    assert!(!d.session.is_closed());
+    d.advance(Duration::from_secs(1));
+    assert!(login_timed_out(&d), "{:#?}", d.transcript.events);
 }

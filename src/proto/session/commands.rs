@@ -86,10 +86,18 @@ impl Session {
             ),
             Verb::User | Verb::Pass | Verb::Acct => {
                 let mut end = LoginEnd::NoLogin;
-                if cmd.verb == Verb::User && self.logged_in {
-                    // A new USER starts a new login (RFC 959 section 4.1.1).
-                    self.logged_in = false;
-                    end = LoginEnd::EndedLogin;
+                if cmd.verb == Verb::User {
+                    // A new USER starts a new login (RFC 959 section
+                    // 4.1.1), with the whole login time again, as REIN
+                    // gives: a client retrying after a failed login is not
+                    // cut off by the clock of its first attempt. After a
+                    // login the timer only matters if the server accepts
+                    // the USER (a refusal keeps the login, see LoginEnd).
+                    self.login_deadline = Some(now + self.cfg.login_timeout);
+                    if self.logged_in {
+                        self.logged_in = false;
+                        end = LoginEnd::EndedLogin;
+                    }
                 }
                 self.forward_line(&line, Expect::Login(end));
             }

@@ -20,7 +20,8 @@ pub struct SessionConfig {
     pub max_pinholes: usize,
     /// How long a pinhole waits for its peer.
     pub pinhole_timeout: Duration,
-    /// Time from connect to a successful login.
+    /// Time from connect, or from the latest USER or REIN, to a successful
+    /// login.
     pub login_timeout: Duration,
     /// Control-channel silence tolerated while no data connection is open.
     pub idle_timeout: Duration,
