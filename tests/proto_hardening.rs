@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use ftpgate::proto::driver::{Driver, Transcript};
-use ftpgate::proto::{Denial, DenyReason, Event, Side};
+use ftpgate::proto::driver::{Driver, Transcript, lab_endpoints};
+use ftpgate::proto::{CloseReason, Denial, DenyReason, Event, SessionConfig, Side};
 
 // ---- helpers ---------------------------------------------------------------
 
@@ -127,11 +127,11 @@ fn multi_line_227_to_pasv_refused_by_policy_shows_the_client_only_the_425() {
 
 #[test]
 fn multi_line_227_to_pasv_over_the_pinhole_cap_shows_the_client_only_the_425() {
-    let cfg = ftpgate::proto::SessionConfig {
+    let cfg = SessionConfig {
         max_pinholes: 0,
         ..Default::default()
     };
-    let mut d = Driver::new(cfg, ftpgate::proto::driver::lab_endpoints());
+    let mut d = Driver::new(cfg, lab_endpoints());
     d.login();
     let got = exchange(
         &mut d,
@@ -318,8 +318,7 @@ fn verbs_that_only_share_a_shorter_prefix_are_relayed() {
 
 fn login_timed_out(d: &Driver) -> bool {
     d.session.is_closed()
-        && d.transcript.events.last()
-            == Some(&Event::Close(ftpgate::proto::CloseReason::LoginTimeout))
+        && d.transcript.events.last() == Some(&Event::Close(CloseReason::LoginTimeout))
 }
 
 #[test]
@@ -352,4 +351,199 @@ fn a_new_user_after_a_login_starts_the_login_timer_when_the_server_accepts_it() 
     assert!(!d.session.is_closed());
     d.advance(Duration::from_secs(1));
     assert!(login_timed_out(&d), "{:#?}", d.transcript.events);
+}
+
+// ---- 4. the abuse budget and the deny aggregation --------------------------
+
+const R421_REFUSALS: &str = "421 Too many refused commands: closing control connection.\r\n";
+const R502: &str = "502 Command not implemented: use EPRT or EPSV.\r\n";
+
+fn with_budget(max_refusals: usize) -> Driver {
+    let cfg = SessionConfig {
+        max_refusals,
+        ..Default::default()
+    };
+    let mut d = Driver::new(cfg, lab_endpoints());
+    d.login();
+    d
+}
+
+/// Deny events of `reason` logged one by one (no summary).
+fn single(t: &Transcript, reason: DenyReason) -> usize {
+    denials(t)
+        .iter()
+        .filter(|d| d.reason == reason && d.suppressed.is_none())
+        .count()
+}
+
+/// The suppressed counts of the summaries of `reason`.
+fn summaries(t: &Transcript, reason: DenyReason) -> Vec<u64> {
+    denials(t)
+        .iter()
+        .filter(|d| d.reason == reason)
+        .filter_map(|d| d.suppressed)
+        .collect()
+}
+
+#[test]
+fn refusal_budget_defaults_to_50() {
+    assert_eq!(SessionConfig::default().max_refusals, 50);
+    let mut d = logged_in();
+    for _ in 0..50 {
+        d.input(Side::Client, b"LPSV\r\n");
+    }
+    assert!(!d.session.is_closed());
+    assert_eq!(text(&d.transcript.to_client), R502.repeat(50));
+    d.input(Side::Client, b"LPSV\r\n");
+    assert!(d.session.is_closed());
+}
+
+#[test]
+fn a_session_that_keeps_sending_refused_input_is_closed_after_its_budget() {
+    let mut d = with_budget(3);
+    d.input(Side::Client, b"LPSV\r\n PORT 1\r\nNO\0OP\r\n");
+    assert!(!d.session.is_closed());
+    d.input(Side::Client, b"PORT 203,0,113,5,25,46\r\nNOOP\r\n");
+    assert!(d.session.is_closed());
+    assert_eq!(
+        text(&d.transcript.to_client),
+        format!(
+            "{R502}500 Syntax error, command unrecognized.\r\n500 Syntax error: bare CR or NUL in command line.\r\n{R421_REFUSALS}"
+        )
+    );
+    assert!(d.transcript.to_server.is_empty(), "nothing after the close");
+    assert_eq!(
+        reasons(&d.transcript),
+        [
+            DenyReason::UnsupportedCommand,
+            DenyReason::MalformedCommand,
+            DenyReason::MalformedLine,
+            DenyReason::RefusalBudget,
+        ]
+    );
+    let closing = denials(&d.transcript)[3].clone();
+    assert_eq!(closing.side, Side::Client);
+    assert_eq!(closing.verb.as_deref(), Some("PORT"), "the last straw");
+    assert_eq!(closing.reply.as_deref(), Some(R421_REFUSALS.trim_end()));
+    assert_eq!(
+        d.transcript.events.last(),
+        Some(&Event::Close(CloseReason::RefusalBudget))
+    );
+    assert_eq!(CloseReason::RefusalBudget.as_str(), "refusal_budget");
+    assert_eq!(DenyReason::RefusalBudget.as_str(), "refusal_budget");
+}
+
+#[test]
+fn the_budget_closes_before_a_refused_reply_that_waits_for_the_server() {
+    let mut d = with_budget(1);
+    // Both refusals wait behind the NOOP's reply; the second closes.
+    d.input(Side::Client, b"NOOP\r\nLPSV\r\nLPSV\r\n");
+    assert!(d.session.is_closed());
+    assert_eq!(text(&d.transcript.to_client), R421_REFUSALS);
+    assert_eq!(text(&d.transcript.to_server), "NOOP\r\n");
+}
+
+#[test]
+fn refused_server_lines_do_not_count_against_the_client() {
+    let mut d = with_budget(1);
+    for _ in 0..10 {
+        d.input(Side::Server, b"junk\r\n");
+        d.input(Side::Client, b"NOOP\r\n");
+        d.input(Side::Server, b"200 a\0b\r\n");
+        d.input(Side::Server, b"227 (10,0,0,5,200,10)\r\n");
+    }
+    assert!(!d.session.is_closed(), "{:#?}", d.transcript.events);
+}
+
+#[test]
+fn pinholes_the_gateway_cannot_open_do_not_count_against_the_client() {
+    let mut d = with_budget(1);
+    d.pinholes_work = false;
+    for _ in 0..5 {
+        d.input(Side::Client, b"PORT 192,0,2,10,25,46\r\n");
+    }
+    assert!(!d.session.is_closed());
+    assert_eq!(single(&d.transcript, DenyReason::PinholeUnavailable), 5);
+}
+
+#[test]
+fn after_five_denials_of_one_reason_the_rest_are_counted_and_summed_up_at_close() {
+    let mut d = with_budget(100);
+    for _ in 0..12 {
+        d.input(Side::Client, b"LPSV\r\n");
+    }
+    for _ in 0..2 {
+        d.input(Side::Client, b"AUTH TLS\r\n");
+    }
+    // Every refusal is still answered.
+    assert_eq!(text(&d.transcript.to_client).matches("502 ").count(), 12);
+    assert_eq!(single(&d.transcript, DenyReason::UnsupportedCommand), 5);
+    assert_eq!(single(&d.transcript, DenyReason::AuthRefused), 2);
+    assert!(summaries(&d.transcript, DenyReason::UnsupportedCommand).is_empty());
+    d.session.handle_eof(Side::Client, d.now);
+    d.settle();
+    assert_eq!(
+        summaries(&d.transcript, DenyReason::UnsupportedCommand),
+        [7]
+    );
+    assert!(summaries(&d.transcript, DenyReason::AuthRefused).is_empty());
+    let summary = denials(&d.transcript)
+        .into_iter()
+        .find(|d| d.suppressed.is_some())
+        .cloned()
+        .unwrap();
+    assert_eq!(summary.side, Side::Client);
+    // The summary comes before the close.
+    assert_eq!(
+        d.transcript.events.last(),
+        Some(&Event::Close(CloseReason::ClientClosed))
+    );
+}
+
+#[test]
+fn suppressed_denials_are_summed_up_at_most_once_per_interval() {
+    let mut d = with_budget(100);
+    for _ in 0..12 {
+        d.input(Side::Client, b"LPSV\r\n");
+    }
+    d.advance(Duration::from_secs(9));
+    assert!(summaries(&d.transcript, DenyReason::UnsupportedCommand).is_empty());
+    d.advance(Duration::from_secs(1));
+    assert_eq!(
+        summaries(&d.transcript, DenyReason::UnsupportedCommand),
+        [7]
+    );
+    for _ in 0..3 {
+        d.input(Side::Client, b"LPSV\r\n");
+    }
+    d.advance(Duration::from_secs(9));
+    assert_eq!(
+        summaries(&d.transcript, DenyReason::UnsupportedCommand),
+        [7]
+    );
+    d.advance(Duration::from_secs(1));
+    assert_eq!(
+        summaries(&d.transcript, DenyReason::UnsupportedCommand),
+        [7, 3]
+    );
+    // Nothing left to sum up: the close adds no summary.
+    d.session.handle_eof(Side::Client, d.now);
+    d.settle();
+    assert_eq!(
+        summaries(&d.transcript, DenyReason::UnsupportedCommand),
+        [7, 3]
+    );
+    assert_eq!(single(&d.transcript, DenyReason::UnsupportedCommand), 5);
+}
+
+#[test]
+fn a_server_flood_of_bad_lines_is_aggregated_too() {
+    let mut d = logged_in();
+    for _ in 0..100 {
+        d.input(Side::Server, b"junk\r\n");
+    }
+    assert_eq!(single(&d.transcript, DenyReason::MalformedReply), 5);
+    d.advance(Duration::from_secs(10));
+    assert_eq!(summaries(&d.transcript, DenyReason::MalformedReply), [95]);
+    assert!(!d.session.is_closed());
 }

@@ -69,10 +69,13 @@ pub enum DenyReason {
     ClientSessionLimit,
     /// The upstream server could not be reached.
     UpstreamUnreachable,
+    /// The session kept sending refused input past its budget
+    /// (`limits.max_refused_commands`) and was closed.
+    RefusalBudget,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 26] = [
+    pub const ALL: [DenyReason; 27] = [
         DenyReason::MalformedLine,
         DenyReason::LineTooLong,
         DenyReason::MalformedCommand,
@@ -99,6 +102,7 @@ impl DenyReason {
         DenyReason::SessionLimit,
         DenyReason::ClientSessionLimit,
         DenyReason::UpstreamUnreachable,
+        DenyReason::RefusalBudget,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -129,6 +133,7 @@ impl DenyReason {
             DenyReason::SessionLimit => "session_limit",
             DenyReason::ClientSessionLimit => "client_session_limit",
             DenyReason::UpstreamUnreachable => "upstream_unreachable",
+            DenyReason::RefusalBudget => "refusal_budget",
         }
     }
 }
@@ -160,6 +165,9 @@ pub struct Denial {
     pub rule: Option<String>,
     /// The FTP reply the gateway sent instead, without CRLF.
     pub reply: Option<String>,
+    /// Set on a summary: this many further refusals of `reason` in the
+    /// session were counted instead of logged one by one.
+    pub suppressed: Option<u64>,
 }
 
 impl Denial {
@@ -174,6 +182,7 @@ impl Denial {
             peer: None,
             rule: None,
             reply: None,
+            suppressed: None,
         }
     }
 

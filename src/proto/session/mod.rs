@@ -5,9 +5,10 @@
 //! `take_*` API and the drain loop. The rest lives in one file per concern:
 //! `types` (the public vocabulary), `pending` (the FIFO pairing replies
 //! with commands), `commands` (client lines), `replies` (server lines),
-//! `pinholes` (slots and their expiry) and `output` (writing, refusing,
-//! closing).
+//! `pinholes` (slots and their expiry), `output` (writing, refusing,
+//! closing) and `abuse` (the refusal budget and the deny aggregation).
 
+mod abuse;
 mod commands;
 mod output;
 mod pending;
@@ -16,8 +17,8 @@ mod replies;
 mod types;
 
 pub use types::{
-    CloseReason, DataMode, DataVerdict, Endpoints, Event, PinholeClose, PinholeId, PinholeRequest,
-    ResolveId, Resolved, RewriteKind, SessionConfig, SessionId,
+    CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerdict, Endpoints, Event, PinholeClose,
+    PinholeId, PinholeRequest, ResolveId, Resolved, RewriteKind, SessionConfig, SessionId,
 };
 
 use std::collections::VecDeque;
@@ -31,6 +32,7 @@ use super::deny::{Denial, DenyReason};
 use super::framing::LineFramer;
 use super::policy::{ControlPeers, canonical, canonical_ip};
 use super::reply::Code;
+use abuse::DenyTally;
 use commands::{HeldCommand, with_command};
 use output::Route;
 use pending::{MAX_PENDING, Pending};
@@ -69,6 +71,12 @@ pub struct Session {
     next_id: u64,
     login_deadline: Option<Instant>,
     last_activity: Instant,
+    /// The latest time the daemon passed in: what deny aggregation measures
+    /// its interval with.
+    clock: Instant,
+    /// Refused client lines so far, against `cfg.max_refusals`.
+    refusals: usize,
+    tally: DenyTally,
 }
 
 impl Session {
@@ -106,6 +114,9 @@ impl Session {
             next_id: 1,
             login_deadline: Some(now + cfg.login_timeout),
             last_activity: now,
+            clock: now,
+            refusals: 0,
+            tally: DenyTally::default(),
             cfg,
             ep,
         }
@@ -138,6 +149,7 @@ impl Session {
         if self.closed {
             return;
         }
+        self.tick(now);
         self.last_activity = now;
         match from {
             Side::Client => self.client_in.push(data),
@@ -147,7 +159,8 @@ impl Session {
     }
 
     /// `from` closed its end of the control connection.
-    pub fn handle_eof(&mut self, from: Side, _now: Instant) {
+    pub fn handle_eof(&mut self, from: Side, now: Instant) {
+        self.tick(now);
         self.close(match from {
             Side::Client => CloseReason::ClientClosed,
             Side::Server => CloseReason::ServerClosed,
@@ -156,6 +169,7 @@ impl Session {
 
     /// The daemon answers an [`Event::Resolve`].
     pub fn handle_resolved(&mut self, id: ResolveId, found: Option<Resolved>, now: Instant) {
+        self.tick(now);
         match self.held_command.take() {
             Some(HeldCommand::Resolving(held_id, cmd)) if held_id == id => {
                 self.decide_active(cmd, found);
@@ -167,6 +181,7 @@ impl Session {
 
     /// The pinhole `id` listens on `listen`.
     pub fn handle_pinhole_opened(&mut self, id: PinholeId, listen: SocketAddr, now: Instant) {
+        self.tick(now);
         let listen = canonical(listen);
         let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) else {
             return;
@@ -191,6 +206,7 @@ impl Session {
 
     /// The daemon could not open pinhole `id`.
     pub fn handle_pinhole_failed(&mut self, id: PinholeId, now: Instant) {
+        self.tick(now);
         self.slots.retain(|s| s.id != id);
         let refusal = Denial::new(DenyReason::PinholeUnavailable, Side::Client);
         const REPLY: &str = "425 Can't open data connection: no pinhole available.";
@@ -210,6 +226,7 @@ impl Session {
 
     /// Pinhole `id` and any data connection through it are gone.
     pub fn handle_pinhole_closed(&mut self, id: PinholeId, now: Instant) {
+        self.tick(now);
         self.slots.retain(|s| s.id != id);
         if self.slots.is_empty() {
             // A long transfer is activity: the idle clock restarts after it.
@@ -228,12 +245,22 @@ impl Session {
             .is_empty()
             .then(|| self.last_activity + self.cfg.idle_timeout);
         let pinholes = self.next_pinhole_expiry();
-        login.into_iter().chain(idle).chain(pinholes).min()
+        let summary = self.tally.summary_due();
+        login
+            .into_iter()
+            .chain(idle)
+            .chain(pinholes)
+            .chain(summary)
+            .min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.closed {
             return;
+        }
+        self.tick(now);
+        if self.tally.summary_due().is_some_and(|due| due <= now) {
+            self.log_summaries();
         }
         self.expire_pinholes(now);
         if !self.logged_in && self.login_deadline.is_some_and(|d| d <= now) {
@@ -269,6 +296,11 @@ impl Session {
             Side::Client => std::mem::take(&mut self.to_client),
             Side::Server => std::mem::take(&mut self.to_server),
         }
+    }
+
+    /// Notes the time the daemon passed in (never going back).
+    fn tick(&mut self, now: Instant) {
+        self.clock = self.clock.max(now);
     }
 
     /// The next id for a pinhole or a look-up; unique within the session.

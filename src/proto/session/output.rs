@@ -62,12 +62,13 @@ impl Session {
         self.refuse(Denial::new(reason, Side::Server), "", Route::Silent);
     }
 
-    /// Every refusal goes through here: one deny event, one reply.
+    /// Every refusal goes through here: one deny event (or one count
+    /// toward a summary, see `abuse`), one reply.
     pub(super) fn refuse(&mut self, mut denial: Denial, reply: &str, route: Route) {
         if route != Route::Silent {
             denial.reply = Some(reply.to_string());
         }
-        self.events.push_back(Event::Deny(denial));
+        self.log_denial(denial);
         let bytes = format!("{reply}\r\n").into_bytes();
         match route {
             Route::Queued => {
@@ -89,6 +90,8 @@ impl Session {
     pub(super) fn close(&mut self, reason: CloseReason) {
         if !self.closed {
             self.closed = true;
+            // Whatever was counted is logged before the session ends.
+            self.log_summaries();
             self.events.push_back(Event::Close(reason));
         }
     }
