@@ -547,3 +547,127 @@ fn a_server_flood_of_bad_lines_is_aggregated_too() {
     assert_eq!(summaries(&d.transcript, DenyReason::MalformedReply), [95]);
     assert!(!d.session.is_closed());
 }
+
+// ---- 5. shutdown through the core, never inside a relayed reply ------------
+
+const R421_SHUTDOWN: &str = "421 Service shutting down: closing control connection.\r\n";
+
+fn shutdown(d: &mut Driver) {
+    d.session.handle_shutdown(d.now);
+    d.settle();
+}
+
+#[test]
+fn shutdown_between_replies_sends_421_and_closes_with_reason_shutdown() {
+    let mut d = logged_in();
+    shutdown(&mut d);
+    assert_eq!(text(&d.transcript.to_client), R421_SHUTDOWN);
+    assert!(d.transcript.to_server.is_empty());
+    assert_eq!(d.transcript.events, [Event::Close(CloseReason::Shutdown)]);
+    assert!(d.session.is_closed());
+    assert_eq!(CloseReason::Shutdown.as_str(), "shutdown");
+    // Once closed, nothing more happens.
+    d.transcript = Transcript::default();
+    shutdown(&mut d);
+    d.input(Side::Server, b"200 late\r\n");
+    assert_eq!(d.transcript, Transcript::default());
+}
+
+#[test]
+fn shutdown_in_the_middle_of_a_relayed_multi_line_reply_ends_that_reply_first() {
+    let mut d = logged_in();
+    d.input(Side::Client, b"FEAT\r\n");
+    d.input(Side::Server, b"211-Features:\r\n EPSV\r\n");
+    shutdown(&mut d);
+    assert_eq!(
+        text(&d.transcript.to_client),
+        format!(
+            "211-Features:\r\n EPSV\r\n211 (reply cut short by ftpgate: closing)\r\n{R421_SHUTDOWN}"
+        )
+    );
+    assert_eq!(
+        d.transcript.events.last(),
+        Some(&Event::Close(CloseReason::Shutdown))
+    );
+}
+
+#[test]
+fn shutdown_in_the_middle_of_a_withheld_227_reply_ends_it_with_the_neutral_code() {
+    let mut d = logged_in();
+    d.input(Side::Client, b"NOOP\r\n");
+    d.input(Side::Server, b"227-(10,0,0,5,200,10)\r\n");
+    shutdown(&mut d);
+    assert_eq!(
+        text(&d.transcript.to_client),
+        format!("{WITHHELD_START}200 (reply cut short by ftpgate: closing)\r\n{R421_SHUTDOWN}")
+    );
+}
+
+#[test]
+fn shutdown_in_the_middle_of_a_reply_to_pasv_sends_only_the_421() {
+    let mut d = logged_in();
+    d.input(Side::Client, b"PASV\r\nLPSV\r\n");
+    d.input(
+        Side::Server,
+        b"227-Entering Passive Mode\r\n (10,0,0,5,200,10)\r\n",
+    );
+    shutdown(&mut d);
+    // The held lines never reached the client, and the LPSV refusal queued
+    // behind the PASV is dropped: the 421 is the client's only reply.
+    assert_eq!(text(&d.transcript.to_client), R421_SHUTDOWN);
+}
+
+#[test]
+fn shutdown_while_a_passive_reply_waits_for_its_pinhole_sends_only_the_421() {
+    use ftpgate::proto::{Session, SessionId};
+    use std::sync::Arc;
+    let now = std::time::Instant::now();
+    let mut s = Session::new(
+        Arc::new(SessionConfig::default()),
+        lab_endpoints(),
+        SessionId(1),
+        now,
+    );
+    for (side, data) in [
+        (Side::Server, &b"220 ready\r\n"[..]),
+        (Side::Client, b"USER u\r\nPASS p\r\n"),
+        (Side::Server, b"331 pw\r\n230 ok\r\n"),
+        (Side::Client, b"PASV\r\n"),
+        (Side::Server, b"227 (10,0,0,5,200,10)\r\n"),
+    ] {
+        s.handle_input(side, data, now);
+    }
+    s.take_transmit(Side::Client);
+    // The daemon has not answered the OpenPinhole yet.
+    assert!(!s.wants_input(Side::Server));
+    s.handle_shutdown(now);
+    assert_eq!(text(&s.take_transmit(Side::Client)), R421_SHUTDOWN);
+    let mut events = Vec::new();
+    while let Some(e) = s.poll_event() {
+        events.push(e);
+    }
+    assert_eq!(events.last(), Some(&Event::Close(CloseReason::Shutdown)));
+}
+
+#[test]
+fn login_timeout_in_the_middle_of_a_multi_line_greeting_ends_it_first() {
+    let mut d = Driver::lab();
+    d.input(Side::Server, b"220-Welcome\r\n220-to the\r\n");
+    d.advance(Duration::from_secs(30));
+    assert_eq!(
+        text(&d.transcript.to_client),
+        "220-Welcome\r\n220-to the\r\n220 (reply cut short by ftpgate: closing)\r\n421 Login timed out: closing control connection.\r\n"
+    );
+}
+
+#[test]
+fn refusal_budget_in_the_middle_of_a_relayed_reply_ends_that_reply_first() {
+    let mut d = with_budget(1);
+    d.input(Side::Client, b"HELP\r\nLPSV\r\n");
+    d.input(Side::Server, b"214-Commands:\r\n");
+    d.input(Side::Client, b"LPSV\r\n");
+    assert_eq!(
+        text(&d.transcript.to_client),
+        format!("214-Commands:\r\n214 (reply cut short by ftpgate: closing)\r\n{R421_REFUSALS}")
+    );
+}

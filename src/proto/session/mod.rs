@@ -34,7 +34,7 @@ use super::policy::{ControlPeers, canonical, canonical_ip};
 use super::reply::Code;
 use abuse::DenyTally;
 use commands::{HeldCommand, with_command};
-use output::Route;
+use output::{IDLE_TIMED_OUT, LOGIN_TIMED_OUT, Route, SHUTTING_DOWN};
 use pending::{MAX_PENDING, Pending};
 use pinholes::{Slot, SlotState};
 use replies::{HeldReply, PassiveLines};
@@ -234,6 +234,27 @@ impl Session {
         }
     }
 
+    /// The gateway is shutting down: the client gets
+    /// `421 Service shutting down` (RFC 959 section 4.2: 421 may answer any
+    /// command when the service is closing) and the session closes with
+    /// [`CloseReason::Shutdown`]; the daemon then flushes and closes as for
+    /// any other close.
+    ///
+    /// The 421 never lands inside a multi-line reply: if the client has
+    /// seen the start of a server reply, the core ends that reply with a
+    /// final line of its own code first (see `close_with_reply`). Waiting
+    /// for the server to finish it would make shutdown depend on a server
+    /// that may never do so. Lines held back (a reply to PASV/EPSV, or one
+    /// waiting for its pinhole) never reached the client, so then the 421
+    /// is all it gets.
+    pub fn handle_shutdown(&mut self, now: Instant) {
+        if self.closed {
+            return;
+        }
+        self.tick(now);
+        self.close_with_reply(SHUTTING_DOWN, CloseReason::Shutdown);
+    }
+
     /// The earliest time `handle_timeout` has work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.closed {
@@ -264,15 +285,9 @@ impl Session {
         }
         self.expire_pinholes(now);
         if !self.logged_in && self.login_deadline.is_some_and(|d| d <= now) {
-            self.close_with_reply(
-                "421 Login timed out: closing control connection.",
-                CloseReason::LoginTimeout,
-            );
+            self.close_with_reply(LOGIN_TIMED_OUT, CloseReason::LoginTimeout);
         } else if self.slots.is_empty() && self.last_activity + self.cfg.idle_timeout <= now {
-            self.close_with_reply(
-                "421 Idle timeout: closing control connection.",
-                CloseReason::IdleTimeout,
-            );
+            self.close_with_reply(IDLE_TIMED_OUT, CloseReason::IdleTimeout);
         }
     }
 

@@ -172,6 +172,8 @@ pub enum CloseReason {
     NotFtp,
     /// The client kept sending refused input past its budget.
     RefusalBudget,
+    /// The gateway is shutting down.
+    Shutdown,
 }
 
 impl CloseReason {
@@ -183,6 +185,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::NotFtp => "not_ftp",
             CloseReason::RefusalBudget => "refusal_budget",
+            CloseReason::Shutdown => "shutdown",
         }
     }
 }
