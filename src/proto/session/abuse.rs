@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::Session;
 use super::output::Route;
-use super::types::CloseReason;
+use super::types::{CloseReason, Event};
 use crate::proto::Side;
 use crate::proto::deny::{Denial, DenyReason};
 
@@ -95,7 +95,7 @@ impl Session {
     /// session has emitted [`DENY_BURST`] of its reason.
     pub(super) fn log_denial(&mut self, denial: Denial) {
         if self.tally.admit(&denial, self.clock) {
-            self.events.push_back(super::Event::Deny(denial));
+            self.events.push_back(Event::Deny(denial));
         }
     }
 
@@ -103,7 +103,7 @@ impl Session {
     /// event per reason, carrying the count in `suppressed`.
     pub(super) fn log_summaries(&mut self) {
         for summary in self.tally.summaries() {
-            self.events.push_back(super::Event::Deny(summary));
+            self.events.push_back(Event::Deny(summary));
         }
     }
 
