@@ -12,7 +12,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::proto::{FxpRule, Policy, SessionConfig};
+use crate::proto::{DEFAULT_MAX_REFUSALS, FxpRule, Policy, SessionConfig};
 
 /// All problems found in a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +95,8 @@ pub struct Limits {
     pub max_command_line: usize,
     pub max_reply_line: usize,
     pub shutdown_grace: Duration,
+    /// Core hardening (see the block at the end of this file).
+    pub max_refused_commands: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +154,7 @@ impl Config {
             pinhole_timeout: self.data.accept_timeout,
             login_timeout: self.limits.login_timeout,
             idle_timeout: self.limits.idle_timeout,
+            max_refusals: self.limits.max_refused_commands,
         })
     }
 }
@@ -251,6 +254,8 @@ struct RawLimits {
     max_command_line: usize,
     max_reply_line: usize,
     shutdown_grace: String,
+    /// Core hardening (see the block at the end of this file).
+    max_refused_commands: usize,
 }
 
 impl Default for RawLimits {
@@ -264,6 +269,7 @@ impl Default for RawLimits {
             max_command_line: 2048,
             max_reply_line: 8192,
             shutdown_grace: "30s".into(),
+            max_refused_commands: DEFAULT_MAX_REFUSALS,
         }
     }
 }
@@ -512,6 +518,7 @@ impl RawConfig {
             max_command_line: line_limit("limits.max_command_line", l.max_command_line, problems),
             max_reply_line: line_limit("limits.max_reply_line", l.max_reply_line, problems),
             shutdown_grace: duration("limits.shutdown_grace", &l.shutdown_grace, problems),
+            max_refused_commands: refusal_budget(l.max_refused_commands, problems),
         };
 
         let deny_log = DenyLogConfig {
@@ -561,6 +568,73 @@ fn parse_net(text: &str) -> Option<IpNet> {
             None => Some(net),
         },
         _ => Some(net),
+    }
+}
+
+// ---- core hardening: the refusal budget -----------------------------------
+//
+// `limits.max_refused_commands`: refused client lines one control session
+// may send before the core closes it with 421 (DESIGN.md "State", abuse
+// budget). Only this block and the one field in `RawLimits`, `Limits` and
+// `session_config` belong to it.
+
+/// The largest accepted budget: beyond it the budget would never end a
+/// session that only sends refused input.
+const MAX_REFUSAL_BUDGET: usize = 1_000_000;
+
+fn refusal_budget(value: usize, problems: &mut Vec<String>) -> usize {
+    if !(1..=MAX_REFUSAL_BUDGET).contains(&value) {
+        problems.push(format!(
+            "`limits.max_refused_commands` = {value}: must be between 1 and {MAX_REFUSAL_BUDGET} refused commands"
+        ));
+    }
+    value
+}
+
+#[cfg(test)]
+mod refusal_budget_tests {
+    use super::*;
+
+    fn with_limits(limits: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!(
+            "[[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"127.0.0.1:21\"\n[limits]\n{limits}\n"
+        ))
+    }
+
+    #[test]
+    fn max_refused_commands_defaults_to_50_and_reaches_the_session() {
+        let cfg = with_limits("").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.limits.max_refused_commands, 50);
+        let cfg = with_limits("max_refused_commands = 7").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.session_config().max_refusals, 7);
+    }
+
+    #[test]
+    fn max_refused_commands_out_of_range_is_reported_with_the_other_problems() {
+        for bad in ["0", "1000001"] {
+            let err = with_limits(&format!(
+                "max_refused_commands = {bad}\nmax_sessions = 0\ncolour = 1"
+            ))
+            .unwrap_err()
+            .to_string();
+            for needle in [
+                "limits.max_refused_commands",
+                "limits.max_sessions",
+                "unknown key `limits.colour`",
+            ] {
+                assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn shipped_config_documents_max_refused_commands_with_its_default() {
+        let text = include_str!("../config/ftpgate.toml");
+        assert!(
+            text.lines()
+                .any(|l| l.trim() == format!("max_refused_commands = {DEFAULT_MAX_REFUSALS}")),
+            "config/ftpgate.toml lacks max_refused_commands"
+        );
     }
 }
 

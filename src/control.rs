@@ -218,13 +218,11 @@ impl Running {
                 () = sleep_until_opt(deadline) => {
                     self.session.handle_timeout(Instant::now().into_std());
                 }
+                // The core writes the 421 where it cannot land inside a
+                // relayed reply; the loop flushes it and ends as the session
+                // closes (outcome "shutdown").
                 _ = shutdown.changed() => {
-                    let _ = write_timeout(
-                        &mut client,
-                        b"421 Service shutting down: closing control connection.\r\n",
-                    )
-                    .await;
-                    break "shutdown";
+                    self.session.handle_shutdown(Instant::now().into_std());
                 }
             }
         };

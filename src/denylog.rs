@@ -67,6 +67,10 @@ struct Line<'a> {
     rule: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reply: Option<&'a str>,
+    /// A summary: this many more refusals of `reason` were counted by the
+    /// core instead of logged one by one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    suppressed: Option<u64>,
 }
 
 pub fn timestamp() -> String {
@@ -112,6 +116,7 @@ impl DenyLog {
             peer: denial.peer,
             rule: denial.rule.as_deref(),
             reply: denial.reply.as_deref(),
+            suppressed: denial.suppressed,
         };
         let Ok(json) = serde_json::to_string(&line) else {
             return;

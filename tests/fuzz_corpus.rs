@@ -224,6 +224,29 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 .0,
         ),
         (
+            "seed-passive-lookalikes",
+            s().server(b"227-(10,0,0,9,1,1)\r\n227 (10,0,0,9,1,1)\r\n")
+                .client(b"USER u\r\nPASS p\r\n")
+                .server(b"331 pw\r\n230 ok\r\n")
+                .client(b"FEAT\r\nPASV\r\nEPSV\r\nNOOP\r\nPASV\r\n")
+                .server(b"211-Features:\r\n 227 (10,0,0,5,200,10)\r\n\t229 (|||6446|)\r\n2270 x\r\n211 End\r\n")
+                .server(b"227-Host 10.0.0.9 (10,0,0,9,1,1)\r\n 227 x\r\n227 Mode (10,0,0,5,200,10) 10,0,0,9,1,2\r\n")
+                .server(b"229 Server 10.0.0.9 (|||6446|) ok\r\n")
+                .server(b"227-(10,0,0,5,200,10)\r\n229 x\r\n227 (10,0,0,5,200,11)\0\r\n")
+                .server(b"425-no\r\n227 (10,0,0,5,200,10)\r\n425 no\r\n")
+                .server(b"229 (|||6447|)\r\n")
+                .advance(10)
+                .0,
+        ),
+        (
+            "seed-address-verb-lookalikes",
+            s().login()
+                .client(b"PORTX 10,0,0,5,0,25\r\nportal 1,2,3,4,5,6\r\nEPRTX |1|10.0.0.5|25|\r\n")
+                .client(b"PASVX\r\nEpsv2\r\nLPRTX 1\r\nLPSVX\r\nSPSVX\r\nPOR x\r\n")
+                .server(b"500 what\r\n")
+                .0,
+        ),
+        (
             "seed-rein-and-relogin",
             s().login()
                 .client(b"REIN\r\nPORT 192,0,2,10,25,46\r\n")

@@ -116,12 +116,9 @@ proptest! {
         let found = parse_227(&line).expect("numbers found");
         prop_assert_eq!(found.addr, addr);
         prop_assert_eq!(&line[found.span.clone()], numbers.as_bytes());
-        // Splicing other numbers in keeps the surrounding text.
-        let other = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 50001);
-        let spliced = reply::splice(&line, found.span, &format_host_port(other));
-        prop_assert_eq!(parse_227(&spliced).map(|p| p.addr), Some(other));
-        prop_assert!(spliced.starts_with(&line[..4 + before.len()]));
-        prop_assert!(spliced.ends_with(&after));
+        // The gateway's own line names what it was built from.
+        let canonical = reply::canonical_227(addr);
+        prop_assert_eq!(parse_227(&canonical).map(|p| p.addr), Some(addr));
     }
 
     #[test]
@@ -141,8 +138,8 @@ proptest! {
         prop_assert_eq!(found.port, port);
         let digits = port.to_string();
         prop_assert_eq!(&line[found.span.clone()], digits.as_bytes());
-        let spliced = reply::splice(&line, found.span, "50001");
-        prop_assert_eq!(parse_229(&spliced).map(|p| p.port), Some(50001));
+        let canonical = reply::canonical_229(port);
+        prop_assert_eq!(parse_229(&canonical).map(|p| p.port), Some(port));
     }
 
     #[test]
@@ -299,6 +296,18 @@ const SERVER_FRAGMENTS: &[&[u8]] = &[
     b"229 Entering Extended Passive Mode (|||6446|)\r\n",
     b"229 (!!!70000!)\r\n",
     b"211-Features:\r\n 227 (10,0,0,5,200,10)\r\n211 End\r\n",
+    // Lines a client could read as a passive reply, in every position.
+    b"227-Entering Passive Mode (10,0,0,9,1,1)\r\n",
+    b" 227 (10,0,0,9,1,2)\r\n",
+    b"229-(|||6446|)\r\n",
+    b"\t229 (|||6446|)\r\n",
+    b"227 Host 10.0.0.9 (10,0,0,5,200,10)\r\n",
+    b"229 Server 10.0.0.9 (|||6446|)\r\n",
+    b"425-no\r\n227 (10,0,0,5,200,10)\r\n425 no\r\n",
+    b"150-wait\r\n227 x\r\n150 wait\r\n",
+    b"2270 files\r\n",
+    b"227\r\n",
+    b"227 (10,0,0,5,200,10)\0\r\n",
     b"214-Help\r\n",
     b"214 end\r\n",
     b"500 what\r\n",
@@ -394,6 +403,32 @@ proptest! {
         assert_same(&whole, &split)?;
     }
 
+    /// DESIGN.md "State": the client sees only addresses the gateway wrote.
+    /// Whatever the server sends, every line that reaches the client and
+    /// starts (after blanks) with 227 or 229 is a canonical line the gateway
+    /// built, naming its own address; and the same holds however the input
+    /// is cut.
+    #[test]
+    fn client_sees_no_passive_reply_line_the_gateway_did_not_write(
+        steps in script(),
+        splits in proptest::collection::vec(0usize..64, 0..200),
+    ) {
+        for t in [driver::play(&steps, &[]), driver::play(&steps, &splits)] {
+            for line in t.to_client.split(|&b| b == b'\n') {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let start = line.iter().position(|&b| b != b' ' && b != b'\t');
+                let trimmed = start.map_or(&[][..], |i| &line[i..]);
+                if trimmed.starts_with(b"227") || trimmed.starts_with(b"229") {
+                    prop_assert!(
+                        is_canonical_passive_line(line),
+                        "{:?}",
+                        String::from_utf8_lossy(line)
+                    );
+                }
+            }
+        }
+    }
+
     /// Whatever the peers send, the core never forwards a line to the
     /// server that it refused: every refused client line leaves no trace in
     /// the upstream bytes, so the upstream never sees a bare CR or a NUL.
@@ -410,6 +445,29 @@ proptest! {
         let secrets = t.events.iter().filter(|e| format!("{e:?}").contains("secret")).count();
         prop_assert_eq!(secrets, 0, "PASS argument in an event");
     }
+}
+
+/// `227 Entering Passive Mode (192,0,2,1,p1,p2).` (the lab gateway's inside
+/// address) or `229 Entering Extended Passive Mode (|||port|)`, exactly.
+fn is_canonical_passive_line(line: &[u8]) -> bool {
+    let line = String::from_utf8_lossy(line);
+    let byte = |s: &str| s.parse::<u8>().is_ok_and(|n| n.to_string() == s);
+    if let Some(rest) = line
+        .strip_prefix("227 Entering Passive Mode (192,0,2,1,")
+        .and_then(|r| r.strip_suffix(")."))
+    {
+        return rest
+            .split_once(',')
+            .is_some_and(|(a, b)| byte(a) && byte(b));
+    }
+    line.strip_prefix("229 Entering Extended Passive Mode (|||")
+        .and_then(|r| r.strip_suffix("|)"))
+        .and_then(|p| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|n| *n != 0 && n.to_string() == p)
+        })
+        .is_some()
 }
 
 /// A client that pipelines past the core's pending-command limit stops being

@@ -511,11 +511,12 @@ fn lowercase_port_is_port_and_is_rewritten() {
 }
 
 #[test]
-fn portal_is_an_unknown_verb_forwarded_as_it_is() {
+fn portal_is_not_port_but_is_refused_as_a_lookalike_of_it() {
     let mut d = logged_in();
     d.input(Side::Client, b"PORTAL 192,0,2,10,25,46\r\n");
-    assert_wire(&d.transcript, "", "PORTAL 192,0,2,10,25,46\r\n");
-    assert!(d.transcript.events.is_empty(), "{:#?}", d.transcript.events);
+    assert_wire(&d.transcript, R500_VERB, "");
+    the_denial(&d.transcript, DenyReason::AddressVerbLookalike);
+    assert!(opened(&d.transcript).is_empty());
 }
 
 // ---- pipelining and reply pairing ---------------------------------------------
@@ -657,26 +658,23 @@ fn pasv_reply_announces_the_advertised_address_when_one_is_configured() {
 }
 
 #[test]
-fn pasv_reply_without_parentheses_is_rewritten_in_place() {
+fn pasv_reply_without_parentheses_is_answered_with_the_canonical_227() {
     let mut d = logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(
         Side::Server,
         b"227 Entering Passive Mode 10,0,0,5,200,10\r\n",
     );
-    assert_eq!(
-        text(&d.transcript.to_client),
-        "227 Entering Passive Mode 192,0,2,1,195,81\r\n"
-    );
+    assert_eq!(text(&d.transcript.to_client), text(REWRITTEN_227));
     assert_eq!(opened(&d.transcript).len(), 1);
 }
 
 #[test]
-fn pasv_reply_with_an_equals_sign_is_rewritten_in_place() {
+fn pasv_reply_with_an_equals_sign_is_answered_with_the_canonical_227() {
     let mut d = logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(Side::Server, b"227 =10,0,0,5,200,10\r\n");
-    assert_eq!(text(&d.transcript.to_client), "227 =192,0,2,1,195,81\r\n");
+    assert_eq!(text(&d.transcript.to_client), text(REWRITTEN_227));
 }
 
 #[test]
@@ -753,52 +751,65 @@ fn pasv_error_reply_is_passed_on_whole() {
     assert!(d.transcript.events.is_empty());
 }
 
+/// A continuation line a client could read as a passive reply, replaced.
+const WITHHELD_TEXT: &str = " (line withheld by ftpgate: looks like a passive reply)\r\n";
+/// A 227/229 final line outside a reply to PASV/EPSV, replaced.
+const WITHHELD_END: &str = "200 (line withheld by ftpgate: looks like a passive reply)\r\n";
+
 #[test]
-fn a_227_inside_a_multi_line_reply_to_feat_is_forwarded_untouched_and_opens_nothing() {
+fn a_227_inside_a_multi_line_reply_to_feat_is_withheld_and_opens_nothing() {
     let mut d = logged_in();
     d.input(Side::Client, b"FEAT\r\n");
     let reply: &[u8] = b"211-Features:\r\n 227 (10,0,0,5,200,10)\r\n227 (10,0,0,5,200,10)\r\n227-(10,0,0,5,200,10)\r\n211 End\r\n";
     d.input(Side::Server, reply);
-    assert_wire(&d.transcript, &text(reply), "FEAT\r\n");
-    assert!(d.transcript.events.is_empty(), "{:#?}", d.transcript.events);
+    assert_wire(
+        &d.transcript,
+        &format!("211-Features:\r\n{WITHHELD_TEXT}{WITHHELD_TEXT}{WITHHELD_TEXT}211 End\r\n"),
+        "FEAT\r\n",
+    );
+    assert!(opened(&d.transcript).is_empty());
+    the_denial(&d.transcript, DenyReason::PassiveReplyWithheld);
 }
 
 #[test]
-fn a_227_inside_a_multi_line_reply_to_stat_is_forwarded_untouched_and_opens_nothing() {
+fn a_227_inside_a_multi_line_reply_to_stat_is_withheld_and_opens_nothing() {
     let mut d = logged_in();
     d.input(Side::Client, b"STAT\r\n");
     let reply: &[u8] =
         b"211-Status:\r\n227 Entering Passive Mode (10,0,0,5,200,10).\r\n211 End of status\r\n";
     d.input(Side::Server, reply);
-    assert_wire(&d.transcript, &text(reply), "STAT\r\n");
-    assert!(d.transcript.events.is_empty(), "{:#?}", d.transcript.events);
+    assert_wire(
+        &d.transcript,
+        &format!("211-Status:\r\n{WITHHELD_TEXT}211 End of status\r\n"),
+        "STAT\r\n",
+    );
+    assert!(opened(&d.transcript).is_empty());
+    the_denial(&d.transcript, DenyReason::PassiveReplyWithheld);
 }
 
 #[test]
-fn unsolicited_227_opens_no_pinhole() {
+fn unsolicited_227_opens_no_pinhole_and_is_withheld() {
     let mut d = logged_in();
     d.input(Side::Server, PRIVATE_227);
-    assert_eq!(d.transcript.to_client, PRIVATE_227);
-    assert!(d.transcript.events.is_empty(), "{:#?}", d.transcript.events);
+    assert_eq!(text(&d.transcript.to_client), WITHHELD_END);
+    assert!(opened(&d.transcript).is_empty());
+    the_denial(&d.transcript, DenyReason::PassiveReplyWithheld);
 }
 
 #[test]
-fn a_227_in_reply_to_noop_opens_no_pinhole() {
+fn a_227_in_reply_to_noop_opens_no_pinhole_and_is_withheld() {
     let mut d = logged_in();
     d.input(Side::Client, b"NOOP\r\n");
     d.input(Side::Server, PRIVATE_227);
-    assert_eq!(d.transcript.to_client, PRIVATE_227);
+    assert_eq!(text(&d.transcript.to_client), WITHHELD_END);
     assert!(opened(&d.transcript).is_empty());
 }
 
 #[test]
-fn epsv_port_is_rewritten_in_the_servers_229_line() {
+fn epsv_is_answered_with_the_canonical_229_naming_the_pinhole() {
     let mut d = logged_in();
     d.input(Side::Client, b"EPSV\r\n");
-    d.input(
-        Side::Server,
-        b"229 Entering Extended Passive Mode (|||6446|)\r\n",
-    );
+    d.input(Side::Server, b"229 Extended Passive (|||6446|) ok\r\n");
     assert_wire(
         &d.transcript,
         "229 Entering Extended Passive Mode (|||50001|)\r\n",
@@ -810,7 +821,7 @@ fn epsv_port_is_rewritten_in_the_servers_229_line() {
 }
 
 #[test]
-fn epsv_229_with_an_exclamation_mark_delimiter_is_rewritten() {
+fn epsv_229_with_an_exclamation_mark_delimiter_is_answered_with_the_canonical_229() {
     let mut d = logged_in();
     d.input(Side::Client, b"EPSV\r\n");
     d.input(
@@ -819,7 +830,7 @@ fn epsv_229_with_an_exclamation_mark_delimiter_is_rewritten() {
     );
     assert_eq!(
         text(&d.transcript.to_client),
-        "229 Entering Extended Passive Mode (!!!50001!)\r\n"
+        "229 Entering Extended Passive Mode (|||50001|)\r\n"
     );
     assert_eq!(opened(&d.transcript).len(), 1);
 }
@@ -1034,7 +1045,11 @@ fn epsv_all_then_port_pasv_and_eprt_are_refused_with_503_but_epsv_works() {
     d.transcript = Transcript::default();
     d.input(Side::Client, b"EPSV\r\n");
     d.input(Side::Server, b"229 ok (|||6446|)\r\n");
-    assert_wire(&d.transcript, "229 ok (|||50001|)\r\n", "EPSV\r\n");
+    assert_wire(
+        &d.transcript,
+        "229 Entering Extended Passive Mode (|||50001|)\r\n",
+        "EPSV\r\n",
+    );
 }
 
 #[test]
@@ -1637,7 +1652,11 @@ fn ipv6_client_pasv_and_port_are_refused_with_522_epsv_works() {
     d.transcript = Transcript::default();
     d.input(Side::Client, b"EPSV\r\n");
     d.input(Side::Server, b"229 ok (|||6446|)\r\n");
-    assert_wire(&d.transcript, "229 ok (|||50001|)\r\n", "EPSV\r\n");
+    assert_wire(
+        &d.transcript,
+        "229 Entering Extended Passive Mode (|||50001|)\r\n",
+        "EPSV\r\n",
+    );
 }
 
 #[test]
@@ -1709,5 +1728,9 @@ fn pasv_from_an_ipv4_client_on_an_ipv6_only_gateway_address_is_refused_not_a_pan
     d.transcript = Transcript::default();
     d.input(Side::Client, b"EPSV\r\n");
     d.input(Side::Server, b"229 ok (|||6446|)\r\n");
-    assert_wire(&d.transcript, "229 ok (|||50001|)\r\n", "EPSV\r\n");
+    assert_wire(
+        &d.transcript,
+        "229 Entering Extended Passive Mode (|||50001|)\r\n",
+        "EPSV\r\n",
+    );
 }

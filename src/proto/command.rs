@@ -4,6 +4,9 @@
 //! codes are alphabetic, case does not matter), so `port` is PORT and `PORTAL`
 //! is not. A line whose verb is not a clean token (a leading blank, a tab) is
 //! refused rather than forwarded: a lenient server might still read it as PORT.
+//! For the same reason a longer verb that starts with an address verb
+//! (`PORTX`, `PASV2`) is refused: some servers match verbs by prefix, and
+//! would act on an address the gateway never checked.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 
@@ -20,6 +23,9 @@ pub enum Verb {
     /// SPSV (single-port passive) answers with a bare port: never rewritten,
     /// so refused.
     Spsv,
+    /// A verb longer than four letters that starts with PORT, EPRT, PASV,
+    /// EPSV, LPRT, LPSV or SPSV: refused, never forwarded.
+    AddressLookalike,
     /// AUTH and the RFC 2228 security commands that would carry protected,
     /// uninspectable commands.
     Auth,
@@ -33,13 +39,22 @@ pub enum Verb {
 }
 
 impl Verb {
+    /// The verbs that carry or ask for a data address.
+    const ADDRESS_VERBS: [&[u8; 4]; 7] = [
+        b"PORT", b"EPRT", b"PASV", b"EPSV", b"LPRT", b"LPSV", b"SPSV",
+    ];
+
     fn from_token(token: &[u8]) -> Verb {
         let mut up = [0u8; 4];
-        if token.len() > 4 {
-            return Verb::Other;
-        }
         for (d, s) in up.iter_mut().zip(token) {
             *d = s.to_ascii_uppercase();
+        }
+        if token.len() > 4 {
+            return if Verb::ADDRESS_VERBS.contains(&&up) {
+                Verb::AddressLookalike
+            } else {
+                Verb::Other
+            };
         }
         match &up[..token.len()] {
             b"PORT" => Verb::Port,
@@ -131,6 +146,7 @@ impl Command<'_> {
             | Verb::Spsv => CommandClass::DataSetup,
             Verb::Auth | Verb::Protected => CommandClass::Security,
             Verb::Quit => CommandClass::Quit,
+            Verb::AddressLookalike => CommandClass::Other,
             Verb::Other => match self.verb_text.as_str() {
                 "RETR" | "STOR" | "STOU" | "APPE" | "LIST" | "NLST" | "MLSD" => {
                     CommandClass::Transfer
@@ -313,9 +329,15 @@ mod tests {
         assert_eq!(parse_command(b"PoRt 1,2,3,4,5,6").unwrap().verb, Verb::Port);
         assert_eq!(
             parse_command(b"PORTAL 1,2,3,4,5,6").unwrap().verb,
-            Verb::Other
+            Verb::AddressLookalike
+        );
+        assert_eq!(
+            parse_command(b"epsvx").unwrap().verb,
+            Verb::AddressLookalike
         );
         assert_eq!(parse_command(b"POR 1,2,3,4,5,6").unwrap().verb, Verb::Other);
+        assert_eq!(parse_command(b"USERS").unwrap().verb, Verb::Other);
+        assert_eq!(parse_command(b"XSHA256").unwrap().verb, Verb::Other);
         assert_eq!(parse_command(b"EPSV").unwrap().arg, None);
         assert_eq!(parse_command(b"RETR a b").unwrap().arg, Some(&b"a b"[..]));
     }

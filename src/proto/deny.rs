@@ -17,6 +17,9 @@ pub enum DenyReason {
     LineTooLong,
     /// A command whose verb is not a clean token (leading blank, tab, ...).
     MalformedCommand,
+    /// A verb that starts with an address verb but is longer (PORTX,
+    /// PASVX): some servers match verbs by prefix.
+    AddressVerbLookalike,
     /// PORT/EPRT/EPSV arguments that do not parse.
     BadArgument,
     /// An address family the control connection does not use.
@@ -49,6 +52,10 @@ pub enum DenyReason {
     MalformedReply,
     /// The server's first line is no FTP reply.
     NotFtp,
+    /// A server line a client could read as a 227/229 (outside the final
+    /// reply to PASV/EPSV, which the gateway writes itself) was replaced by
+    /// a neutral line: logged once per reply.
+    PassiveReplyWithheld,
     /// A pinhole whose expected peer never connected.
     PinholeExpired,
     /// A data connection to a pinhole from a host other than the expected
@@ -62,13 +69,17 @@ pub enum DenyReason {
     ClientSessionLimit,
     /// The upstream server could not be reached.
     UpstreamUnreachable,
+    /// The session kept sending refused input past its budget
+    /// (`limits.max_refused_commands`) and was closed.
+    RefusalBudget,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 24] = [
+    pub const ALL: [DenyReason; 27] = [
         DenyReason::MalformedLine,
         DenyReason::LineTooLong,
         DenyReason::MalformedCommand,
+        DenyReason::AddressVerbLookalike,
         DenyReason::BadArgument,
         DenyReason::AddressFamily,
         DenyReason::Bounce,
@@ -84,12 +95,14 @@ impl DenyReason {
         DenyReason::MalformedPassiveReply,
         DenyReason::MalformedReply,
         DenyReason::NotFtp,
+        DenyReason::PassiveReplyWithheld,
         DenyReason::PinholeExpired,
         DenyReason::PasvTheft,
         DenyReason::Loop,
         DenyReason::SessionLimit,
         DenyReason::ClientSessionLimit,
         DenyReason::UpstreamUnreachable,
+        DenyReason::RefusalBudget,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -97,6 +110,7 @@ impl DenyReason {
             DenyReason::MalformedLine => "malformed_line",
             DenyReason::LineTooLong => "line_too_long",
             DenyReason::MalformedCommand => "malformed_command",
+            DenyReason::AddressVerbLookalike => "address_verb_lookalike",
             DenyReason::BadArgument => "bad_argument",
             DenyReason::AddressFamily => "address_family",
             DenyReason::Bounce => "bounce",
@@ -112,12 +126,14 @@ impl DenyReason {
             DenyReason::MalformedPassiveReply => "malformed_passive_reply",
             DenyReason::MalformedReply => "malformed_reply",
             DenyReason::NotFtp => "not_ftp",
+            DenyReason::PassiveReplyWithheld => "passive_reply_withheld",
             DenyReason::PinholeExpired => "pinhole_expired",
             DenyReason::PasvTheft => "pasv_theft",
             DenyReason::Loop => "loop",
             DenyReason::SessionLimit => "session_limit",
             DenyReason::ClientSessionLimit => "client_session_limit",
             DenyReason::UpstreamUnreachable => "upstream_unreachable",
+            DenyReason::RefusalBudget => "refusal_budget",
         }
     }
 }
@@ -149,6 +165,9 @@ pub struct Denial {
     pub rule: Option<String>,
     /// The FTP reply the gateway sent instead, without CRLF.
     pub reply: Option<String>,
+    /// Set on a summary: this many further refusals of `reason` in the
+    /// session were counted instead of logged one by one.
+    pub suppressed: Option<u64>,
 }
 
 impl Denial {
@@ -163,6 +182,7 @@ impl Denial {
             peer: None,
             rule: None,
             reply: None,
+            suppressed: None,
         }
     }
 

@@ -36,7 +36,12 @@
 //!
 //! Every refusal produces exactly one [`Event::Deny`] carrying a stable
 //! [`DenyReason`] and the reply the gateway sent; the daemon turns it into a
-//! deny-log line and a counter.
+//! deny-log line and a counter. So that one session cannot flood the log,
+//! a session emits the first few refusals of each reason one by one and
+//! counts the rest: a summary [`Denial`] with `suppressed` set follows at
+//! most every ten seconds (the `now` passed in) and when the session closes.
+//! A client that keeps sending refused lines past `max_refusals` is closed
+//! with 421.
 
 pub mod command;
 pub mod deny;
@@ -49,8 +54,8 @@ pub mod session;
 pub use deny::{Denial, DenyReason};
 pub use policy::{FxpRule, Policy};
 pub use session::{
-    CloseReason, DataMode, DataVerdict, Endpoints, Event, PinholeClose, PinholeId, PinholeRequest,
-    ResolveId, Resolved, RewriteKind, Session, SessionConfig, SessionId,
+    CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerdict, Endpoints, Event, PinholeClose,
+    PinholeId, PinholeRequest, ResolveId, Resolved, RewriteKind, Session, SessionConfig, SessionId,
 };
 
 /// One end of the control connection.

@@ -3,7 +3,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::ops::Range;
 
-use super::command::{decimal_span, is_delimiter};
+use super::command::{decimal_span, format_host_port, is_delimiter};
 
 /// A reply code: three digits, the first 1-5 (RFC 959 section 4.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -149,13 +149,34 @@ fn epsv_group_at(line: &[u8], open: usize) -> Option<Passive229> {
     })
 }
 
-/// Replaces `span` of `line` with `with`, keeping the server's text around it.
-pub fn splice(line: &[u8], span: Range<usize>, with: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(line.len() + with.len());
-    out.extend_from_slice(&line[..span.start]);
-    out.extend_from_slice(with.as_bytes());
-    out.extend_from_slice(&line[span.end..]);
-    out
+/// The 227 line the gateway sends for a pinhole at `addr`, in the form RFC
+/// 959 section 4.2.2 gives. The client only ever sees this line as the final
+/// reply to PASV, never the server's: the server's text around the numbers
+/// could hold another digit group that a client takes for the address.
+pub fn canonical_227(addr: SocketAddrV4) -> Vec<u8> {
+    format!("227 Entering Passive Mode ({}).", format_host_port(addr)).into_bytes()
+}
+
+/// The 229 line the gateway sends for a pinhole on `port` (RFC 2428
+/// section 3), for the same reason.
+pub fn canonical_229(port: u16) -> Vec<u8> {
+    format!("229 Entering Extended Passive Mode (|||{port}|)").into_bytes()
+}
+
+/// Whether a client could read `line` as a passive-mode reply: after any
+/// blanks it starts with 227 or 229. Clients differ in how they find the
+/// reply (RFC 959 section 4.2 is read loosely): some end a reply at any line
+/// that starts with a code and a space, some compare only the first three
+/// bytes (so `2270` counts), some skip leading blanks, and some then take
+/// the first digit group of the line as the address (RFC 1123 section
+/// 4.1.2.6 tells them to scan). Every such line from the server is withheld
+/// unless it is the final reply to PASV/EPSV, which the gateway rewrites.
+pub fn looks_passive(line: &[u8]) -> bool {
+    let start = line
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .unwrap_or(line.len());
+    matches!(line[start..], [b'2', b'2', b'7' | b'9', ..])
 }
 
 #[cfg(test)]
@@ -207,12 +228,44 @@ mod tests {
             assert_eq!(got.addr, want.parse().unwrap(), "{line:?}");
         }
         let p = parse_227(b"227 Entering Passive Mode (192,0,2,7,200,10).").unwrap();
-        let line = splice(
-            b"227 Entering Passive Mode (192,0,2,7,200,10).",
-            p.span,
-            "X",
-        );
-        assert_eq!(line, b"227 Entering Passive Mode (X).");
+        assert_eq!(p.span, 27..43);
+    }
+
+    #[test]
+    fn canonical_lines_parse_back_to_what_they_name() {
+        let addr: SocketAddrV4 = "192.0.2.1:50001".parse().unwrap();
+        let line = canonical_227(addr);
+        assert_eq!(line, b"227 Entering Passive Mode (192,0,2,1,195,81).");
+        assert_eq!(parse_227(&line).map(|p| p.addr), Some(addr));
+        let line = canonical_229(50001);
+        assert_eq!(line, b"229 Entering Extended Passive Mode (|||50001|)");
+        assert_eq!(parse_229(&line).map(|p| p.port), Some(50001));
+    }
+
+    #[test]
+    fn passive_lookalikes_are_recognised_anywhere_a_client_might_look() {
+        for yes in [
+            &b"227 Entering Passive Mode (1,2,3,4,5,6)."[..],
+            b"227-(1,2,3,4,5,6)",
+            b"227",
+            b"2270 files",
+            b" 227 (1,2,3,4,5,6)",
+            b"\t 229 (|||6446|)",
+            b"229-x",
+        ] {
+            assert!(looks_passive(yes), "{yes:?}");
+        }
+        for no in [
+            &b"211-Features:"[..],
+            b" EPSV",
+            b"x 227 (1,2,3,4,5,6)",
+            b"228 ok",
+            b"22",
+            b"",
+            b"   ",
+        ] {
+            assert!(!looks_passive(no), "{no:?}");
+        }
     }
 
     #[test]

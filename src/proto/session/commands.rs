@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::Session;
-use super::output::{BAD_ARGUMENT, Route, TOO_MANY_DATA_CONNECTIONS};
+use super::output::{BAD_ARGUMENT, TOO_MANY_DATA_CONNECTIONS, UNRECOGNIZED};
 use super::pending::{Expect, LoginEnd, PassivePlan, Style, is_transfer_verb};
 use super::types::{DataMode, Event, PinholeId, PinholeRequest, ResolveId, Resolved, RewriteKind};
 use crate::proto::Side;
@@ -44,25 +44,17 @@ impl Session {
             Frame::Line(raw) => raw,
             Frame::TooLong(_) => {
                 let denial = Denial::new(DenyReason::LineTooLong, Side::Client);
-                return self.refuse(denial, "500 Command line too long.", Route::Queued);
+                return self.refuse_client(denial, "500 Command line too long.");
             }
         };
         let line = telnet_decode(&raw);
         if check_line_bytes(&line).is_err() {
             let denial = Denial::new(DenyReason::MalformedLine, Side::Client);
-            return self.refuse(
-                denial,
-                "500 Syntax error: bare CR or NUL in command line.",
-                Route::Queued,
-            );
+            return self.refuse_client(denial, "500 Syntax error: bare CR or NUL in command line.");
         }
         let Ok(cmd) = command::parse_command(&line) else {
             let denial = Denial::new(DenyReason::MalformedCommand, Side::Client);
-            return self.refuse(
-                denial,
-                "500 Syntax error, command unrecognized.",
-                Route::Queued,
-            );
+            return self.refuse_client(denial, UNRECOGNIZED);
         };
         let class = cmd.class();
         if let Some(i) = CommandClass::ALL.iter().position(|c| *c == class) {
@@ -71,22 +63,34 @@ impl Session {
         match cmd.verb {
             Verb::Port | Verb::Eprt => self.on_active_command(&cmd),
             Verb::Pasv | Verb::Epsv => self.on_passive_command(&cmd, &line),
-            Verb::Lprt | Verb::Lpsv | Verb::Spsv => self.refuse(
+            // Not forwarded: a server that matches verbs by prefix would
+            // take it for the address verb it starts with.
+            Verb::AddressLookalike => self.refuse_client(
+                command_denial(DenyReason::AddressVerbLookalike, &cmd),
+                UNRECOGNIZED,
+            ),
+            Verb::Lprt | Verb::Lpsv | Verb::Spsv => self.refuse_client(
                 command_denial(DenyReason::UnsupportedCommand, &cmd),
                 "502 Command not implemented: use EPRT or EPSV.",
-                Route::Queued,
             ),
-            Verb::Auth | Verb::Protected => self.refuse(
+            Verb::Auth | Verb::Protected => self.refuse_client(
                 command_denial(DenyReason::AuthRefused, &cmd).rule("auth_tls"),
                 "534 Request denied for policy reasons: the control channel must stay inspectable.",
-                Route::Queued,
             ),
             Verb::User | Verb::Pass | Verb::Acct => {
                 let mut end = LoginEnd::NoLogin;
-                if cmd.verb == Verb::User && self.logged_in {
-                    // A new USER starts a new login (RFC 959 section 4.1.1).
-                    self.logged_in = false;
-                    end = LoginEnd::EndedLogin;
+                if cmd.verb == Verb::User {
+                    // A new USER starts a new login (RFC 959 section
+                    // 4.1.1), with the whole login time again, as REIN
+                    // gives: a client retrying after a failed login is not
+                    // cut off by the clock of its first attempt. After a
+                    // login the timer only matters if the server accepts
+                    // the USER (a refusal keeps the login, see LoginEnd).
+                    self.login_deadline = Some(now + self.cfg.login_timeout);
+                    if self.logged_in {
+                        self.logged_in = false;
+                        end = LoginEnd::EndedLogin;
+                    }
                 }
                 self.forward_line(&line, Expect::Login(end));
             }
@@ -124,7 +128,7 @@ impl Session {
 
     fn on_active_command(&mut self, cmd: &Command) {
         if let Err((reason, reply)) = self.data_command_allowed(cmd) {
-            return self.refuse(command_denial(reason, cmd), reply, Route::Queued);
+            return self.refuse_client(command_denial(reason, cmd), reply);
         }
         let arg = cmd.arg.unwrap_or_default();
         let parsed = match cmd.verb {
@@ -134,11 +138,8 @@ impl Session {
         let target = match parsed {
             Ok(target) => canonical(target),
             Err(ArgError::Syntax) => {
-                return self.refuse(
-                    command_denial(DenyReason::BadArgument, cmd),
-                    BAD_ARGUMENT,
-                    Route::Queued,
-                );
+                return self
+                    .refuse_client(command_denial(DenyReason::BadArgument, cmd), BAD_ARGUMENT);
             }
             Err(ArgError::Family) => return self.refuse_family(cmd),
         };
@@ -166,11 +167,7 @@ impl Session {
             1 => "522 Network protocol not supported, use (1).",
             _ => "522 Network protocol not supported, use (2).",
         };
-        self.refuse(
-            command_denial(DenyReason::AddressFamily, cmd),
-            reply,
-            Route::Queued,
-        );
+        self.refuse_client(command_denial(DenyReason::AddressFamily, cmd), reply);
     }
 
     pub(super) fn decide_active(&mut self, cmd: ActiveCommand, found: Option<Resolved>) {
@@ -183,17 +180,13 @@ impl Session {
                 let denial = with_command(Denial::new(reason, Side::Client), &cmd)
                     .target(request_endpoint(request))
                     .rule(rule);
-                self.refuse(
-                    denial,
-                    "504 Data connection target refused by policy.",
-                    Route::Queued,
-                );
+                self.refuse_client(denial, "504 Data connection target refused by policy.");
             }
             Decision::Relay { endpoint, .. } => {
                 let Some(id) = self.reserve_slot(DataMode::Active, self.peers.server) else {
                     let denial =
                         with_command(Denial::new(DenyReason::PinholeLimit, Side::Client), &cmd);
-                    return self.refuse(denial, TOO_MANY_DATA_CONNECTIONS, Route::Queued);
+                    return self.refuse_client(denial, TOO_MANY_DATA_CONNECTIONS);
                 };
                 self.events.push_back(Event::OpenPinhole(PinholeRequest {
                     id,
@@ -235,7 +228,7 @@ impl Session {
 
     fn on_passive_command(&mut self, cmd: &Command, line: &[u8]) {
         if let Err((reason, reply)) = self.data_command_allowed(cmd) {
-            return self.refuse(command_denial(reason, cmd), reply, Route::Queued);
+            return self.refuse_client(command_denial(reason, cmd), reply);
         }
         let client_af = af_number(self.peers.client);
         let client = match cmd.verb {
@@ -254,11 +247,8 @@ impl Session {
                 Ok(EpsvArg::Family(af)) if af == client_af => Style::Epsv,
                 Ok(EpsvArg::Family(_)) | Err(ArgError::Family) => return self.refuse_family(cmd),
                 Err(ArgError::Syntax) => {
-                    return self.refuse(
-                        command_denial(DenyReason::BadArgument, cmd),
-                        BAD_ARGUMENT,
-                        Route::Queued,
-                    );
+                    return self
+                        .refuse_client(command_denial(DenyReason::BadArgument, cmd), BAD_ARGUMENT);
                 }
             },
         };

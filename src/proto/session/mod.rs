@@ -5,9 +5,10 @@
 //! `take_*` API and the drain loop. The rest lives in one file per concern:
 //! `types` (the public vocabulary), `pending` (the FIFO pairing replies
 //! with commands), `commands` (client lines), `replies` (server lines),
-//! `pinholes` (slots and their expiry) and `output` (writing, refusing,
-//! closing).
+//! `pinholes` (slots and their expiry), `output` (writing, refusing,
+//! closing) and `abuse` (the refusal budget and the deny aggregation).
 
+mod abuse;
 mod commands;
 mod output;
 mod pending;
@@ -16,8 +17,8 @@ mod replies;
 mod types;
 
 pub use types::{
-    CloseReason, DataMode, DataVerdict, Endpoints, Event, PinholeClose, PinholeId, PinholeRequest,
-    ResolveId, Resolved, RewriteKind, SessionConfig, SessionId,
+    CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerdict, Endpoints, Event, PinholeClose,
+    PinholeId, PinholeRequest, ResolveId, Resolved, RewriteKind, SessionConfig, SessionId,
 };
 
 use std::collections::VecDeque;
@@ -31,11 +32,12 @@ use super::deny::{Denial, DenyReason};
 use super::framing::LineFramer;
 use super::policy::{ControlPeers, canonical, canonical_ip};
 use super::reply::Code;
+use abuse::DenyTally;
 use commands::{HeldCommand, with_command};
-use output::Route;
+use output::{IDLE_TIMED_OUT, LOGIN_TIMED_OUT, Route, SHUTTING_DOWN};
 use pending::{MAX_PENDING, Pending};
 use pinholes::{Slot, SlotState};
-use replies::HeldReply;
+use replies::{HeldReply, PassiveLines};
 
 /// The sans-IO control session. See the module documentation of
 /// [`crate::proto`] for the event model.
@@ -51,8 +53,10 @@ pub struct Session {
     events: VecDeque<Event>,
     pending: VecDeque<Pending>,
     open_reply: Option<Code>,
-    passive_lines: Vec<Vec<u8>>,
-    passive_bytes: usize,
+    /// The lines of a reply to PASV/EPSV read so far.
+    passive: PassiveLines,
+    /// A line of the reply being read was withheld and logged.
+    lookalike_logged: bool,
     seen_server_line: bool,
     logged_in: bool,
     epsv_all: bool,
@@ -67,6 +71,12 @@ pub struct Session {
     next_id: u64,
     login_deadline: Option<Instant>,
     last_activity: Instant,
+    /// The latest time the daemon passed in: what deny aggregation measures
+    /// its interval with.
+    clock: Instant,
+    /// Refused client lines so far, against `cfg.max_refusals`.
+    refusals: usize,
+    tally: DenyTally,
 }
 
 impl Session {
@@ -90,8 +100,8 @@ impl Session {
             events: VecDeque::new(),
             pending: VecDeque::from([Pending::Greeting]),
             open_reply: None,
-            passive_lines: Vec::new(),
-            passive_bytes: 0,
+            passive: PassiveLines::default(),
+            lookalike_logged: false,
             seen_server_line: false,
             logged_in: false,
             epsv_all: false,
@@ -104,6 +114,9 @@ impl Session {
             next_id: 1,
             login_deadline: Some(now + cfg.login_timeout),
             last_activity: now,
+            clock: now,
+            refusals: 0,
+            tally: DenyTally::default(),
             cfg,
             ep,
         }
@@ -136,6 +149,7 @@ impl Session {
         if self.closed {
             return;
         }
+        self.tick(now);
         self.last_activity = now;
         match from {
             Side::Client => self.client_in.push(data),
@@ -145,7 +159,8 @@ impl Session {
     }
 
     /// `from` closed its end of the control connection.
-    pub fn handle_eof(&mut self, from: Side, _now: Instant) {
+    pub fn handle_eof(&mut self, from: Side, now: Instant) {
+        self.tick(now);
         self.close(match from {
             Side::Client => CloseReason::ClientClosed,
             Side::Server => CloseReason::ServerClosed,
@@ -154,6 +169,7 @@ impl Session {
 
     /// The daemon answers an [`Event::Resolve`].
     pub fn handle_resolved(&mut self, id: ResolveId, found: Option<Resolved>, now: Instant) {
+        self.tick(now);
         match self.held_command.take() {
             Some(HeldCommand::Resolving(held_id, cmd)) if held_id == id => {
                 self.decide_active(cmd, found);
@@ -165,6 +181,7 @@ impl Session {
 
     /// The pinhole `id` listens on `listen`.
     pub fn handle_pinhole_opened(&mut self, id: PinholeId, listen: SocketAddr, now: Instant) {
+        self.tick(now);
         let listen = canonical(listen);
         let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) else {
             return;
@@ -189,6 +206,7 @@ impl Session {
 
     /// The daemon could not open pinhole `id`.
     pub fn handle_pinhole_failed(&mut self, id: PinholeId, now: Instant) {
+        self.tick(now);
         self.slots.retain(|s| s.id != id);
         let refusal = Denial::new(DenyReason::PinholeUnavailable, Side::Client);
         const REPLY: &str = "425 Can't open data connection: no pinhole available.";
@@ -208,11 +226,33 @@ impl Session {
 
     /// Pinhole `id` and any data connection through it are gone.
     pub fn handle_pinhole_closed(&mut self, id: PinholeId, now: Instant) {
+        self.tick(now);
         self.slots.retain(|s| s.id != id);
         if self.slots.is_empty() {
             // A long transfer is activity: the idle clock restarts after it.
             self.last_activity = self.last_activity.max(now);
         }
+    }
+
+    /// The gateway is shutting down: the client gets
+    /// `421 Service shutting down` (RFC 959 section 4.2: 421 may answer any
+    /// command when the service is closing) and the session closes with
+    /// [`CloseReason::Shutdown`]; the daemon then flushes and closes as for
+    /// any other close.
+    ///
+    /// The 421 never lands inside a multi-line reply: if the client has
+    /// seen the start of a server reply, the core ends that reply with a
+    /// final line of its own code first (see `close_with_reply`). Waiting
+    /// for the server to finish it would make shutdown depend on a server
+    /// that may never do so. Lines held back (a reply to PASV/EPSV, or one
+    /// waiting for its pinhole) never reached the client, so then the 421
+    /// is all it gets.
+    pub fn handle_shutdown(&mut self, now: Instant) {
+        if self.closed {
+            return;
+        }
+        self.tick(now);
+        self.close_with_reply(SHUTTING_DOWN, CloseReason::Shutdown);
     }
 
     /// The earliest time `handle_timeout` has work to do.
@@ -226,24 +266,28 @@ impl Session {
             .is_empty()
             .then(|| self.last_activity + self.cfg.idle_timeout);
         let pinholes = self.next_pinhole_expiry();
-        login.into_iter().chain(idle).chain(pinholes).min()
+        let summary = self.tally.summary_due();
+        login
+            .into_iter()
+            .chain(idle)
+            .chain(pinholes)
+            .chain(summary)
+            .min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.closed {
             return;
         }
+        self.tick(now);
+        if self.tally.summary_due().is_some_and(|due| due <= now) {
+            self.log_summaries();
+        }
         self.expire_pinholes(now);
         if !self.logged_in && self.login_deadline.is_some_and(|d| d <= now) {
-            self.close_with_reply(
-                "421 Login timed out: closing control connection.",
-                CloseReason::LoginTimeout,
-            );
+            self.close_with_reply(LOGIN_TIMED_OUT, CloseReason::LoginTimeout);
         } else if self.slots.is_empty() && self.last_activity + self.cfg.idle_timeout <= now {
-            self.close_with_reply(
-                "421 Idle timeout: closing control connection.",
-                CloseReason::IdleTimeout,
-            );
+            self.close_with_reply(IDLE_TIMED_OUT, CloseReason::IdleTimeout);
         }
     }
 
@@ -267,6 +311,11 @@ impl Session {
             Side::Client => std::mem::take(&mut self.to_client),
             Side::Server => std::mem::take(&mut self.to_server),
         }
+    }
+
+    /// Notes the time the daemon passed in (never going back).
+    fn tick(&mut self, now: Instant) {
+        self.clock = self.clock.max(now);
     }
 
     /// The next id for a pinhole or a look-up; unique within the session.

@@ -3,6 +3,7 @@
 
 use super::Session;
 use super::pending::{Expect, Pending};
+use super::replies::client_code;
 use super::types::{CloseReason, Event};
 use crate::proto::Side;
 use crate::proto::deny::{Denial, DenyReason};
@@ -12,6 +13,18 @@ use crate::proto::framing::telnet_encode_into;
 /// than a session may hold.
 pub(super) const TOO_MANY_DATA_CONNECTIONS: &str =
     "425 Can't open data connection: too many open data connections.";
+/// Sent for a verb the gateway does not pass on: not a clean token, or a
+/// lookalike of an address verb (RFC 959 section 4.2.1: 500, syntax error,
+/// command unrecognized).
+pub(super) const UNRECOGNIZED: &str = "500 Syntax error, command unrecognized.";
+/// The replies that close a session (RFC 959 section 4.2: 421, service not
+/// available, closing control connection).
+pub(super) const LOGIN_TIMED_OUT: &str = "421 Login timed out: closing control connection.";
+pub(super) const IDLE_TIMED_OUT: &str = "421 Idle timeout: closing control connection.";
+pub(super) const SHUTTING_DOWN: &str = "421 Service shutting down: closing control connection.";
+/// The text of the final line the gateway adds to a server reply it cuts
+/// short to close the session.
+const CUT_SHORT: &str = "(reply cut short by ftpgate: closing)";
 /// Sent for a PORT, EPRT or EPSV argument that does not parse.
 pub(super) const BAD_ARGUMENT: &str = "501 Syntax error in parameters or arguments.";
 
@@ -58,12 +71,13 @@ impl Session {
         self.refuse(Denial::new(reason, Side::Server), "", Route::Silent);
     }
 
-    /// Every refusal goes through here: one deny event, one reply.
+    /// Every refusal goes through here: one deny event (or one count
+    /// toward a summary, see `abuse`), one reply.
     pub(super) fn refuse(&mut self, mut denial: Denial, reply: &str, route: Route) {
         if route != Route::Silent {
             denial.reply = Some(reply.to_string());
         }
-        self.events.push_back(Event::Deny(denial));
+        self.log_denial(denial);
         let bytes = format!("{reply}\r\n").into_bytes();
         match route {
             Route::Queued => {
@@ -75,16 +89,42 @@ impl Session {
         }
     }
 
+    /// Sends the closing `reply` (a 421) and closes. RFC 959 allows 421 at
+    /// any time when the service shuts down, but not inside a multi-line
+    /// reply: there a client reads it as text of that reply (section 4.2).
+    /// So a server reply the client has seen the start of is ended first
+    /// with a final line of its code; the gateway's replies still queued
+    /// behind unanswered commands are dropped, the 421 answers them all.
     pub(super) fn close_with_reply(&mut self, reply: &str, reason: CloseReason) {
-        // RFC 959 allows 421 at any time when the service shuts down.
+        if self.closed {
+            return;
+        }
+        self.end_open_reply();
         self.to_client.extend_from_slice(reply.as_bytes());
         self.to_client.extend_from_slice(b"\r\n");
         self.close(reason);
     }
 
+    /// Ends the multi-line reply the client is in the middle of, if any.
+    /// The lines of a reply to PASV/EPSV are held until its end and never
+    /// reached the client: nothing to end then.
+    fn end_open_reply(&mut self) {
+        let Some(code) = self.open_reply.take() else {
+            return;
+        };
+        if !self.answers_passive() {
+            // The code the client saw on the first line (227/229 shown as
+            // the neutral code).
+            let line = format!("{} {CUT_SHORT}", client_code(code).0);
+            self.send_line_to_client(line.as_bytes());
+        }
+    }
+
     pub(super) fn close(&mut self, reason: CloseReason) {
         if !self.closed {
             self.closed = true;
+            // Whatever was counted is logged before the session ends.
+            self.log_summaries();
             self.events.push_back(Event::Close(reason));
         }
     }

@@ -43,6 +43,7 @@ impl Session {
         if self.closed {
             return DataVerdict::Refuse;
         }
+        self.tick(now);
         let peer_ip = canonical_ip(peer.ip());
         let Some(slot) = self.slots.iter_mut().find(|s| s.id == id) else {
             // Superseded, expired or already over: nothing waits here.
@@ -70,7 +71,8 @@ impl Session {
 
     /// Another session of the same client took pinhole `id` over for a
     /// server-to-server transfer: it is withdrawn if it still waits.
-    pub fn handle_pinhole_taken_over(&mut self, id: PinholeId, _now: Instant) {
+    pub fn handle_pinhole_taken_over(&mut self, id: PinholeId, now: Instant) {
+        self.tick(now);
         let before = self.slots.len();
         self.slots
             .retain(|s| !(s.id == id && matches!(s.state, SlotState::Waiting { .. })));

@@ -1,6 +1,7 @@
 //! Server-side reply handling: pairing final replies with the commands they
-//! answer, login success, and the 227/229 replies whose address the gateway
-//! replaces with a pinhole's.
+//! answer, login success, the 227/229 replies the gateway answers with its
+//! own canonical line naming a pinhole, and the server lines a client could
+//! read as a passive reply, which never reach it as they were.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
@@ -9,7 +10,6 @@ use super::output::{Route, TOO_MANY_DATA_CONNECTIONS};
 use super::pending::{Expect, LoginEnd, PassivePlan, Pending, Style};
 use super::types::{CloseReason, DataMode, Event, PinholeId, PinholeRequest, RewriteKind};
 use crate::proto::Side;
-use crate::proto::command::format_host_port;
 use crate::proto::deny::{Denial, DenyReason};
 use crate::proto::framing::{Frame, check_line_bytes, telnet_decode};
 use crate::proto::policy::{DataRequest, Decision, canonical};
@@ -18,13 +18,35 @@ use crate::proto::reply::{self, Code, ReplyLine};
 /// Lines of a multi-line reply to PASV/EPSV kept while waiting for its end.
 const MAX_PASSIVE_BUFFER: usize = 16 * 1024;
 
+/// The text that replaces a server line a client could read as a passive
+/// reply (see [`reply::looks_passive`]).
+const LOOKALIKE_WITHHELD: &str = "(line withheld by ftpgate: looks like a passive reply)";
+
+/// The code shown for a 227/229 reply that is not the final reply to
+/// PASV/EPSV (an unsolicited one, or one to another command): RFC 959
+/// section 4.2 wants the first and last line of a reply to carry its code,
+/// and a line starting with 227/229 is what must not reach the client.
+/// 200 keeps the reply's class (2yz, completion), which is what clients act
+/// on.
+const NEUTRAL_CODE: Code = Code(200);
+
 /// The final line of a 227/229 reply, held until its pinhole is open.
 #[derive(Debug, Clone)]
 pub(super) struct HeldReply {
     pub(super) id: PinholeId,
     plan: PassivePlan,
-    line: Vec<u8>,
     replaced: bool,
+}
+
+/// The lines of a multi-line reply to PASV/EPSV before its final line: only
+/// passed on when that reply turns out to be an error or preliminary.
+#[derive(Debug, Default)]
+pub(super) struct PassiveLines {
+    lines: Vec<Vec<u8>>,
+    bytes: usize,
+    /// A line among them was replaced because it looked like a passive
+    /// reply; logged only if the lines are passed on.
+    withheld: bool,
 }
 
 impl Session {
@@ -51,7 +73,7 @@ impl Session {
         };
         match class {
             ReplyLine::Text if malformed => self.server_line_refused(DenyReason::MalformedReply),
-            ReplyLine::Text => self.reply_text(line),
+            ReplyLine::Text => self.reply_text(class, line),
             ReplyLine::Start(code) => {
                 self.open_reply = Some(code);
                 let line = if malformed {
@@ -60,29 +82,57 @@ impl Session {
                 } else {
                     line
                 };
-                self.reply_text(line);
+                self.reply_text(class, line);
             }
             ReplyLine::End(code) => {
                 self.open_reply = None;
                 self.reply_end(code, line, malformed);
+                // The next reply's lookalikes are logged again.
+                self.lookalike_logged = false;
             }
         }
     }
 
-    /// A line inside a reply that is not its end.
-    fn reply_text(&mut self, line: Vec<u8>) {
-        if matches!(
+    /// Whether the reply being read answers a PASV/EPSV.
+    pub(super) fn answers_passive(&self) -> bool {
+        matches!(
             self.pending.front(),
             Some(Pending::Command(Expect::Passive(_)))
-        ) {
+        )
+    }
+
+    /// A line inside a reply that is not its end.
+    fn reply_text(&mut self, role: ReplyLine, line: Vec<u8>) {
+        if self.answers_passive() {
             // Held until the end: only the final line of a passive reply
             // reaches the client, so no server address leaks through.
-            if self.passive_bytes + line.len() <= MAX_PASSIVE_BUFFER {
-                self.passive_bytes += line.len();
-                self.passive_lines.push(line);
+            let (line, replaced) = neutralized(role, line);
+            if self.passive.bytes + line.len() <= MAX_PASSIVE_BUFFER {
+                self.passive.withheld |= replaced;
+                self.passive.bytes += line.len();
+                self.passive.lines.push(line);
             }
         } else {
-            self.send_line_to_client(&line);
+            self.relay_line(role, line);
+        }
+    }
+
+    /// Passes a server reply line on to the client, unless a client could
+    /// read it as a passive reply: then a neutral line of the same role
+    /// takes its place, so the reply keeps its structure.
+    fn relay_line(&mut self, role: ReplyLine, line: Vec<u8>) {
+        let (line, replaced) = neutralized(role, line);
+        if replaced {
+            self.lookalike_withheld();
+        }
+        self.send_line_to_client(&line);
+    }
+
+    /// One deny event per reply, however many of its lines were withheld.
+    fn lookalike_withheld(&mut self) {
+        if !self.lookalike_logged {
+            self.lookalike_logged = true;
+            self.server_line_refused(DenyReason::PassiveReplyWithheld);
         }
     }
 
@@ -91,24 +141,21 @@ impl Session {
         // on_passive_reply as malformed_passive_reply (with the 425 the
         // client gets); logging it here too would make two deny events for
         // one refusal.
-        let passive_final = matches!(code, Code(227) | Code(229))
-            && matches!(
-                self.pending.front(),
-                Some(Pending::Command(Expect::Passive(_)))
-            );
+        let passive_final = matches!(code, Code(227) | Code(229)) && self.answers_passive();
         if malformed && !passive_final {
             self.server_line_refused(DenyReason::MalformedReply);
         }
         let line = if malformed { withheld(code, ' ') } else { line };
+        let end = ReplyLine::End(code);
         if code.is_preliminary() {
             // 1yz: the command goes on; its final reply comes later.
             self.flush_passive_lines();
-            self.send_line_to_client(&line);
+            self.relay_line(end, line);
             return;
         }
         match self.pending.pop_front() {
             Some(Pending::Greeting) | Some(Pending::Command(Expect::Other)) | None => {
-                self.send_line_to_client(&line);
+                self.relay_line(end, line);
             }
             Some(Pending::Command(Expect::Transfer)) => {
                 // The transfer is over: its data connection no longer holds
@@ -116,21 +163,21 @@ impl Session {
                 // plane hears of it only when conntrack drops the flow,
                 // minutes after TIME_WAIT).
                 self.transfer_done();
-                self.send_line_to_client(&line);
+                self.relay_line(end, line);
             }
-            Some(Pending::Command(Expect::Login(end))) => {
+            Some(Pending::Command(Expect::Login(login_end))) => {
                 if matches!(code, Code(230) | Code(232)) && !self.logged_in {
                     self.logged_in = true;
                     self.login_deadline = None;
                     self.events.push_back(Event::LoggedIn);
                 } else {
-                    self.login_refused(end, code);
+                    self.login_refused(login_end, code);
                 }
-                self.send_line_to_client(&line);
+                self.relay_line(end, line);
             }
-            Some(Pending::Command(Expect::Rein(end))) => {
-                self.login_refused(end, code);
-                self.send_line_to_client(&line);
+            Some(Pending::Command(Expect::Rein(login_end))) => {
+                self.login_refused(login_end, code);
+                self.relay_line(end, line);
             }
             Some(Pending::Command(Expect::Passive(plan))) => {
                 self.on_passive_reply(plan, code, line, malformed);
@@ -138,7 +185,7 @@ impl Session {
             Some(local @ Pending::Local(_)) => {
                 // A reply nobody asked for while a local one waits.
                 self.pending.push_front(local);
-                self.send_line_to_client(&line);
+                self.relay_line(end, line);
             }
         }
         self.flush_local_replies();
@@ -155,12 +202,13 @@ impl Session {
 
     fn on_passive_reply(&mut self, plan: PassivePlan, code: Code, line: Vec<u8>, malformed: bool) {
         if code != Code(227) && code != Code(229) {
-            // An error reply: passed on whole.
+            // An error reply: passed on, lookalikes withheld.
             self.flush_passive_lines();
-            return self.send_line_to_client(&line);
+            return self.relay_line(ReplyLine::End(code), line);
         }
-        self.passive_lines.clear();
-        self.passive_bytes = 0;
+        // Whatever the server wrote around its final line goes: the client
+        // gets the gateway's canonical line or the gateway's 425.
+        self.passive = PassiveLines::default();
         let announced = match (malformed, plan.upstream, code) {
             (false, Style::Pasv, Code(227)) => {
                 reply::parse_227(&line).map(|p| SocketAddr::V4(p.addr))
@@ -199,12 +247,7 @@ impl Session {
                     connect_to: endpoint,
                     connect_from: self.ep.server_local.ip(),
                 }));
-                self.held_reply = Some(HeldReply {
-                    id,
-                    plan,
-                    line,
-                    replaced,
-                });
+                self.held_reply = Some(HeldReply { id, plan, replaced });
             }
             Decision::Deny { reason, rule } => {
                 let denial = Denial::new(reason, Side::Server)
@@ -231,23 +274,18 @@ impl Session {
 
     pub(super) fn send_passive_reply(&mut self, held: HeldReply, listen: SocketAddr) {
         let port = listen.port();
-        let line: Vec<u8> = match held.plan.client {
+        // Always the gateway's own line (DESIGN.md "State"): none of the
+        // server's text reaches the client.
+        let line = match held.plan.client {
             Style::Pasv => {
                 let Some(ip) = self.pasv_announce_ip() else {
                     // The endpoints never change, and on_passive_command
                     // only plans a 227 when this address exists.
                     unreachable!("PASV is refused without an IPv4 address to announce")
                 };
-                let numbers = format_host_port(SocketAddrV4::new(ip, port));
-                match (held.plan.upstream, reply::parse_227(&held.line)) {
-                    (Style::Pasv, Some(p)) => reply::splice(&held.line, p.span, &numbers),
-                    _ => format!("227 Entering Passive Mode ({numbers}).").into_bytes(),
-                }
+                reply::canonical_227(SocketAddrV4::new(ip, port))
             }
-            Style::Epsv => match (held.plan.upstream, reply::parse_229(&held.line)) {
-                (Style::Epsv, Some(p)) => reply::splice(&held.line, p.span, &port.to_string()),
-                _ => format!("229 Entering Extended Passive Mode (|||{port}|)").into_bytes(),
-            },
+            Style::Epsv => reply::canonical_229(port),
         };
         self.send_line_to_client(&line);
         self.events.push_back(Event::Rewrite {
@@ -260,16 +298,50 @@ impl Session {
         self.flush_local_replies();
     }
 
-    /// Passes on, unchanged, the passive-reply lines held so far.
+    /// Passes on the passive-reply lines held so far (lookalikes already
+    /// replaced).
     fn flush_passive_lines(&mut self) {
-        for line in std::mem::take(&mut self.passive_lines) {
+        let held = std::mem::take(&mut self.passive);
+        if held.withheld {
+            self.lookalike_withheld();
+        }
+        for line in held.lines {
             self.send_line_to_client(&line);
         }
-        self.passive_bytes = 0;
     }
+}
+
+/// The code the client sees for a server reply of `code`: only the gateway
+/// writes 227/229 lines.
+pub(super) fn client_code(code: Code) -> Code {
+    if code == Code(227) || code == Code(229) {
+        NEUTRAL_CODE
+    } else {
+        code
+    }
+}
+
+/// `line` as the client may see it, and whether it was replaced. A
+/// continuation line becomes a text line that starts with a blank (RFC 959
+/// section 4.2: text lines that could be read as a code are padded); a first
+/// or last line keeps its place with the neutral code.
+fn neutralized(role: ReplyLine, line: Vec<u8>) -> (Vec<u8>, bool) {
+    if !reply::looks_passive(&line) {
+        return (line, false);
+    }
+    let replacement = match role {
+        ReplyLine::Start(code) => format!("{}-{LOOKALIKE_WITHHELD}", client_code(code).0),
+        ReplyLine::End(code) => format!("{} {LOOKALIKE_WITHHELD}", client_code(code).0),
+        ReplyLine::Text => format!(" {LOOKALIKE_WITHHELD}"),
+    };
+    (replacement.into_bytes(), true)
 }
 
 /// The text that replaces a malformed server line.
 fn withheld(code: Code, sep: char) -> Vec<u8> {
-    format!("{}{sep}(reply line withheld by ftpgate: malformed)", code.0).into_bytes()
+    format!(
+        "{}{sep}(reply line withheld by ftpgate: malformed)",
+        client_code(code).0
+    )
+    .into_bytes()
 }

@@ -8,6 +8,10 @@ use crate::proto::Side;
 use crate::proto::deny::Denial;
 use crate::proto::policy::Policy;
 
+/// Default of [`SessionConfig::max_refusals`] (and of the config key
+/// `limits.max_refused_commands`).
+pub const DEFAULT_MAX_REFUSALS: usize = 50;
+
 /// Everything a session needs to know that does not change during it.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -20,10 +24,13 @@ pub struct SessionConfig {
     pub max_pinholes: usize,
     /// How long a pinhole waits for its peer.
     pub pinhole_timeout: Duration,
-    /// Time from connect to a successful login.
+    /// Time from connect, or from the latest USER or REIN, to a successful
+    /// login.
     pub login_timeout: Duration,
     /// Control-channel silence tolerated while no data connection is open.
     pub idle_timeout: Duration,
+    /// Refused client lines a session may send; one more closes it with 421.
+    pub max_refusals: usize,
 }
 
 impl Default for SessionConfig {
@@ -36,6 +43,7 @@ impl Default for SessionConfig {
             pinhole_timeout: Duration::from_secs(30),
             login_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(15 * 60),
+            max_refusals: DEFAULT_MAX_REFUSALS,
         }
     }
 }
@@ -162,6 +170,10 @@ pub enum CloseReason {
     LoginTimeout,
     IdleTimeout,
     NotFtp,
+    /// The client kept sending refused input past its budget.
+    RefusalBudget,
+    /// The gateway is shutting down.
+    Shutdown,
 }
 
 impl CloseReason {
@@ -172,6 +184,8 @@ impl CloseReason {
             CloseReason::LoginTimeout => "login_timeout",
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::NotFtp => "not_ftp",
+            CloseReason::RefusalBudget => "refusal_budget",
+            CloseReason::Shutdown => "shutdown",
         }
     }
 }
