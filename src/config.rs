@@ -95,6 +95,8 @@ pub struct Limits {
     pub max_command_line: usize,
     pub max_reply_line: usize,
     pub shutdown_grace: Duration,
+    /// IPv6 clients are counted per prefix of this length.
+    pub ipv6_client_prefix: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -102,6 +104,10 @@ pub struct DenyLogConfig {
     /// `None`: standard output.
     pub path: Option<PathBuf>,
     pub queue: usize,
+    /// Lines written per (source, reason) and interval; the rest are
+    /// summarised.
+    pub burst: u32,
+    pub interval: Duration,
 }
 
 /// The validated, immutable configuration.
@@ -251,6 +257,7 @@ struct RawLimits {
     max_command_line: usize,
     max_reply_line: usize,
     shutdown_grace: String,
+    ipv6_client_prefix: u8,
 }
 
 impl Default for RawLimits {
@@ -264,6 +271,7 @@ impl Default for RawLimits {
             max_command_line: 2048,
             max_reply_line: 8192,
             shutdown_grace: "30s".into(),
+            ipv6_client_prefix: crate::clients::DEFAULT_IPV6_PREFIX,
         }
     }
 }
@@ -273,6 +281,8 @@ impl Default for RawLimits {
 struct RawDenyLog {
     path: String,
     queue: usize,
+    burst: u32,
+    interval: String,
 }
 
 impl Default for RawDenyLog {
@@ -280,6 +290,8 @@ impl Default for RawDenyLog {
         RawDenyLog {
             path: "-".into(),
             queue: 4096,
+            burst: 10,
+            interval: "10s".into(),
         }
     }
 }
@@ -512,11 +524,20 @@ impl RawConfig {
             max_command_line: line_limit("limits.max_command_line", l.max_command_line, problems),
             max_reply_line: line_limit("limits.max_reply_line", l.max_reply_line, problems),
             shutdown_grace: duration("limits.shutdown_grace", &l.shutdown_grace, problems),
+            ipv6_client_prefix: l.ipv6_client_prefix,
         };
+        if !(1..=128).contains(&l.ipv6_client_prefix) {
+            problems.push(format!(
+                "`limits.ipv6_client_prefix` = {}: must be between 1 and 128",
+                l.ipv6_client_prefix
+            ));
+        }
 
         let deny_log = DenyLogConfig {
             path: (self.deny_log.path != "-").then(|| PathBuf::from(&self.deny_log.path)),
             queue: positive("deny_log.queue", self.deny_log.queue, problems),
+            burst: positive("deny_log.burst", self.deny_log.burst as usize, problems) as u32,
+            interval: duration("deny_log.interval", &self.deny_log.interval, problems),
         };
         let admin = self.admin.bind.as_deref().and_then(|b| match b.parse() {
             Ok(a) => Some(a),

@@ -54,27 +54,19 @@ pub struct SessionSettings {
     pub data: DataTimeouts,
 }
 
-/// Connects to `upstream` and runs the session until either side closes,
-/// the core closes it, or `shutdown` turns true.
+/// Connects to `info.server` and runs the session until either side
+/// closes, the core closes it, or `shutdown` turns true.
 pub async fn serve(
     shared: Arc<Shared>,
     settings: SessionSettings,
-    id: u64,
+    info: SessionInfo,
     mut client: TcpStream,
-    upstream: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let client_addr = client.peer_addr();
-    let client_local = client.local_addr();
-    let (Ok(client_addr), Ok(client_local)) = (client_addr, client_local) else {
+    let (Some(upstream), Ok(client_local)) = (info.server, client.local_addr()) else {
         return;
     };
-    let info = SessionInfo {
-        id,
-        mode: settings.mode,
-        client: client_addr,
-        server: Some(upstream),
-    };
+    let (id, client_addr) = (info.id, info.client);
     let began = std::time::Instant::now();
     // The control connection leaves from the address routing picks; data
     // connections toward the server later leave from that same address.

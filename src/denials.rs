@@ -43,7 +43,10 @@ impl Filter {
 
 #[derive(Debug, Default)]
 pub struct Summary {
+    /// Denials, the suppressed ones of summary lines included.
     pub total: u64,
+    /// Of `total`, the denials a summary line counted instead of a line each.
+    pub suppressed: u64,
     pub unreadable: u64,
     pub by_reason: BTreeMap<String, u64>,
     pub by_client: BTreeMap<String, u64>,
@@ -76,11 +79,19 @@ pub fn summarize(reader: impl BufRead, filter: &Filter) -> io::Result<Summary> {
         if !filter.matches(&v) {
             continue;
         }
-        s.total += 1;
+        // A summary line stands for the denials it counted.
+        let n = match v["suppressed"].as_u64() {
+            Some(n) => {
+                s.suppressed += n;
+                n
+            }
+            None => 1,
+        };
+        s.total += n;
         let reason = v["reason"].as_str().unwrap_or("?").to_string();
-        *s.by_reason.entry(reason).or_default() += 1;
+        *s.by_reason.entry(reason).or_default() += n;
         if let Some(c) = v["client"].as_str() {
-            *s.by_client.entry(host(c)).or_default() += 1;
+            *s.by_client.entry(host(c)).or_default() += n;
         }
         if let Some(t) = v["target"].as_str() {
             *s.by_target.entry(t.to_string()).or_default() += 1;
@@ -107,6 +118,13 @@ impl Summary {
         let _ = writeln!(out, "deny log {source}: {} denials", self.total);
         if let (Some(a), Some(b)) = (&self.first, &self.last) {
             let _ = writeln!(out, "from {a} to {b}");
+        }
+        if self.suppressed > 0 {
+            let _ = writeln!(
+                out,
+                "({} of them counted in summary lines: a source repeating one refusal)",
+                self.suppressed
+            );
         }
         if self.unreadable > 0 {
             let _ = writeln!(
@@ -144,6 +162,12 @@ impl Summary {
 pub fn one_line(v: &Value) -> String {
     let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
     let mut out = format!("{} {:<22} client={}", s("ts"), s("reason"), s("client"));
+    if let Some(n) = v["suppressed"].as_u64() {
+        let _ = write!(out, " suppressed={n}");
+        if let Some(w) = v["window"].as_str() {
+            let _ = write!(out, " window={w}");
+        }
+    }
     for key in [
         "server",
         "verb",
@@ -252,6 +276,22 @@ not json
             ..Filter::default()
         };
         assert_eq!(summarize(LOG.as_bytes(), &late).unwrap().total, 2);
+    }
+
+    #[test]
+    fn summary_lines_count_the_denials_they_stand_for() {
+        let log = r#"{"ts":"2026-11-22T05:10:49.814Z","reason":"malformed_command","session":3,"mode":"reverse","client":"192.0.2.10:53246","side":"client"}
+{"ts":"2026-11-22T05:10:59.814Z","reason":"malformed_command","suppressed":41,"client":"192.0.2.10","window":"10s"}
+{"ts":"2026-11-22T05:10:59.814Z","reason":"bounce","suppressed":2,"client":"2001:db8:1:2::/64","window":"10s"}
+"#;
+        let s = summarize(log.as_bytes(), &Filter::default()).unwrap();
+        assert_eq!((s.total, s.suppressed), (44, 43));
+        assert_eq!(s.by_reason["malformed_command"], 42);
+        assert_eq!(s.by_client["192.0.2.10"], 42);
+        assert_eq!(s.by_client["2001:db8:1:2::/64"], 2);
+        let v: Value = serde_json::from_str(log.lines().nth(1).unwrap()).unwrap();
+        let line = one_line(&v);
+        assert!(line.contains("suppressed=41 window=10s"), "{line}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! [`metrics`] make every decision visible.
 
 pub mod admin;
+pub mod clients;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -12,6 +12,7 @@ use crate::config::Mode;
 
 pub const DENIALS: &str = "ftpgate_denials_total";
 pub const DENY_LOG_DROPPED: &str = "ftpgate_deny_log_dropped_total";
+pub const DENY_LOG_SUPPRESSED: &str = "ftpgate_deny_log_suppressed_total";
 pub const SESSIONS_ACTIVE: &str = "ftpgate_sessions_active";
 pub const SESSIONS: &str = "ftpgate_sessions_total";
 pub const REWRITES: &str = "ftpgate_rewrites_total";
@@ -46,6 +47,12 @@ pub fn denial(reason: &'static str, mode: Mode) {
 
 pub fn deny_log_dropped() {
     counter!(DENY_LOG_DROPPED).increment(1);
+}
+
+/// A refusal counted toward its source's summary line instead of a line
+/// of its own.
+pub fn deny_log_suppressed(reason: &'static str) {
+    counter!(DENY_LOG_SUPPRESSED, "reason" => reason).increment(1);
 }
 
 pub fn session_started(mode: Mode) {

@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
+use crate::clients::ClientKey;
 use crate::config::{Config, Listener, Mode};
 use crate::control::{self, SessionSettings, Shared};
 use crate::dataplane::DataTimeouts;
@@ -115,6 +116,7 @@ impl Gateway {
             mode: listener.mode,
             client: peer,
             server: None,
+            source: ClientKey::of(peer.ip(), cfg.limits.ipv6_client_prefix),
         };
         let upstream = match self.upstream(&listener, &stream) {
             Ok(u) => u,
@@ -154,15 +156,7 @@ impl Gateway {
             },
         };
         let _permit: OwnedSemaphorePermit = permit;
-        control::serve(
-            Arc::clone(&self.shared),
-            settings,
-            id,
-            stream,
-            upstream,
-            stop,
-        )
-        .await;
+        control::serve(Arc::clone(&self.shared), settings, info, stream, stop).await;
         self.release_client(peer.ip());
     }
 

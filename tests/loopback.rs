@@ -281,3 +281,100 @@ async fn unreachable_upstream_gets_421_and_a_deny_line() {
     assert_eq!(denial["target"], upstream.to_string());
     assert_eq!(denial["reply"], reply.trim_end());
 }
+
+/// Sends `lines` bare LF lines (each one a refused, malformed command) on
+/// one control connection and reads the gateway's replies until all have
+/// come, the connection closes, or 20 s pass. Returns the replies read.
+async fn flood_bare_lf(addr: std::net::SocketAddr, lines: usize) -> usize {
+    let Ok(stream) = TcpStream::connect(addr).await else {
+        return 0;
+    };
+    let (mut rd, mut wr) = stream.into_split();
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut seen = 0usize;
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        // The greeting, then one reply per line.
+        while seen < lines + 1 {
+            match tokio::time::timeout_at(until, rd.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => seen += buf[..n].iter().filter(|&&b| b == b'\n').count(),
+                _ => break,
+            }
+        }
+        seen.saturating_sub(1)
+    });
+    let _ = wr.write_all(&vec![b'\n'; lines]).await;
+    let replies = reader.await.unwrap_or(0);
+    drop(wr);
+    replies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_flooding_refused_lines_cannot_blind_the_deny_log_for_another() {
+    let test = "one_client_flooding_refused_lines_cannot_blind_the_deny_log_for_another";
+    let Some(server) = server_or_skip(test, None) else {
+        return;
+    };
+    let gw = Gateway::reverse_with(server.addr, "53000-53099", "", "interval = \"1s\"").await;
+    let admin = gw.running.admin.unwrap();
+    // 127.0.0.1 floods: four connections, 8000 bare LF lines each, every
+    // one refused before login (the issue saw 200,000 in 2 s).
+    const CONNECTIONS: usize = 4;
+    const LINES: usize = 8000;
+    let floods: Vec<_> = (0..CONNECTIONS)
+        .map(|_| tokio::spawn(flood_bare_lf(gw.addr, LINES)))
+        .collect();
+    // Meanwhile 127.0.0.2, another client, tries an FTP bounce.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let other: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let mut c = FtpClient::login_from(gw.addr, other).await;
+    let r = c.cmd("PORT 127,0,0,5,200,10").await;
+    assert!(r.starts_with("504"), "{r}");
+    let mut refused = 0;
+    for f in floods {
+        refused += f.await.unwrap();
+    }
+    assert!(
+        refused >= 1000,
+        "the flood was refused only {refused} times"
+    );
+    let bounce = gw.wait_denial("bounce").await;
+    assert!(
+        bounce["client"].as_str().unwrap().starts_with("127.0.0.2:"),
+        "{bounce}"
+    );
+    let dropped = common::metric(
+        &common::scrape(admin).await,
+        "ftpgate_deny_log_dropped_total",
+        &[],
+    );
+    assert_eq!(dropped, 0.0, "deny-log lines were dropped");
+    // The flood is in the log as a few lines and summaries per interval.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = gw.denials();
+        let summarised: u64 = log
+            .iter()
+            .filter(|v| v["client"] == "127.0.0.1" && v["reason"] == "malformed_command")
+            .filter_map(|v| v["suppressed"].as_u64())
+            .sum();
+        let written = log
+            .iter()
+            .filter(|v| v["reason"] == "malformed_command" && v.get("suppressed").is_none())
+            .count() as u64;
+        if summarised + written >= refused as u64 {
+            assert_eq!(summarised + written, refused as u64, "{log:?}");
+            assert!(written < 200, "{written} lines written one by one");
+            break log;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{refused} refused, {written} written, {summarised} summarised"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        !log.iter().any(|v| v["reason"] == "deny_log_dropped"),
+        "the log reports dropped lines"
+    );
+}

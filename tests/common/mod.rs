@@ -117,6 +117,17 @@ impl Gateway {
     /// generated TOML (e.g. a [policy] table). Data ports come from `ports`
     /// so tests running in parallel do not compete for one range.
     pub async fn reverse(upstream: SocketAddr, ports: &str, extra: &str) -> Gateway {
+        Gateway::reverse_with(upstream, ports, extra, "").await
+    }
+
+    /// Like [`Gateway::reverse`]; `deny_log` adds keys to the [deny_log]
+    /// table (which the generated TOML already has).
+    pub async fn reverse_with(
+        upstream: SocketAddr,
+        ports: &str,
+        extra: &str,
+        deny_log_keys: &str,
+    ) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let deny_log = dir.path().join("deny.jsonl");
         let text = format!(
@@ -132,6 +143,7 @@ accept_timeout = "2s"
 
 [deny_log]
 path = "{}"
+{deny_log_keys}
 
 [admin]
 bind = "127.0.0.1:0"
@@ -187,6 +199,23 @@ pub struct FtpClient {
 impl FtpClient {
     pub async fn connect(addr: SocketAddr) -> FtpClient {
         let s = TcpStream::connect(addr).await.unwrap();
+        FtpClient::greeted(s).await
+    }
+
+    /// Connects from the local address `from` (another loopback address
+    /// is another client).
+    pub async fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> FtpClient {
+        FtpClient::greeted(connect_from(addr, from).await).await
+    }
+
+    pub async fn login_from(addr: SocketAddr, from: std::net::IpAddr) -> FtpClient {
+        let mut c = FtpClient::connect_from(addr, from).await;
+        assert!(c.cmd("USER ftptest").await.starts_with("331"));
+        assert!(c.cmd("PASS ftptest").await.starts_with("230"));
+        c
+    }
+
+    async fn greeted(s: TcpStream) -> FtpClient {
         let local = s.local_addr().unwrap();
         let (r, w) = s.into_split();
         let mut c = FtpClient {
@@ -239,6 +268,23 @@ impl FtpClient {
         self.send(line).await;
         self.reply().await
     }
+}
+
+/// A TCP connection to `addr` from the local address `from`.
+pub async fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> TcpStream {
+    let socket = match from {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4().unwrap(),
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6().unwrap(),
+    };
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// The admin listener's metrics, parsed.
+pub async fn scrape(admin: SocketAddr) -> Vec<Sample> {
+    let (status, body) = http_get(admin, "/metrics").await;
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    parse_metrics(&body)
 }
 
 /// Parses the address of a 227 reply.
