@@ -4,8 +4,10 @@
 //! connection, so counting IPv6 clients per address would let one of them
 //! slip past every per-client limit and every per-source aggregation.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::proto::policy::canonical_ip;
 
@@ -64,6 +66,101 @@ impl fmt::Display for ClientKey {
     }
 }
 
+/// The two caps of a [`Counter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    pub total: usize,
+    pub per_client: usize,
+}
+
+/// Why a [`Counter`] refused a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Full {
+    #[error("the gateway-wide limit of {0} is reached")]
+    Total(usize),
+    #[error("the client's limit of {0} is reached")]
+    Client(usize),
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    /// Only clients holding claims have an entry, so the map never holds
+    /// more entries than the total cap allows claims.
+    per_client: HashMap<ClientKey, usize>,
+}
+
+/// Counts claims of something (sessions, pinholes, data connections) per
+/// client and in total, each under a cap. A claim is a [`Claim`] guard:
+/// it is released when dropped, however its holder ends (a panic too).
+#[derive(Debug, Default)]
+pub struct Counter {
+    counts: Mutex<Counts>,
+}
+
+impl Counter {
+    pub fn new() -> Arc<Counter> {
+        Arc::new(Counter::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Counts> {
+        // Plain counters: still consistent after a holder panicked.
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One more for `client`, if both caps allow it.
+    pub fn claim(self: &Arc<Self>, client: ClientKey, caps: Caps) -> Result<Claim, Full> {
+        let mut counts = self.lock();
+        if counts.total >= caps.total {
+            return Err(Full::Total(caps.total));
+        }
+        let n = counts.per_client.get(&client).copied().unwrap_or(0);
+        if n >= caps.per_client {
+            return Err(Full::Client(caps.per_client));
+        }
+        counts.total += 1;
+        counts.per_client.insert(client, n + 1);
+        Ok(Claim {
+            counter: Arc::clone(self),
+            client,
+        })
+    }
+
+    /// Claims held now, by everyone.
+    pub fn total(&self) -> usize {
+        self.lock().total
+    }
+
+    /// Claims `client` holds now.
+    pub fn of(&self, client: ClientKey) -> usize {
+        self.lock().per_client.get(&client).copied().unwrap_or(0)
+    }
+
+    fn release(&self, client: ClientKey) {
+        let mut counts = self.lock();
+        counts.total = counts.total.saturating_sub(1);
+        if let Some(n) = counts.per_client.get_mut(&client) {
+            *n -= 1;
+            if *n == 0 {
+                counts.per_client.remove(&client);
+            }
+        }
+    }
+}
+
+/// One counted claim; released on drop.
+#[derive(Debug)]
+pub struct Claim {
+    counter: Arc<Counter>,
+    client: ClientKey,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.counter.release(self.client);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +184,39 @@ mod tests {
         assert_ne!(key("192.0.2.10", 64), key("192.0.2.11", 64));
         assert_eq!(key("::ffff:192.0.2.10", 64), key("192.0.2.10", 64));
         assert_eq!(key("::ffff:192.0.2.10", 64).to_string(), "192.0.2.10");
+    }
+
+    #[test]
+    fn claims_are_capped_per_client_and_in_total_and_released_on_drop() {
+        let counter = Counter::new();
+        let caps = Caps {
+            total: 3,
+            per_client: 2,
+        };
+        let (a, b) = (key("192.0.2.1", 64), key("192.0.2.2", 64));
+        let a1 = counter.claim(a, caps).unwrap();
+        let _a2 = counter.claim(a, caps).unwrap();
+        assert_eq!(counter.claim(a, caps).unwrap_err(), Full::Client(2));
+        let _b1 = counter.claim(b, caps).unwrap();
+        assert_eq!(counter.claim(b, caps).unwrap_err(), Full::Total(3));
+        drop(a1);
+        assert_eq!((counter.total(), counter.of(a)), (2, 1));
+        let _b2 = counter.claim(b, caps).unwrap();
+        // A claim dropped during a panic is released too.
+        let c = key("192.0.2.3", 64);
+        let wide = Caps {
+            total: 10,
+            per_client: 10,
+        };
+        let counter2 = Arc::clone(&counter);
+        let panicked = std::thread::spawn(move || {
+            let _held = counter2.claim(c, wide).unwrap();
+            panic!("a holder panics");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert_eq!(counter.of(c), 0);
+        assert_eq!(counter.total(), 3);
     }
 
     #[test]

@@ -12,6 +12,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::clients::Caps;
+
 use crate::proto::{FxpRule, Policy, SessionConfig};
 
 /// All problems found in a configuration file.
@@ -83,6 +85,16 @@ pub struct Data {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_pinholes_per_session: usize,
+    pub caps: DataCaps,
+}
+
+/// The data path's caps, per client and gateway-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataCaps {
+    /// Pinholes waiting for their peer.
+    pub pinholes: Caps,
+    /// Data connections, carried or reserved by a waiting pinhole.
+    pub connections: Caps,
 }
 
 #[derive(Debug, Clone)]
@@ -206,6 +218,10 @@ struct RawData {
     connect_timeout: String,
     idle_timeout: String,
     max_pinholes_per_session: usize,
+    max_pinholes: usize,
+    max_pinholes_per_client: usize,
+    max_connections: usize,
+    max_connections_per_client: usize,
 }
 
 impl Default for RawData {
@@ -218,6 +234,10 @@ impl Default for RawData {
             connect_timeout: "10s".into(),
             idle_timeout: "10m".into(),
             max_pinholes_per_session: 2,
+            max_pinholes: 1000,
+            max_pinholes_per_client: 32,
+            max_connections: 1000,
+            max_connections_per_client: 32,
         }
     }
 }
@@ -475,6 +495,24 @@ impl RawConfig {
                 d.max_pinholes_per_session,
                 problems,
             ),
+            caps: DataCaps {
+                pinholes: Caps {
+                    total: positive("data.max_pinholes", d.max_pinholes, problems),
+                    per_client: positive(
+                        "data.max_pinholes_per_client",
+                        d.max_pinholes_per_client,
+                        problems,
+                    ),
+                },
+                connections: Caps {
+                    total: positive("data.max_connections", d.max_connections, problems),
+                    per_client: positive(
+                        "data.max_connections_per_client",
+                        d.max_connections_per_client,
+                        problems,
+                    ),
+                },
+            },
         };
 
         let p = self.policy;

@@ -26,6 +26,17 @@ pub struct Relayed {
 /// Relays until both directions have ended, an error occurs, or nothing has
 /// moved for `idle`. Returns the byte counts either way.
 pub async fn relay(a: TcpStream, b: TcpStream, idle: Duration) -> (Relayed, io::Result<()>) {
+    relay_until(a, b, idle, std::future::pending()).await
+}
+
+/// Like [`relay`], and ends (both connections closed) when `cancel`
+/// resolves: a data connection ends with its control session.
+pub async fn relay_until(
+    a: TcpStream,
+    b: TcpStream,
+    idle: Duration,
+    cancel: impl std::future::Future<Output = ()>,
+) -> (Relayed, io::Result<()>) {
     let start = Instant::now();
     let activity = Arc::new(AtomicU64::new(0));
     let a_to_b_count = Arc::new(AtomicU64::new(0));
@@ -40,6 +51,10 @@ pub async fn relay(a: TcpStream, b: TcpStream, idle: Duration) -> (Relayed, io::
         () = watchdog(start, &activity, idle) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             "data connection idle",
+        )),
+        () = cancel => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "control session ended",
         )),
     };
     let counts = Relayed {
@@ -121,6 +136,26 @@ mod tests {
                 b_to_a: 9
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_relay_closes_both_connections() {
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(relay_until(a, b, Duration::from_secs(60), async {
+            let _ = rx.await;
+        }));
+        client.write_all(b"abc").await.unwrap();
+        let mut got = [0u8; 3];
+        server.read_exact(&mut got).await.unwrap();
+        drop(tx);
+        let (counts, result) = task.await.unwrap();
+        assert_eq!(counts.a_to_b, 3);
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
+        let mut rest = Vec::new();
+        assert_eq!(client.read_to_end(&mut rest).await.unwrap_or(0), 0);
+        assert_eq!(server.read_to_end(&mut rest).await.unwrap_or(0), 0);
     }
 
     #[tokio::test]

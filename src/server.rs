@@ -44,7 +44,7 @@ pub struct Gateway {
     /// The semaphore's size (limits.max_sessions at start; a reload does not
     /// resize it).
     max_sessions: usize,
-    per_client: Mutex<HashMap<IpAddr, usize>>,
+    per_client: Mutex<HashMap<ClientKey, usize>>,
     next_id: AtomicU64,
 }
 
@@ -137,7 +137,7 @@ impl Gateway {
                 .refuse(&mut stream, &info, DenyReason::SessionLimit, reply)
                 .await;
         };
-        let Some(_client_slot) = self.claim_client(peer.ip(), cfg.limits.max_sessions_per_client)
+        let Some(_client_slot) = self.claim_client(info.source, cfg.limits.max_sessions_per_client)
         else {
             let reply = "421 Too many connections from your address; try again later.";
             return self
@@ -154,10 +154,12 @@ impl Gateway {
                 connect: cfg.data.connect_timeout,
                 idle: cfg.data.idle_timeout,
             },
+            data_caps: cfg.data.caps,
         };
         let _permit: OwnedSemaphorePermit = permit;
+        let source = info.source;
         control::serve(Arc::clone(&self.shared), settings, info, stream, stop).await;
-        self.release_client(peer.ip());
+        self.release_client(source);
     }
 
     fn upstream(&self, listener: &Listener, stream: &TcpStream) -> Result<SocketAddr, DenyReason> {
@@ -187,9 +189,9 @@ impl Gateway {
         control::refuse_connection(&self.shared.deny, stream, info, denial, reply).await;
     }
 
-    fn claim_client(&self, ip: IpAddr, limit: usize) -> Option<()> {
+    fn claim_client(&self, client: ClientKey, limit: usize) -> Option<()> {
         let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(ip).or_insert(0);
+        let n = map.entry(client).or_insert(0);
         if *n >= limit {
             return None;
         }
@@ -197,12 +199,12 @@ impl Gateway {
         Some(())
     }
 
-    fn release_client(&self, ip: IpAddr) {
+    fn release_client(&self, client: ClientKey) {
         let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&ip) {
+        if let Some(n) = map.get_mut(&client) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&ip);
+                map.remove(&client);
             }
         }
     }

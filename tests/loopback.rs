@@ -315,7 +315,7 @@ async fn one_client_flooding_refused_lines_cannot_blind_the_deny_log_for_another
     let Some(server) = server_or_skip(test, None) else {
         return;
     };
-    let gw = Gateway::reverse_with(server.addr, "53000-53099", "", "interval = \"1s\"").await;
+    let gw = Gateway::reverse_with(server.addr, "53000-53099", "", "", "interval = \"1s\"").await;
     let admin = gw.running.admin.unwrap();
     // 127.0.0.1 floods: four connections, 8000 bare LF lines each, every
     // one refused before login (the issue saw 200,000 in 2 s).

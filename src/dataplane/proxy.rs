@@ -16,8 +16,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
-use super::registry::{Entry, Registry};
-use super::{Owner, PlaneEvent, directions, mode_label};
+use super::registry::{Entry, Registry, Reservation};
+use super::{OpenError, Owner, PlaneEvent, directions, mode_label};
+use crate::clients::Claim;
 use crate::metrics as m;
 use crate::proto::{DataVerdict, PinholeId, PinholeRequest};
 use crate::relay;
@@ -48,7 +49,8 @@ impl ProxyPlane {
         request: &PinholeRequest,
         apparent: Vec<IpAddr>,
         owner: &Owner,
-    ) -> io::Result<SocketAddr> {
+    ) -> Result<SocketAddr, OpenError> {
+        let reservation = self.registry.reserve(owner)?;
         let (tx, rx) = oneshot::channel();
         let (port, listener) = self.registry.claim(
             |port| match bind_listener(SocketAddr::new(request.listen_ip, port)) {
@@ -64,6 +66,7 @@ impl ProxyPlane {
                 opener: owner.info.client.ip(),
                 opened: Instant::now(),
                 cancel: Some(tx),
+                reservation: Some(reservation),
             },
         )?;
         let task = Pinhole {
@@ -132,23 +135,43 @@ impl Pinhole {
         };
         // Used up: the listener closes and the port is free for the next.
         drop(listener);
-        self.registry.remove(self.request.id);
+        let Some((_, mut entry)) = self.registry.remove(self.request.id) else {
+            // Withdrawn in the meantime: its session has ended.
+            return;
+        };
         m::pinhole_wait(started.elapsed());
-        carry(inbound, &self.request, &self.owner).await;
+        let slot = entry.reservation.take().map(Reservation::into_connection);
+        carry(inbound, &self.request, &self.owner, slot).await;
     }
 }
 
 /// Connects a taken data connection onward and relays it; reports the end
 /// to the owner. Also used by the kernel plane for connections that reach
-/// its fall-through listener from the expected peer.
-pub async fn carry(inbound: TcpStream, request: &PinholeRequest, owner: &Owner) {
+/// its fall-through listener from the expected peer. `slot` is the data
+/// connection's counted slot, held until the relay ends; the relay ends
+/// with the owning session at the latest.
+pub async fn carry(
+    inbound: TcpStream,
+    request: &PinholeRequest,
+    owner: &Owner,
+    slot: Option<Claim>,
+) {
+    let _slot = slot;
     let timeouts = owner.timeouts;
     let _ = inbound.set_nodelay(true);
     let _active = m::DataConnectionActive::start();
-    match connect_from(request.connect_from, request.connect_to, timeouts.connect).await {
+    let connected = tokio::select! {
+        c = connect_from(request.connect_from, request.connect_to, timeouts.connect) => c,
+        () = owner.ended() => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "control session ended",
+        )),
+    };
+    match connected {
         Ok(outbound) => {
             let began = Instant::now();
-            let (counts, result) = relay::relay(inbound, outbound, timeouts.idle).await;
+            let (counts, result) =
+                relay::relay_until(inbound, outbound, timeouts.idle, owner.ended()).await;
             // a is the peer that connected in.
             let (down, up) = directions(request.mode, counts.a_to_b, counts.b_to_a);
             m::data_connection("proxy", mode_label(request.mode), down, up, began.elapsed());
