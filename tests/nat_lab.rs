@@ -591,6 +591,19 @@ fn run_lab(lab_prefix: &'static str, plane: &str) {
         eprintln!("SKIPPED nat_lab ({plane} plane): {why} (run scripts/test as root)");
         return;
     }
+    // FG_LAB_TAG (letters and digits) makes the namespace names unique to
+    // one checkout, so labs of several checkouts can run side by side.
+    let tag: String = std::env::var("FG_LAB_TAG")
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect();
+    let lab_prefix: &'static str = if tag.is_empty() {
+        lab_prefix
+    } else {
+        Box::leak(format!("{lab_prefix}{tag}-").into_boxed_str())
+    };
     PREFIX.with(|p| p.set(lab_prefix));
     let up = lab(&["up"]);
     assert!(up.status.success(), "lab up failed:\n{}", text(&up));
