@@ -415,6 +415,15 @@ impl RawListener {
             )),
             _ => {}
         }
+        if mode == Some(Mode::Transparent) && self.interfaces.is_empty() {
+            let binds: Vec<&str> = self.bind.iter().map(String::as_str).collect();
+            problems.push(format!(
+                "`{}` must name the inside interfaces of the transparent listener on {}: \
+                 its redirects must not take traffic arriving on other interfaces",
+                key("interfaces"),
+                binds.join(", ")
+            ));
+        }
         if mode == Some(Mode::Reverse) && !self.interfaces.is_empty() {
             problems.push(format!(
                 "`{}` is only for transparent mode",
@@ -668,6 +677,21 @@ mod tests {
         let err = Config::parse("[[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:0\"]\n")
             .unwrap_err();
         assert!(err.to_string().contains("upstream"), "{err}");
+    }
+
+    #[test]
+    fn a_transparent_listener_must_name_its_inside_interfaces() {
+        let err = Config::parse(
+            "[[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:2100\"]\nupstream = \"192.0.2.20:21\"\n\
+             [[listener]]\nmode = \"transparent\"\nbind = [\"0.0.0.0:2121\", \"[::]:2121\"]\n",
+        )
+        .unwrap_err();
+        let all = err.to_string();
+        assert!(
+            all.contains("`listener[1].interfaces`") && all.contains("0.0.0.0:2121, [::]:2121"),
+            "{all}"
+        );
+        assert_eq!(err.problems.len(), 1, "{all}");
     }
 
     #[test]

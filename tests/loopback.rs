@@ -238,7 +238,7 @@ async fn transparent_connection_without_a_redirect_is_refused_as_a_loop() {
     let dir = tempfile::tempdir().unwrap();
     let deny = dir.path().join("deny.jsonl");
     let text = format!(
-        "[[listener]]\nmode = \"transparent\"\nbind = [\"127.0.0.1:0\"]\n\
+        "[[listener]]\nmode = \"transparent\"\nbind = [\"127.0.0.1:0\"]\ninterfaces = [\"lo\"]\n\
          [deny_log]\npath = \"{}\"\n",
         deny.display()
     );
