@@ -56,6 +56,9 @@ pub enum DenyReason {
     PasvTheft,
     /// A control connection whose original destination is the gateway itself.
     Loop,
+    /// A transparent-mode control connection whose original destination
+    /// cannot be read (SO_ORIGINAL_DST failed: no redirect, no conntrack).
+    NoOriginalDestination,
     /// The gateway is at its session limit.
     SessionLimit,
     /// This client is at its per-client session limit.
@@ -65,7 +68,7 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 24] = [
+    pub const ALL: [DenyReason; 25] = [
         DenyReason::MalformedLine,
         DenyReason::LineTooLong,
         DenyReason::MalformedCommand,
@@ -87,6 +90,7 @@ impl DenyReason {
         DenyReason::PinholeExpired,
         DenyReason::PasvTheft,
         DenyReason::Loop,
+        DenyReason::NoOriginalDestination,
         DenyReason::SessionLimit,
         DenyReason::ClientSessionLimit,
         DenyReason::UpstreamUnreachable,
@@ -115,6 +119,7 @@ impl DenyReason {
             DenyReason::PinholeExpired => "pinhole_expired",
             DenyReason::PasvTheft => "pasv_theft",
             DenyReason::Loop => "loop",
+            DenyReason::NoOriginalDestination => "no_original_destination",
             DenyReason::SessionLimit => "session_limit",
             DenyReason::ClientSessionLimit => "client_session_limit",
             DenyReason::UpstreamUnreachable => "upstream_unreachable",
