@@ -471,6 +471,15 @@ impl RawConfig {
                 problems.push(format!("listener address {addr} appears twice"));
             }
         }
+        let binds: Vec<SocketAddr> = listeners.iter().flat_map(|l| l.bind.clone()).collect();
+        for (i, l) in listeners.iter().enumerate() {
+            if let Some(up) = l.upstream.filter(|up| is_own_listener(*up, &binds)) {
+                problems.push(format!(
+                    "`listener[{i}].upstream` = \"{up}\" is the gateway's own listener: \
+                     it would relay to itself"
+                ));
+            }
+        }
 
         let d = self.data;
         let plane = match d.plane.as_str() {
@@ -568,8 +577,18 @@ impl RawConfig {
             login_timeout: duration("limits.login_timeout", &l.login_timeout, problems),
             idle_timeout: duration("limits.idle_timeout", &l.idle_timeout, problems),
             connect_timeout: duration("limits.connect_timeout", &l.connect_timeout, problems),
-            max_command_line: line_limit("limits.max_command_line", l.max_command_line, problems),
-            max_reply_line: line_limit("limits.max_reply_line", l.max_reply_line, problems),
+            max_command_line: line_limit(
+                "limits.max_command_line",
+                l.max_command_line,
+                MAX_COMMAND_LINE,
+                problems,
+            ),
+            max_reply_line: line_limit(
+                "limits.max_reply_line",
+                l.max_reply_line,
+                1 << 20,
+                problems,
+            ),
             shutdown_grace: duration("limits.shutdown_grace", &l.shutdown_grace, problems),
             ipv6_client_prefix: l.ipv6_client_prefix,
         };
@@ -605,14 +624,45 @@ impl RawConfig {
     }
 }
 
-fn line_limit(key: &str, value: usize, problems: &mut Vec<String>) -> usize {
+/// The longest command line the gateway may pass on. Servers cut longer
+/// lines (vsftpd at 4096 bytes, others shorter) and take the rest as a
+/// second command: the server would answer twice, and replies would no
+/// longer pair with the commands the gateway forwarded.
+pub const MAX_COMMAND_LINE: usize = 4096;
+
+fn line_limit(key: &str, value: usize, max: usize, problems: &mut Vec<String>) -> usize {
     // RFC 959 does not bound lines; 512 is the shortest any peer needs.
-    if !(512..=1 << 20).contains(&value) {
+    if !(512..=max).contains(&value) {
+        let why = if max == MAX_COMMAND_LINE {
+            " (servers cut longer command lines, and replies would no longer pair with commands)"
+        } else {
+            ""
+        };
         problems.push(format!(
-            "`{key}` = {value}: must be between 512 and 1048576 bytes"
+            "`{key}` = {value}: must be between 512 and {max} bytes{why}"
         ));
     }
     value
+}
+
+/// Whether `upstream` would reach one of the gateway's own listeners
+/// (`binds`): the same address, or a wildcard bind on the same port and an
+/// upstream address of this host. Relaying there loops.
+pub fn is_own_listener(upstream: SocketAddr, binds: &[SocketAddr]) -> bool {
+    binds.iter().any(|bind| {
+        bind.port() != 0
+            && bind.port() == upstream.port()
+            && (bind.ip() == upstream.ip()
+                || (bind.ip().is_unspecified()
+                    && bind.is_ipv4() == upstream.is_ipv4()
+                    && is_this_host(upstream.ip())))
+    })
+}
+
+/// Whether `ip` is an address of this host: loopback, unspecified (which
+/// connects to this host), or one a socket can be bound to.
+fn is_this_host(ip: IpAddr) -> bool {
+    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 /// An address or CIDR network; an IPv4-mapped IPv6 net is made IPv4.
@@ -692,6 +742,61 @@ mod tests {
             "{all}"
         );
         assert_eq!(err.problems.len(), 1, "{all}");
+    }
+
+    #[test]
+    fn a_reverse_upstream_that_is_the_gateways_own_listener_is_refused() {
+        for (bind, upstream) in [
+            ("127.0.0.1:2100", "127.0.0.1:2100"),
+            ("0.0.0.0:2100", "127.0.0.1:2100"),
+            ("[::]:2100", "[::1]:2100"),
+            ("0.0.0.0:2100", "0.0.0.0:2100"),
+        ] {
+            let text = format!(
+                "[[listener]]\nmode = \"reverse\"\nbind = [\"{bind}\"]\nupstream = \"{upstream}\"\n"
+            );
+            let err = Config::parse(&text).expect_err(&text).to_string();
+            assert!(
+                err.contains("`listener[0].upstream`") && err.contains("own listener"),
+                "{bind} / {upstream}: {err}"
+            );
+        }
+        // Another listener of the gateway is its own too.
+        let err = Config::parse(
+            "[[listener]]\nmode = \"transparent\"\nbind = [\"0.0.0.0:2121\"]\ninterfaces = [\"br-in\"]\n\
+             [[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:2100\"]\nupstream = \"127.0.0.1:2121\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("`listener[1].upstream`"), "{err}");
+        // Another port, or another host, is fine.
+        for upstream in ["127.0.0.1:21", "192.0.2.20:2100"] {
+            let text = format!(
+                "[[listener]]\nmode = \"reverse\"\nbind = [\"0.0.0.0:2100\"]\nupstream = \"{upstream}\"\n"
+            );
+            Config::parse(&text).unwrap_or_else(|e| panic!("{upstream}: {e}"));
+        }
+    }
+
+    #[test]
+    fn command_lines_longer_than_servers_take_are_refused() {
+        let limit = |n: usize| {
+            Config::parse(&format!(
+                "[[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"192.0.2.20:21\"\n\
+                 [limits]\nmax_command_line = {n}\n"
+            ))
+        };
+        assert!(limit(4096).is_ok());
+        let err = limit(4097).unwrap_err().to_string();
+        assert!(err.contains("`limits.max_command_line` = 4097"), "{err}");
+        assert!(err.contains("4096"), "{err}");
+        // Reply lines may still be long.
+        assert!(
+            Config::parse(
+                "[[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"192.0.2.20:21\"\n\
+                 [limits]\nmax_reply_line = 65536\n"
+            )
+            .is_ok()
+        );
     }
 
     #[test]

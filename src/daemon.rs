@@ -69,6 +69,19 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             bound.push((i, l.local_addr()?, l));
         }
     }
+    // check-config compared the configured addresses; a listener on port 0
+    // is only known now.
+    let addrs: Vec<SocketAddr> = bound.iter().map(|(_, a, _)| *a).collect();
+    for (i, listener) in cfg.listeners.iter().enumerate() {
+        if let Some(up) = listener
+            .upstream
+            .filter(|up| crate::config::is_own_listener(*up, &addrs))
+        {
+            anyhow::bail!(
+                "`listener[{i}].upstream` = \"{up}\" is the gateway's own listener: it would relay to itself"
+            );
+        }
+    }
     let shared = Arc::new(Shared {
         plane: dataplane::start(&cfg.data).await?,
         deny: deny.clone(),

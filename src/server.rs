@@ -122,10 +122,10 @@ impl Gateway {
             Ok(u) => u,
             Err(reason) => {
                 let reply = match reason {
-                    DenyReason::Loop => {
-                        "421 Service not available: connection to the gateway itself."
+                    DenyReason::NoOriginalDestination => {
+                        "421 Service not available: no original destination."
                     }
-                    _ => "421 Service not available: no original destination.",
+                    _ => "421 Service not available: connection to the gateway itself.",
                 };
                 return self.refuse(&mut stream, &info, reason, reply).await;
             }
@@ -166,14 +166,7 @@ impl Gateway {
         match listener.mode {
             Mode::Reverse => listener.upstream.ok_or(DenyReason::Loop),
             Mode::Transparent => {
-                let local = stream.local_addr().map_err(|_| DenyReason::Loop)?;
-                let orig = original_dst(stream).ok_or(DenyReason::Loop)?;
-                // Without a redirect the original destination is the
-                // gateway itself: relaying would loop.
-                if orig == canonical(local) || is_local_ip(orig.ip()) {
-                    return Err(DenyReason::Loop);
-                }
-                Ok(orig)
+                transparent_upstream(stream.local_addr().ok(), original_dst(stream), is_local_ip)
             }
         }
     }
@@ -210,6 +203,24 @@ impl Gateway {
     }
 }
 
+/// The upstream of a transparent-mode connection accepted on `local`: its
+/// original destination `orig`, unless there is none (SO_ORIGINAL_DST
+/// failed: no redirect and no conntrack entry) or it is the gateway itself
+/// (no redirect: relaying would loop).
+fn transparent_upstream(
+    local: Option<SocketAddr>,
+    orig: Option<SocketAddr>,
+    is_local: impl Fn(IpAddr) -> bool,
+) -> Result<SocketAddr, DenyReason> {
+    let (Some(local), Some(orig)) = (local, orig) else {
+        return Err(DenyReason::NoOriginalDestination);
+    };
+    if orig == canonical(local) || is_local(orig.ip()) {
+        return Err(DenyReason::Loop);
+    }
+    Ok(orig)
+}
+
 /// The destination a redirected connection was addressed to
 /// (SO_ORIGINAL_DST, IPv4 or IPv6), canonicalised.
 pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
@@ -225,4 +236,37 @@ pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
 /// Whether `ip` is an address of this host (binding to it succeeds).
 fn is_local_ip(ip: IpAddr) -> bool {
     ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transparent_connection_without_an_original_destination_is_not_a_loop() {
+        let local: SocketAddr = "192.0.2.1:2121".parse().unwrap();
+        let server: SocketAddr = "198.51.100.20:21".parse().unwrap();
+        let only_gateway = |ip: IpAddr| ip == local.ip();
+        assert_eq!(
+            transparent_upstream(Some(local), None, only_gateway),
+            Err(DenyReason::NoOriginalDestination)
+        );
+        assert_eq!(
+            transparent_upstream(None, Some(server), only_gateway),
+            Err(DenyReason::NoOriginalDestination)
+        );
+        assert_eq!(
+            transparent_upstream(Some(local), Some(local), only_gateway),
+            Err(DenyReason::Loop)
+        );
+        let own_port_21 = SocketAddr::new(local.ip(), 21);
+        assert_eq!(
+            transparent_upstream(Some(local), Some(own_port_21), only_gateway),
+            Err(DenyReason::Loop)
+        );
+        assert_eq!(
+            transparent_upstream(Some(local), Some(server), only_gateway),
+            Ok(server)
+        );
+    }
 }

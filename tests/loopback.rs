@@ -231,10 +231,9 @@ async fn sessions_beyond_the_per_client_limit_get_421_and_a_deny_line() {
     FtpClient::login(gw.addr).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transparent_connection_without_a_redirect_is_refused_as_a_loop() {
-    // No nftables redirect: the connection's original destination is the
-    // gateway itself (or there is none), so relaying would loop.
+/// Starts a transparent gateway on 127.0.0.1 (no nftables redirect in
+/// front of it), connects once, and returns the reply and the deny line.
+async fn transparent_refusal() -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let deny = dir.path().join("deny.jsonl");
     let text = format!(
@@ -247,7 +246,6 @@ async fn transparent_connection_without_a_redirect_is_refused_as_a_loop() {
     let mut s = TcpStream::connect(running.listeners[0].1).await.unwrap();
     let mut reply = String::new();
     s.read_to_string(&mut reply).await.unwrap();
-    assert!(reply.starts_with("421 "), "{reply:?}");
     let until = std::time::Instant::now() + Duration::from_secs(5);
     let line = loop {
         let text = std::fs::read_to_string(&deny).unwrap_or_default();
@@ -257,9 +255,70 @@ async fn transparent_connection_without_a_redirect_is_refused_as_a_loop() {
         assert!(std::time::Instant::now() < until, "no deny line");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(line["reason"], "loop");
+    assert!(reply.starts_with("421 "), "{reply:?}");
     assert_eq!(line["mode"], "transparent");
     assert_eq!(line["reply"], reply.trim_end());
+    (reply, line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_connection_without_a_redirect_is_refused() {
+    // Here, whether conntrack tracks loopback decides: with it, the
+    // original destination is the gateway itself (a loop); without it,
+    // there is none. The namespace tests below pin each case down.
+    let (reply, line) = transparent_refusal().await;
+    match line["reason"].as_str() {
+        Some("loop") => assert!(reply.contains("gateway itself"), "{reply}"),
+        Some("no_original_destination") => {
+            assert!(reply.contains("no original destination"), "{reply}")
+        }
+        other => panic!("reason {other:?}: {line}"),
+    }
+}
+
+#[test]
+fn transparent_connection_to_the_gateway_itself_is_refused_as_a_loop() {
+    let test = "transparent_connection_to_the_gateway_itself_is_refused_as_a_loop";
+    if !common::is_root() {
+        return skip(test, "needs root (a network namespace with conntrack)");
+    }
+    let ns = common::NetNs::create(&format!("fgh8-loop-{}", std::process::id()), &[]);
+    // A rule that uses conntrack turns it on in the namespace: the
+    // connection then has an original destination, the gateway's own.
+    for rule in [
+        "add table inet t",
+        "add chain inet t c { type filter hook input priority 0; }",
+        "add rule inet t c ct state new accept",
+    ] {
+        let o = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, "nft", rule])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (reply, line) = ns.run(transparent_refusal);
+    assert_eq!(line["reason"], "loop", "{line}");
+    assert_eq!(
+        reply,
+        "421 Service not available: connection to the gateway itself.\r\n"
+    );
+}
+
+#[test]
+fn transparent_connection_without_conntrack_has_no_original_destination() {
+    let test = "transparent_connection_without_conntrack_has_no_original_destination";
+    if !common::is_root() {
+        return skip(test, "needs root (a network namespace without conntrack)");
+    }
+    // A fresh namespace has no rules: conntrack never sees the connection,
+    // and SO_ORIGINAL_DST fails.
+    let ns = common::NetNs::create(&format!("fgh8-noorig-{}", std::process::id()), &[]);
+    let (reply, line) = ns.run(transparent_refusal);
+    assert_eq!(line["reason"], "no_original_destination", "{line}");
+    assert_eq!(
+        reply,
+        "421 Service not available: no original destination.\r\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
