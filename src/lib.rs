@@ -21,3 +21,4 @@ pub mod nft;
 pub mod proto;
 pub mod relay;
 pub mod server;
+pub mod tasks;

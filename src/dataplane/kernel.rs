@@ -45,6 +45,7 @@ use crate::netfilter::{
 };
 use crate::proto::policy::{canonical, canonical_ip};
 use crate::proto::{DataVerdict, PinholeId, PinholeRequest, SessionId};
+use crate::tasks::Tasks;
 
 /// The table the rules of `ftpgate nft-rules` create.
 pub const TABLE: &str = "ftpgate";
@@ -86,10 +87,11 @@ pub struct KernelPlane {
     registry: Arc<Registry>,
     nft: Arc<Nftables>,
     flows: Flows,
+    tasks: Tasks,
 }
 
 impl KernelPlane {
-    pub async fn start(data: &Data) -> Result<KernelPlane, KernelError> {
+    pub async fn start(data: &Data, tasks: Tasks) -> Result<KernelPlane, KernelError> {
         let (low, high) = data.ports;
         let nft = Arc::new(Nftables::open(TABLE)?);
         nft.check_pinhole_sets()?;
@@ -125,9 +127,22 @@ impl KernelPlane {
             flows: Arc::clone(&flows),
             mark: data.kernel_mark,
         };
-        tokio::spawn(watcher.run(events));
+        let stopping = tasks.stopping();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = watcher.run(events) => {}
+                () = stopping => {}
+            }
+        });
         for trap in std::iter::once(trap4).chain(trap6) {
-            tokio::spawn(fall_through(trap, Arc::clone(&registry), Arc::clone(&nft)));
+            let serve = fall_through(trap, Arc::clone(&registry), Arc::clone(&nft), tasks.clone());
+            let stopping = tasks.stopping();
+            tasks.spawn(async move {
+                tokio::select! {
+                    () = serve => {}
+                    () = stopping => {}
+                }
+            });
         }
         tracing::info!(
             table = TABLE,
@@ -139,11 +154,16 @@ impl KernelPlane {
             registry,
             nft,
             flows,
+            tasks,
         })
     }
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
     }
 
     pub fn open(
@@ -195,7 +215,7 @@ impl KernelPlane {
         if tuples.is_empty() {
             return;
         }
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             for (src, dst) in tuples {
                 let orig = conntrack::Tuple {
                     src,
@@ -444,7 +464,12 @@ async fn ended(flow: Flow, from_peer: u64, to_peer: u64) {
 /// element: a thief, a second connection to a used pinhole, or a pinhole
 /// the kernel cannot translate (its legs differ in address family). The
 /// owning core judges each; the expected peer is relayed in userland.
-async fn fall_through(listener: TcpListener, registry: Arc<Registry>, nft: Arc<Nftables>) {
+async fn fall_through(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    nft: Arc<Nftables>,
+    tasks: Tasks,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -470,7 +495,7 @@ async fn fall_through(listener: TcpListener, registry: Arc<Registry>, nft: Arc<N
         };
         let registry = Arc::clone(&registry);
         let nft = Arc::clone(&nft);
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             match owner.ask(id, peer, proxy::VERDICT_TIMEOUT).await {
                 DataVerdict::Accept => {
                     let Some((port, mut entry)) = registry.remove(id) else {

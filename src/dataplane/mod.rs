@@ -43,6 +43,7 @@ use crate::clients::Full;
 use crate::config::{DataCaps, Mode};
 use crate::denylog::SessionInfo;
 use crate::proto::{DataMode, DataVerdict, PinholeId, PinholeRequest, Resolved, SessionId};
+use crate::tasks::Tasks;
 
 pub use registry::Registry;
 
@@ -220,7 +221,17 @@ impl Plane {
     /// took it over.
     pub fn take_over(&self, id: PinholeId) {
         if let Some(owner) = self.registry().owner(id) {
-            tokio::spawn(async move { owner.report(PlaneEvent::TakenOver { id }).await });
+            self.tasks()
+                .spawn(async move { owner.report(PlaneEvent::TakenOver { id }).await });
+        }
+    }
+
+    /// The plane's background tasks (pinhole listeners, relays, watchers).
+    pub fn tasks(&self) -> &Tasks {
+        match self {
+            Plane::Proxy(p) => p.tasks(),
+            #[cfg(target_os = "linux")]
+            Plane::Kernel(k) => k.tasks(),
         }
     }
 
@@ -260,12 +271,15 @@ pub enum StartError {
     Kernel(#[from] kernel::KernelError),
 }
 
-/// Starts the data plane the configuration names.
-pub async fn start(data: &crate::config::Data) -> Result<Plane, StartError> {
+/// Starts the data plane the configuration names; its background tasks
+/// run in `tasks`.
+pub async fn start(data: &crate::config::Data, tasks: Tasks) -> Result<Plane, StartError> {
     match data.plane {
-        crate::config::Plane::Proxy => Ok(Plane::Proxy(proxy::ProxyPlane::new(data.ports))),
+        crate::config::Plane::Proxy => Ok(Plane::Proxy(proxy::ProxyPlane::new(data.ports, tasks))),
         #[cfg(target_os = "linux")]
-        crate::config::Plane::Kernel => Ok(Plane::Kernel(kernel::KernelPlane::start(data).await?)),
+        crate::config::Plane::Kernel => Ok(Plane::Kernel(
+            kernel::KernelPlane::start(data, tasks).await?,
+        )),
         #[cfg(not(target_os = "linux"))]
         crate::config::Plane::Kernel => Err(StartError::NotLinux),
     }

@@ -22,6 +22,7 @@ use crate::clients::Claim;
 use crate::metrics as m;
 use crate::proto::{DataVerdict, PinholeId, PinholeRequest};
 use crate::relay;
+use crate::tasks::Tasks;
 
 /// Pinhole listeners accept only one connection; a small backlog still lets
 /// a thief's connection be accepted, logged and closed.
@@ -31,17 +32,23 @@ pub const VERDICT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct ProxyPlane {
     registry: Arc<Registry>,
+    tasks: Tasks,
 }
 
 impl ProxyPlane {
-    pub fn new(ports: (u16, u16)) -> ProxyPlane {
+    pub fn new(ports: (u16, u16), tasks: Tasks) -> ProxyPlane {
         ProxyPlane {
             registry: Arc::new(Registry::new(ports.0, ports.1)),
+            tasks,
         }
     }
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
     }
 
     pub fn open(
@@ -74,7 +81,7 @@ impl ProxyPlane {
             request: request.clone(),
             owner: owner.clone(),
         };
-        tokio::spawn(task.run(listener, rx));
+        self.tasks.spawn(task.run(listener, rx));
         Ok(SocketAddr::new(request.listen_ip, port))
     }
 
