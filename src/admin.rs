@@ -40,16 +40,30 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     Ok(handle)
 }
 
-/// Serves admin requests on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, ready: Arc<AtomicBool>) {
+/// Serves admin requests on `listener` until `stop` resolves; then the
+/// listener closes and requests still being answered are dropped (each is
+/// bounded by [`REQUEST_TIMEOUT`] anyway).
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    ready: Arc<AtomicBool>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut requests = tokio::task::JoinSet::new();
+    tokio::pin!(stop);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut stop => return,
+        };
+        while requests.try_join_next().is_some() {}
+        let Ok((stream, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let handle = handle.clone();
         let ready = Arc::clone(&ready);
-        tokio::spawn(async move {
+        requests.spawn(async move {
             let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &handle, &ready)).await;
         });
     }

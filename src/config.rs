@@ -12,6 +12,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::clients::Caps;
 use crate::proto::{DEFAULT_MAX_REFUSALS, FxpRule, Policy, SessionConfig};
 
 /// All problems found in a configuration file.
@@ -83,6 +84,16 @@ pub struct Data {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_pinholes_per_session: usize,
+    pub caps: DataCaps,
+}
+
+/// The data path's caps, per client and gateway-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataCaps {
+    /// Pinholes waiting for their peer.
+    pub pinholes: Caps,
+    /// Data connections, carried or reserved by a waiting pinhole.
+    pub connections: Caps,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +108,8 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Core hardening (see the block at the end of this file).
     pub max_refused_commands: usize,
+    /// IPv6 clients are counted per prefix of this length.
+    pub ipv6_client_prefix: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +117,10 @@ pub struct DenyLogConfig {
     /// `None`: standard output.
     pub path: Option<PathBuf>,
     pub queue: usize,
+    /// Lines written per (source, reason) and interval; the rest are
+    /// summarised.
+    pub burst: u32,
+    pub interval: Duration,
 }
 
 /// The validated, immutable configuration.
@@ -203,6 +220,10 @@ struct RawData {
     connect_timeout: String,
     idle_timeout: String,
     max_pinholes_per_session: usize,
+    max_pinholes: usize,
+    max_pinholes_per_client: usize,
+    max_connections: usize,
+    max_connections_per_client: usize,
 }
 
 impl Default for RawData {
@@ -215,6 +236,10 @@ impl Default for RawData {
             connect_timeout: "10s".into(),
             idle_timeout: "10m".into(),
             max_pinholes_per_session: 2,
+            max_pinholes: 1000,
+            max_pinholes_per_client: 32,
+            max_connections: 1000,
+            max_connections_per_client: 32,
         }
     }
 }
@@ -256,6 +281,7 @@ struct RawLimits {
     shutdown_grace: String,
     /// Core hardening (see the block at the end of this file).
     max_refused_commands: usize,
+    ipv6_client_prefix: u8,
 }
 
 impl Default for RawLimits {
@@ -270,6 +296,7 @@ impl Default for RawLimits {
             max_reply_line: 8192,
             shutdown_grace: "30s".into(),
             max_refused_commands: DEFAULT_MAX_REFUSALS,
+            ipv6_client_prefix: crate::clients::DEFAULT_IPV6_PREFIX,
         }
     }
 }
@@ -279,6 +306,8 @@ impl Default for RawLimits {
 struct RawDenyLog {
     path: String,
     queue: usize,
+    burst: u32,
+    interval: String,
 }
 
 impl Default for RawDenyLog {
@@ -286,6 +315,8 @@ impl Default for RawDenyLog {
         RawDenyLog {
             path: "-".into(),
             queue: 4096,
+            burst: 10,
+            interval: "10s".into(),
         }
     }
 }
@@ -389,6 +420,15 @@ impl RawListener {
             )),
             _ => {}
         }
+        if mode == Some(Mode::Transparent) && self.interfaces.is_empty() {
+            let binds: Vec<&str> = self.bind.iter().map(String::as_str).collect();
+            problems.push(format!(
+                "`{}` must name the inside interfaces of the transparent listener on {}: \
+                 its redirects must not take traffic arriving on other interfaces",
+                key("interfaces"),
+                binds.join(", ")
+            ));
+        }
         if mode == Some(Mode::Reverse) && !self.interfaces.is_empty() {
             problems.push(format!(
                 "`{}` is only for transparent mode",
@@ -436,6 +476,15 @@ impl RawConfig {
                 problems.push(format!("listener address {addr} appears twice"));
             }
         }
+        let binds: Vec<SocketAddr> = listeners.iter().flat_map(|l| l.bind.clone()).collect();
+        for (i, l) in listeners.iter().enumerate() {
+            if let Some(up) = l.upstream.filter(|up| is_own_listener(*up, &binds)) {
+                problems.push(format!(
+                    "`listener[{i}].upstream` = \"{up}\" is the gateway's own listener: \
+                     it would relay to itself"
+                ));
+            }
+        }
 
         let d = self.data;
         let plane = match d.plane.as_str() {
@@ -469,6 +518,24 @@ impl RawConfig {
                 d.max_pinholes_per_session,
                 problems,
             ),
+            caps: DataCaps {
+                pinholes: Caps {
+                    total: positive("data.max_pinholes", d.max_pinholes, problems),
+                    per_client: positive(
+                        "data.max_pinholes_per_client",
+                        d.max_pinholes_per_client,
+                        problems,
+                    ),
+                },
+                connections: Caps {
+                    total: positive("data.max_connections", d.max_connections, problems),
+                    per_client: positive(
+                        "data.max_connections_per_client",
+                        d.max_connections_per_client,
+                        problems,
+                    ),
+                },
+            },
         };
 
         let p = self.policy;
@@ -515,15 +582,34 @@ impl RawConfig {
             login_timeout: duration("limits.login_timeout", &l.login_timeout, problems),
             idle_timeout: duration("limits.idle_timeout", &l.idle_timeout, problems),
             connect_timeout: duration("limits.connect_timeout", &l.connect_timeout, problems),
-            max_command_line: line_limit("limits.max_command_line", l.max_command_line, problems),
-            max_reply_line: line_limit("limits.max_reply_line", l.max_reply_line, problems),
+            max_command_line: line_limit(
+                "limits.max_command_line",
+                l.max_command_line,
+                MAX_COMMAND_LINE,
+                problems,
+            ),
+            max_reply_line: line_limit(
+                "limits.max_reply_line",
+                l.max_reply_line,
+                1 << 20,
+                problems,
+            ),
             shutdown_grace: duration("limits.shutdown_grace", &l.shutdown_grace, problems),
             max_refused_commands: refusal_budget(l.max_refused_commands, problems),
+            ipv6_client_prefix: l.ipv6_client_prefix,
         };
+        if !(1..=128).contains(&l.ipv6_client_prefix) {
+            problems.push(format!(
+                "`limits.ipv6_client_prefix` = {}: must be between 1 and 128",
+                l.ipv6_client_prefix
+            ));
+        }
 
         let deny_log = DenyLogConfig {
             path: (self.deny_log.path != "-").then(|| PathBuf::from(&self.deny_log.path)),
             queue: positive("deny_log.queue", self.deny_log.queue, problems),
+            burst: positive("deny_log.burst", self.deny_log.burst as usize, problems) as u32,
+            interval: duration("deny_log.interval", &self.deny_log.interval, problems),
         };
         let admin = self.admin.bind.as_deref().and_then(|b| match b.parse() {
             Ok(a) => Some(a),
@@ -544,14 +630,45 @@ impl RawConfig {
     }
 }
 
-fn line_limit(key: &str, value: usize, problems: &mut Vec<String>) -> usize {
+/// The longest command line the gateway may pass on. Servers cut longer
+/// lines (vsftpd at 4096 bytes, others shorter) and take the rest as a
+/// second command: the server would answer twice, and replies would no
+/// longer pair with the commands the gateway forwarded.
+pub const MAX_COMMAND_LINE: usize = 4096;
+
+fn line_limit(key: &str, value: usize, max: usize, problems: &mut Vec<String>) -> usize {
     // RFC 959 does not bound lines; 512 is the shortest any peer needs.
-    if !(512..=1 << 20).contains(&value) {
+    if !(512..=max).contains(&value) {
+        let why = if max == MAX_COMMAND_LINE {
+            " (servers cut longer command lines, and replies would no longer pair with commands)"
+        } else {
+            ""
+        };
         problems.push(format!(
-            "`{key}` = {value}: must be between 512 and 1048576 bytes"
+            "`{key}` = {value}: must be between 512 and {max} bytes{why}"
         ));
     }
     value
+}
+
+/// Whether `upstream` would reach one of the gateway's own listeners
+/// (`binds`): the same address, or a wildcard bind on the same port and an
+/// upstream address of this host. Relaying there loops.
+pub fn is_own_listener(upstream: SocketAddr, binds: &[SocketAddr]) -> bool {
+    binds.iter().any(|bind| {
+        bind.port() != 0
+            && bind.port() == upstream.port()
+            && (bind.ip() == upstream.ip()
+                || (bind.ip().is_unspecified()
+                    && bind.is_ipv4() == upstream.is_ipv4()
+                    && is_this_host(upstream.ip())))
+    })
+}
+
+/// Whether `ip` is an address of this host: loopback, unspecified (which
+/// connects to this host), or one a socket can be bound to.
+fn is_this_host(ip: IpAddr) -> bool {
+    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 /// An address or CIDR network; an IPv4-mapped IPv6 net is made IPv4.
@@ -683,6 +800,76 @@ mod tests {
         let err = Config::parse("[[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:0\"]\n")
             .unwrap_err();
         assert!(err.to_string().contains("upstream"), "{err}");
+    }
+
+    #[test]
+    fn a_transparent_listener_must_name_its_inside_interfaces() {
+        let err = Config::parse(
+            "[[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:2100\"]\nupstream = \"192.0.2.20:21\"\n\
+             [[listener]]\nmode = \"transparent\"\nbind = [\"0.0.0.0:2121\", \"[::]:2121\"]\n",
+        )
+        .unwrap_err();
+        let all = err.to_string();
+        assert!(
+            all.contains("`listener[1].interfaces`") && all.contains("0.0.0.0:2121, [::]:2121"),
+            "{all}"
+        );
+        assert_eq!(err.problems.len(), 1, "{all}");
+    }
+
+    #[test]
+    fn a_reverse_upstream_that_is_the_gateways_own_listener_is_refused() {
+        for (bind, upstream) in [
+            ("127.0.0.1:2100", "127.0.0.1:2100"),
+            ("0.0.0.0:2100", "127.0.0.1:2100"),
+            ("[::]:2100", "[::1]:2100"),
+            ("0.0.0.0:2100", "0.0.0.0:2100"),
+        ] {
+            let text = format!(
+                "[[listener]]\nmode = \"reverse\"\nbind = [\"{bind}\"]\nupstream = \"{upstream}\"\n"
+            );
+            let err = Config::parse(&text).expect_err(&text).to_string();
+            assert!(
+                err.contains("`listener[0].upstream`") && err.contains("own listener"),
+                "{bind} / {upstream}: {err}"
+            );
+        }
+        // Another listener of the gateway is its own too.
+        let err = Config::parse(
+            "[[listener]]\nmode = \"transparent\"\nbind = [\"0.0.0.0:2121\"]\ninterfaces = [\"br-in\"]\n\
+             [[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:2100\"]\nupstream = \"127.0.0.1:2121\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("`listener[1].upstream`"), "{err}");
+        // Another port, or another host, is fine.
+        for upstream in ["127.0.0.1:21", "192.0.2.20:2100"] {
+            let text = format!(
+                "[[listener]]\nmode = \"reverse\"\nbind = [\"0.0.0.0:2100\"]\nupstream = \"{upstream}\"\n"
+            );
+            Config::parse(&text).unwrap_or_else(|e| panic!("{upstream}: {e}"));
+        }
+    }
+
+    #[test]
+    fn command_lines_longer_than_servers_take_are_refused() {
+        let limit = |n: usize| {
+            Config::parse(&format!(
+                "[[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"192.0.2.20:21\"\n\
+                 [limits]\nmax_command_line = {n}\n"
+            ))
+        };
+        assert!(limit(4096).is_ok());
+        let err = limit(4097).unwrap_err().to_string();
+        assert!(err.contains("`limits.max_command_line` = 4097"), "{err}");
+        assert!(err.contains("4096"), "{err}");
+        // Reply lines may still be long.
+        assert!(
+            Config::parse(
+                "[[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"192.0.2.20:21\"\n\
+                 [limits]\nmax_reply_line = 65536\n"
+            )
+            .is_ok()
+        );
     }
 
     #[test]

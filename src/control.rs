@@ -11,8 +11,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::config::Mode;
-use crate::dataplane::{DataTimeouts, Owner, Plane, PlaneEvent, apparent_addresses};
+use crate::config::{DataCaps, Mode};
+use crate::dataplane::{DataTimeouts, OpenError, Owner, Plane, PlaneEvent, apparent_addresses};
 use crate::denylog::{DenyLog, SessionInfo};
 use crate::metrics as m;
 use crate::proto::{
@@ -52,29 +52,22 @@ pub struct SessionSettings {
     pub advertise: Option<IpAddr>,
     pub connect_timeout: Duration,
     pub data: DataTimeouts,
+    pub data_caps: DataCaps,
 }
 
-/// Connects to `upstream` and runs the session until either side closes,
-/// the core closes it, or `shutdown` turns true.
+/// Connects to `info.server` and runs the session until either side
+/// closes, the core closes it, or `shutdown` turns true.
 pub async fn serve(
     shared: Arc<Shared>,
     settings: SessionSettings,
-    id: u64,
+    info: SessionInfo,
     mut client: TcpStream,
-    upstream: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let client_addr = client.peer_addr();
-    let client_local = client.local_addr();
-    let (Ok(client_addr), Ok(client_local)) = (client_addr, client_local) else {
+    let (Some(upstream), Ok(client_local)) = (info.server, client.local_addr()) else {
         return;
     };
-    let info = SessionInfo {
-        id,
-        mode: settings.mode,
-        client: client_addr,
-        server: Some(upstream),
-    };
+    let (id, client_addr) = (info.id, info.client);
     let began = std::time::Instant::now();
     // The control connection leaves from the address routing picks; data
     // connections toward the server later leave from that same address.
@@ -120,6 +113,7 @@ pub async fn serve(
             events: events_tx,
             info: Arc::clone(&info),
             timeouts: settings.data,
+            caps: settings.data_caps,
         },
         _pinholes: SessionPinholes {
             shared: Arc::clone(&shared),
@@ -325,8 +319,13 @@ impl Running {
             apparent_addresses(&request, self.settings.mode, ep.advertise, ep.server.ip());
         match self.shared.plane.open(&request, apparent, &self.owner) {
             Ok(addr) => self.session.handle_pinhole_opened(request.id, addr, now),
-            Err(e) => {
+            Err(OpenError::Io(e)) => {
                 tracing::warn!(session = self.info.id, listen = %request.listen_ip, "cannot open pinhole: {e}");
+                self.session.handle_pinhole_failed(request.id, now);
+            }
+            Err(capped) => {
+                // A cap, not a fault: the core's 425 and deny line say it.
+                tracing::debug!(session = self.info.id, "no pinhole: {capped}");
                 self.session.handle_pinhole_failed(request.id, now);
             }
         }

@@ -18,6 +18,11 @@ use crate::dataplane;
 use crate::denylog::DenyLog;
 use crate::metrics as m;
 use crate::server::{self, Gateway};
+use crate::tasks::Tasks;
+
+/// After the grace period: how long sessions get to take their 421 and
+/// end, and then the background tasks and the deny-log writer to finish.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 static RECORDER: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
 
@@ -42,22 +47,35 @@ pub struct Running {
     config: watch::Sender<Arc<Config>>,
     gateway: Arc<Gateway>,
     stop_accepting: watch::Sender<bool>,
+    /// The accept loops; they end when `stop_accepting` turns true.
+    accepting: JoinSet<()>,
     stop_sessions: watch::Sender<bool>,
     sessions: Arc<Mutex<JoinSet<()>>>,
+    /// The admin listener and the data plane's tasks.
+    tasks: Tasks,
+    /// The deny-log writer; it ends when the last `DenyLog` handle drops.
+    writer: tokio::task::JoinHandle<()>,
     ready: Arc<AtomicBool>,
 }
 
 /// Binds everything the configuration names and starts serving.
 pub async fn start(cfg: Config) -> anyhow::Result<Running> {
-    let (deny, _writer) = DenyLog::start(&cfg.deny_log).context("cannot open the deny log")?;
+    let (deny, writer) = DenyLog::start(&cfg.deny_log).context("cannot open the deny log")?;
     let handle = recorder()?;
     let ready = Arc::new(AtomicBool::new(false));
+    // Dropped on an error below, the set aborts what it started.
+    let tasks = Tasks::new();
     let admin = match cfg.admin {
         Some(addr) => {
             let l = server::bind(addr).context("admin listener")?;
             let bound = l.local_addr()?;
             tracing::info!(addr = %bound, "admin listening (/metrics, /healthz, /readyz)");
-            tokio::spawn(crate::admin::serve(l, handle, Arc::clone(&ready)));
+            tasks.spawn(crate::admin::serve(
+                l,
+                handle,
+                Arc::clone(&ready),
+                tasks.stopping(),
+            ));
             Some(bound)
         }
         None => None,
@@ -69,8 +87,21 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
             bound.push((i, l.local_addr()?, l));
         }
     }
+    // check-config compared the configured addresses; a listener on port 0
+    // is only known now.
+    let addrs: Vec<SocketAddr> = bound.iter().map(|(_, a, _)| *a).collect();
+    for (i, listener) in cfg.listeners.iter().enumerate() {
+        if let Some(up) = listener
+            .upstream
+            .filter(|up| crate::config::is_own_listener(*up, &addrs))
+        {
+            anyhow::bail!(
+                "`listener[{i}].upstream` = \"{up}\" is the gateway's own listener: it would relay to itself"
+            );
+        }
+    }
     let shared = Arc::new(Shared {
-        plane: dataplane::start(&cfg.data).await?,
+        plane: dataplane::start(&cfg.data, tasks.clone()).await?,
         deny: deny.clone(),
     });
     let cfg = Arc::new(cfg);
@@ -80,10 +111,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let (stop_sessions, sessions_rx) = watch::channel(false);
     let sessions = Arc::new(Mutex::new(JoinSet::new()));
     let mut listeners = Vec::new();
+    let mut accepting = JoinSet::new();
     for (i, addr, l) in bound {
         tracing::info!(%addr, mode = cfg.listeners[i].mode.as_str(), "listening");
         listeners.push((i, addr));
-        tokio::spawn(Arc::clone(&gateway).accept_loop(
+        accepting.spawn(Arc::clone(&gateway).accept_loop(
             i,
             l,
             stop_rx.clone(),
@@ -99,8 +131,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         config: config_tx,
         gateway,
         stop_accepting,
+        accepting,
         stop_sessions,
         sessions,
+        tasks,
+        writer,
         ready,
     })
 }
@@ -124,9 +159,6 @@ impl Running {
         if old.data.ports != new.data.ports {
             notes.push("data.ports changes need a restart; kept the old range".to_string());
         }
-        if old.limits.max_sessions != new.limits.max_sessions {
-            notes.push("limits.max_sessions changes need a restart".to_string());
-        }
         let _ = self.config.send(Arc::new(new));
         notes
     }
@@ -135,23 +167,61 @@ impl Running {
         self.gateway.active_sessions()
     }
 
-    /// Stops accepting, lets sessions finish for up to `grace`, then closes
-    /// the rest with 421.
-    pub async fn shutdown(self, grace: Duration) {
+    /// Drains: stops accepting, awaits the sessions for up to `grace`,
+    /// then tells the rest to close (421) and awaits their ends, then the
+    /// background tasks; last the deny-log writer, once every handle to it
+    /// is gone, so every queued line and summary is written. Each step ends
+    /// when its work has ended; the waits after `grace` share a bound of
+    /// [`CLOSE_TIMEOUT`] (what is left then is aborted).
+    pub async fn shutdown(mut self, grace: Duration) {
+        use tokio::time::{Instant, timeout_at};
         self.ready.store(false, Ordering::Relaxed);
-        let _ = self.stop_accepting.send(true);
-        let deadline = tokio::time::Instant::now() + grace;
-        while self.active_sessions() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        self.stop_accepting.send_replace(true);
+        // The accept loops end at once; after them no session is added.
+        while self.accepting.join_next().await.is_some() {}
+        let mut sessions =
+            std::mem::take(&mut *self.sessions.lock().unwrap_or_else(|e| e.into_inner()));
+        let deadline = Instant::now() + grace;
+        while let Ok(Some(ended)) = timeout_at(deadline, sessions.join_next()).await {
+            server::report_session_end(ended);
         }
-        let _ = self.stop_sessions.send(true);
-        let mut set = std::mem::take(&mut *self.sessions.lock().unwrap_or_else(|e| e.into_inner()));
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            while set.join_next().await.is_some() {}
-        })
-        .await;
-        // Give the deny-log writer a moment to flush what is queued.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let left = sessions.len();
+        if left > 0 {
+            tracing::info!(sessions = left, "grace period over: closing sessions");
+        }
+        self.stop_sessions.send_replace(true);
+        let closing = Instant::now() + CLOSE_TIMEOUT;
+        while let Ok(Some(ended)) = timeout_at(closing, sessions.join_next()).await {
+            server::report_session_end(ended);
+        }
+        if !sessions.is_empty() {
+            tracing::warn!(
+                sessions = sessions.len(),
+                "sessions did not close in time: aborted"
+            );
+            sessions.abort_all();
+            while sessions.join_next().await.is_some() {}
+        }
+        let aborted = self.tasks.shutdown(closing).await;
+        if aborted > 0 {
+            tracing::warn!(
+                tasks = aborted,
+                "background tasks did not end in time: aborted"
+            );
+        }
+        // The last handles to the deny log: the writer now sees its queue
+        // close, writes what is left and ends.
+        let Running {
+            deny,
+            gateway,
+            writer,
+            ..
+        } = self;
+        drop(deny);
+        drop(gateway);
+        if timeout_at(closing + CLOSE_TIMEOUT, writer).await.is_err() {
+            tracing::error!("deny log: the writer did not finish in time");
+        }
     }
 }
 

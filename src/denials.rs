@@ -43,7 +43,10 @@ impl Filter {
 
 #[derive(Debug, Default)]
 pub struct Summary {
+    /// Denials, the suppressed ones of summary lines included.
     pub total: u64,
+    /// Of `total`, the denials a summary line counted instead of a line each.
+    pub suppressed: u64,
     pub unreadable: u64,
     pub by_reason: BTreeMap<String, u64>,
     pub by_client: BTreeMap<String, u64>,
@@ -76,11 +79,19 @@ pub fn summarize(reader: impl BufRead, filter: &Filter) -> io::Result<Summary> {
         if !filter.matches(&v) {
             continue;
         }
-        s.total += 1;
+        // A summary line stands for the denials it counted.
+        let n = match v["suppressed"].as_u64() {
+            Some(n) => {
+                s.suppressed += n;
+                n
+            }
+            None => 1,
+        };
+        s.total += n;
         let reason = v["reason"].as_str().unwrap_or("?").to_string();
-        *s.by_reason.entry(reason).or_default() += 1;
+        *s.by_reason.entry(reason).or_default() += n;
         if let Some(c) = v["client"].as_str() {
-            *s.by_client.entry(host(c)).or_default() += 1;
+            *s.by_client.entry(host(c)).or_default() += n;
         }
         if let Some(t) = v["target"].as_str() {
             *s.by_target.entry(t.to_string()).or_default() += 1;
@@ -108,6 +119,13 @@ impl Summary {
         if let (Some(a), Some(b)) = (&self.first, &self.last) {
             let _ = writeln!(out, "from {a} to {b}");
         }
+        if self.suppressed > 0 {
+            let _ = writeln!(
+                out,
+                "({} of them counted in summary lines: a source repeating one refusal)",
+                self.suppressed
+            );
+        }
         if self.unreadable > 0 {
             let _ = writeln!(
                 out,
@@ -125,6 +143,7 @@ impl Summary {
             }
             let _ = writeln!(out, "\n{title}:");
             for (k, v) in top(map, n) {
+                let k = printable(k);
                 let _ = writeln!(out, "  {k:<40} {v:>8}");
             }
         }
@@ -140,10 +159,49 @@ impl Summary {
     }
 }
 
-/// One deny-log line as a terminal line.
+/// `text` with every character a terminal would act on written as an
+/// escape: control characters (C0, DEL, C1: ESC [ 2 J clears a screen) as
+/// `\x1b` or `\u{9b}` (`\t`, `\n`, `\r` by name; a backslash doubled), and the bidirectional overrides and isolates that
+/// reorder what is shown (U+202A..U+202E, U+2066..U+2069, U+200E, U+200F).
+/// Arguments in the log are client input: they are printed, never obeyed.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c if unsafe_char(c) && (c as u32) < 0x80 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if unsafe_char(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// One deny-log line as a terminal line; client input is escaped
+/// ([`printable`]).
 pub fn one_line(v: &Value) -> String {
-    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+    let s = |k: &str| printable(v[k].as_str().unwrap_or("")).into_owned();
     let mut out = format!("{} {:<22} client={}", s("ts"), s("reason"), s("client"));
+    if let Some(n) = v["suppressed"].as_u64() {
+        let _ = write!(out, " suppressed={n}");
+        if let Some(w) = v["window"].as_str() {
+            let _ = write!(out, " window={}", printable(w));
+        }
+    }
     for key in [
         "server",
         "verb",
@@ -154,11 +212,11 @@ pub fn one_line(v: &Value) -> String {
         "rule",
     ] {
         if let Some(x) = v[key].as_str() {
-            let _ = write!(out, " {key}={x}");
+            let _ = write!(out, " {key}={}", printable(x));
         }
     }
     if let Some(r) = v["reply"].as_str() {
-        let _ = write!(out, " reply=\"{r}\"");
+        let _ = write!(out, " reply=\"{}\"", printable(r));
     }
     out
 }
@@ -252,6 +310,44 @@ not json
             ..Filter::default()
         };
         assert_eq!(summarize(LOG.as_bytes(), &late).unwrap().total, 2);
+    }
+
+    #[test]
+    fn summary_lines_count_the_denials_they_stand_for() {
+        let log = r#"{"ts":"2026-11-22T05:10:49.814Z","reason":"malformed_command","session":3,"mode":"reverse","client":"192.0.2.10:53246","side":"client"}
+{"ts":"2026-11-22T05:10:59.814Z","reason":"malformed_command","suppressed":41,"client":"192.0.2.10","window":"10s"}
+{"ts":"2026-11-22T05:10:59.814Z","reason":"bounce","suppressed":2,"client":"2001:db8:1:2::/64","window":"10s"}
+"#;
+        let s = summarize(log.as_bytes(), &Filter::default()).unwrap();
+        assert_eq!((s.total, s.suppressed), (44, 43));
+        assert_eq!(s.by_reason["malformed_command"], 42);
+        assert_eq!(s.by_client["192.0.2.10"], 42);
+        assert_eq!(s.by_client["2001:db8:1:2::/64"], 2);
+        let v: Value = serde_json::from_str(log.lines().nth(1).unwrap()).unwrap();
+        let line = one_line(&v);
+        assert!(line.contains("suppressed=41 window=10s"), "{line}");
+    }
+
+    #[test]
+    fn control_characters_from_client_input_are_escaped_not_printed() {
+        // A client sent `PORT \x1b[2J\x07` (clear screen, bell); the
+        // JSON line carries it escaped, serde decodes it again.
+        let line = r#"{"ts":"2026-11-22T05:10:49.814Z","reason":"bad_argument","session":3,"mode":"reverse","client":"192.0.2.10:53246","side":"client","verb":"PORT","argument":"\u001b[2J\u0007\u009b31m\u202e","reply":"501 x\r"}"#;
+        let v: Value = serde_json::from_str(line).unwrap();
+        let out = one_line(&v);
+        assert!(
+            !out.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{out:?}"
+        );
+        assert!(
+            out.contains(r"argument=\x1b[2J\x07\u{9b}31m\u{202e}"),
+            "{out}"
+        );
+        assert!(out.contains(r#"reply="501 x\r""#), "{out}");
+        // The summary prints keys from the log too.
+        let s = summarize(line.as_bytes(), &Filter::default()).unwrap();
+        let text = s.render("test");
+        assert!(!text.contains('\u{1b}'), "{text:?}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! [`metrics`] make every decision visible.
 
 pub mod admin;
+pub mod clients;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -20,3 +21,4 @@ pub mod nft;
 pub mod proto;
 pub mod relay;
 pub mod server;
+pub mod tasks;

@@ -12,6 +12,7 @@ use crate::config::Mode;
 
 pub const DENIALS: &str = "ftpgate_denials_total";
 pub const DENY_LOG_DROPPED: &str = "ftpgate_deny_log_dropped_total";
+pub const DENY_LOG_SUPPRESSED: &str = "ftpgate_deny_log_suppressed_total";
 pub const SESSIONS_ACTIVE: &str = "ftpgate_sessions_active";
 pub const SESSIONS: &str = "ftpgate_sessions_total";
 pub const REWRITES: &str = "ftpgate_rewrites_total";
@@ -41,11 +42,23 @@ pub const TRANSFER_BUCKETS: &[f64] = &[
 ];
 
 pub fn denial(reason: &'static str, mode: Mode) {
-    counter!(DENIALS, "reason" => reason, "mode" => mode.as_str()).increment(1);
+    denial_n(reason, mode, 1);
+}
+
+/// `n` refusals of one reason (a summary line stands for several).
+pub fn denial_n(reason: &'static str, mode: Mode, n: u64) {
+    counter!(DENIALS, "reason" => reason, "mode" => mode.as_str()).increment(n);
 }
 
 pub fn deny_log_dropped() {
     counter!(DENY_LOG_DROPPED).increment(1);
+}
+
+/// A refusal counted toward its source's summary line instead of a line
+/// of its own.
+/// `n` refusals that got no deny-log line of their own (summarised).
+pub fn deny_log_suppressed(reason: &'static str, n: u64) {
+    counter!(DENY_LOG_SUPPRESSED, "reason" => reason).increment(n);
 }
 
 pub fn session_started(mode: Mode) {

@@ -1,10 +1,14 @@
 //! The nftables ruleset a configuration needs (`ftpgate nft-rules`).
 //!
-//! Transparent mode needs two redirects on the inside interfaces: port 21 to
-//! the listener, and the data port range to itself. The second one serves
-//! EPSV clients and clients that ignore the address in a 227 reply (curl's
-//! default): they connect to the server's address on the pinhole port, and
-//! the redirect delivers that connection to the gateway.
+//! Transparent mode needs two redirects on the inside interfaces (a
+//! transparent listener must name them): port 21 to the listener, and the
+//! data port range to itself. The second one serves EPSV clients and
+//! clients that ignore the address in a 227 reply (curl's default): they
+//! connect to the server's address on the pinhole port, and the redirect
+//! delivers that connection to the gateway. It matches only destinations
+//! that are not the gateway's own (`fib daddr type != local`): a
+//! connection to one of the gateway's addresses, its outside ones
+//! included, is not moved onto the inside address.
 //!
 //! The kernel data plane adds the sets and maps ftpgate fills per pinhole,
 //! the rule that consumes a pinhole on its first connection and translates
@@ -95,7 +99,10 @@ pub fn ruleset(cfg: &Config, source: &str) -> String {
             "\t\t# data connections to a server's address on a pinhole port (EPSV, curl)"
         );
         for (family, _) in &families {
-            let _ = writeln!(out, "\t\t{iif}{family}tcp dport {low}-{high} redirect");
+            let _ = writeln!(
+                out,
+                "\t\t{iif}{family}{NOT_LOCAL}tcp dport {low}-{high} redirect"
+            );
         }
     }
     if kernel {
@@ -126,6 +133,9 @@ pub fn ruleset(cfg: &Config, source: &str) -> String {
     let _ = writeln!(out, "}}");
     out
 }
+
+/// Matches destinations that are not an address of the gateway itself.
+const NOT_LOCAL: &str = "fib daddr type != local ";
 
 /// `iifname { "a", "b" } ` for the named interfaces; nothing for none.
 fn iif_match(interfaces: &[String]) -> String {
@@ -191,10 +201,14 @@ fn kernel_prerouting(out: &mut String, cfg: &Config) {
     for listener in cfg.listeners.iter().filter(|l| l.mode == Mode::Transparent) {
         let _ = writeln!(
             out,
-            "\t\t{}tcp dport {low}-{high} redirect to :{low}",
+            "\t\t{}{NOT_LOCAL}tcp dport {low}-{high} redirect to :{low}",
             iif_match(&listener.interfaces)
         );
     }
+    let _ = writeln!(
+        out,
+        "\t\t# to the gateway's own addresses (reverse mode, a 227 address): from anywhere"
+    );
     let _ = writeln!(
         out,
         "\t\tfib daddr type local tcp dport {low}-{high} redirect to :{low}"
@@ -223,10 +237,63 @@ mod tests {
             rules.contains("iifname { \"br-in\" } tcp dport 21 redirect to :2121"),
             "{rules}"
         );
+        // The data range only from the inside, and only toward addresses
+        // that are not the gateway's own (those reach the pinholes as they
+        // are).
         assert!(
-            rules.contains("iifname { \"br-in\" } tcp dport 50000-50099 redirect"),
+            rules.contains(
+                "iifname { \"br-in\" } fib daddr type != local tcp dport 50000-50099 redirect\n"
+            ),
             "{rules}"
         );
+        assert_data_redirects_are_inside_only(&rules, "50000-50099");
+    }
+
+    /// Every rule that redirects the data range names the inside
+    /// interfaces and excludes the gateway's own addresses, or matches only
+    /// the gateway's own addresses.
+    fn assert_data_redirects_are_inside_only(rules: &str, range: &str) {
+        let dport = format!("tcp dport {range}");
+        let redirects: Vec<&str> = rules
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.contains(&dport) && l.contains("redirect"))
+            .collect();
+        assert!(!redirects.is_empty(), "{rules}");
+        for rule in redirects {
+            let inside = rule.starts_with("iifname {") && rule.contains("fib daddr type != local");
+            let own = rule.starts_with("fib daddr type local ");
+            assert!(inside || own, "redirects too much: {rule}\n{rules}");
+        }
+    }
+
+    #[test]
+    fn kernel_plane_fall_through_is_inside_only_or_to_the_gateway_itself() {
+        let cfg = Config::parse(
+            r#"
+            [[listener]]
+            mode = "transparent"
+            bind = ["0.0.0.0:2121", "[::]:2121"]
+            interfaces = ["br-in", "br-in2"]
+            [data]
+            plane = "kernel"
+            ports = "50000-50099"
+            "#,
+        )
+        .unwrap();
+        let rules = ruleset(&cfg, "test.toml");
+        assert!(
+            rules.contains(
+                "iifname { \"br-in\", \"br-in2\" } fib daddr type != local tcp dport 50000-50099 redirect to :50000\n"
+            ),
+            "{rules}"
+        );
+        assert!(
+            rules.contains("fib daddr type local tcp dport 50000-50099 redirect to :50000\n"),
+            "{rules}"
+        );
+        assert_data_redirects_are_inside_only(&rules, "50000-50099");
     }
 
     #[test]
@@ -236,6 +303,7 @@ mod tests {
             [[listener]]
             mode = "transparent"
             bind = ["0.0.0.0:2121", "[::]:2122"]
+            interfaces = ["br-in"]
             "#,
         )
         .unwrap();
@@ -248,5 +316,6 @@ mod tests {
             rules.contains("meta nfproto ipv6 tcp dport 21 redirect to :2122"),
             "{rules}"
         );
+        assert_data_redirects_are_inside_only(&rules, "50000-50999");
     }
 }

@@ -86,7 +86,18 @@ pub enum Mover {
 /// Relays until both directions have ended, an error occurs, or nothing has
 /// moved for `idle`. Returns the byte counts either way.
 pub async fn relay(a: TcpStream, b: TcpStream, idle: Duration) -> (Relayed, io::Result<()>) {
-    relay_with(Mover::default(), a, b, idle).await
+    relay_until(a, b, idle, std::future::pending()).await
+}
+
+/// Like [`relay`], and ends (both connections closed) when `cancel`
+/// resolves: a data connection ends with its control session.
+pub async fn relay_until(
+    a: TcpStream,
+    b: TcpStream,
+    idle: Duration,
+    cancel: impl std::future::Future<Output = ()>,
+) -> (Relayed, io::Result<()>) {
+    run(engine(Mover::default()), a, b, idle, cancel).await
 }
 
 /// [`relay`] with a chosen [`Mover`], for comparing the two.
@@ -96,7 +107,11 @@ pub async fn relay_with(
     b: TcpStream,
     idle: Duration,
 ) -> (Relayed, io::Result<()>) {
-    let engine = match mover {
+    run(engine(mover), a, b, idle, std::future::pending()).await
+}
+
+fn engine(mover: Mover) -> Engine {
+    match mover {
         #[cfg(target_os = "linux")]
         Mover::Splice => Engine::Splice {
             pipe_bytes: PIPE_BYTES,
@@ -104,8 +119,7 @@ pub async fn relay_with(
         #[cfg(not(target_os = "linux"))]
         Mover::Splice => Engine::Copy,
         Mover::Copy => Engine::Copy,
-    };
-    run(engine, a, b, idle).await
+    }
 }
 
 /// A [`Mover`] made concrete for this platform.
@@ -123,6 +137,7 @@ async fn run(
     a: TcpStream,
     b: TcpStream,
     idle: Duration,
+    cancel: impl std::future::Future<Output = ()>,
 ) -> (Relayed, io::Result<()>) {
     let clock = IdleClock::new();
     let a_to_b = Count::default();
@@ -141,6 +156,10 @@ async fn run(
         () = clock.expired(idle) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             "data connection idle",
+        )),
+        () = cancel => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "control session ended",
         )),
     };
     let counts = Relayed {
@@ -462,12 +481,38 @@ mod tests {
         let (client, a) = pair().await;
         let (b, server) = pair().await;
         let engine = Engine::Splice { pipe_bytes: 8192 };
-        let task = tokio::spawn(run(engine, a, b, Duration::from_secs(30)));
+        let task = tokio::spawn(run(
+            engine,
+            a,
+            b,
+            Duration::from_secs(30),
+            std::future::pending(),
+        ));
         let up = tokio::spawn(send_pattern(client, 1 << 20));
         assert_eq!(receive_pattern(server).await, 1 << 20);
         up.await.unwrap();
         let (counts, _) = task.await.unwrap();
         assert_eq!(counts.a_to_b, 1 << 20);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_relay_closes_both_connections() {
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(relay_until(a, b, Duration::from_secs(60), async {
+            let _ = rx.await;
+        }));
+        client.write_all(b"abc").await.unwrap();
+        let mut got = [0u8; 3];
+        server.read_exact(&mut got).await.unwrap();
+        drop(tx);
+        let (counts, result) = task.await.unwrap();
+        assert_eq!(counts.a_to_b, 3);
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
+        let mut rest = Vec::new();
+        assert_eq!(client.read_to_end(&mut rest).await.unwrap_or(0), 0);
+        assert_eq!(server.read_to_end(&mut rest).await.unwrap_or(0), 0);
     }
 
     async fn idle_relay_is_closed(mover: Mover) {

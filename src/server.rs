@@ -1,7 +1,6 @@
 //! Listeners: accept control connections, apply the session limits, find the
 //! upstream server, and start a control session for each.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,9 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
+use tokio::task::{JoinError, JoinSet};
 
+use crate::clients::{Caps, ClientKey, Counter, Full};
 use crate::config::{Config, Listener, Mode};
 use crate::control::{self, SessionSettings, Shared};
 use crate::dataplane::DataTimeouts;
@@ -39,30 +39,41 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 pub struct Gateway {
     shared: Arc<Shared>,
     config: watch::Receiver<Arc<Config>>,
-    sessions: Arc<Semaphore>,
-    /// The semaphore's size (limits.max_sessions at start; a reload does not
-    /// resize it).
-    max_sessions: usize,
-    per_client: Mutex<HashMap<IpAddr, usize>>,
+    /// Sessions running, per client and in total; each session holds a
+    /// claim (a drop guard) for as long as its task lives.
+    sessions: Arc<Counter>,
     next_id: AtomicU64,
+    /// Test hook: sessions panic once admitted.
+    #[cfg(any(test, feature = "test-util"))]
+    panic_sessions: std::sync::atomic::AtomicBool,
 }
 
 impl Gateway {
     pub fn new(shared: Arc<Shared>, config: watch::Receiver<Arc<Config>>) -> Arc<Gateway> {
-        let cfg = config.borrow().clone();
         Arc::new(Gateway {
             shared,
-            sessions: Arc::new(Semaphore::new(cfg.limits.max_sessions)),
-            max_sessions: cfg.limits.max_sessions,
+            sessions: Counter::new(),
             config,
-            per_client: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            #[cfg(any(test, feature = "test-util"))]
+            panic_sessions: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Test hook: every session admitted from now on panics.
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn panic_sessions_for_test(&self) {
+        self.panic_sessions.store(true, Ordering::Relaxed);
+    }
+
+    /// Sessions `client` holds now.
+    pub fn sessions_of(&self, client: ClientKey) -> usize {
+        self.sessions.of(client)
     }
 
     /// Sessions currently running.
     pub fn active_sessions(&self) -> usize {
-        self.max_sessions - self.sessions.available_permits().min(self.max_sessions)
+        self.sessions.total()
     }
 
     /// Accepts on `listener` until `stop` turns true; sessions run in `tasks`.
@@ -92,7 +103,9 @@ impl Gateway {
             let stop = sessions_stop.clone();
             let mut set = tasks.lock().unwrap_or_else(|e| e.into_inner());
             // Reap finished sessions so the set stays small.
-            while set.try_join_next().is_some() {}
+            while let Some(ended) = set.try_join_next() {
+                report_session_end(ended);
+            }
             set.spawn(async move { gw.admit(index, stream, peer, stop).await });
         }
     }
@@ -115,32 +128,40 @@ impl Gateway {
             mode: listener.mode,
             client: peer,
             server: None,
+            source: ClientKey::of(peer.ip(), cfg.limits.ipv6_client_prefix),
         };
         let upstream = match self.upstream(&listener, &stream) {
             Ok(u) => u,
             Err(reason) => {
                 let reply = match reason {
-                    DenyReason::Loop => {
-                        "421 Service not available: connection to the gateway itself."
+                    DenyReason::NoOriginalDestination => {
+                        "421 Service not available: no original destination."
                     }
-                    _ => "421 Service not available: no original destination.",
+                    _ => "421 Service not available: connection to the gateway itself.",
                 };
                 return self.refuse(&mut stream, &info, reason, reply).await;
             }
         };
         info.server = Some(upstream);
-        let Ok(permit) = Arc::clone(&self.sessions).try_acquire_owned() else {
-            let reply = "421 Too many connections; try again later.";
-            return self
-                .refuse(&mut stream, &info, DenyReason::SessionLimit, reply)
-                .await;
+        let caps = Caps {
+            total: cfg.limits.max_sessions,
+            per_client: cfg.limits.max_sessions_per_client,
         };
-        let Some(_client_slot) = self.claim_client(peer.ip(), cfg.limits.max_sessions_per_client)
-        else {
-            let reply = "421 Too many connections from your address; try again later.";
-            return self
-                .refuse(&mut stream, &info, DenyReason::ClientSessionLimit, reply)
-                .await;
+        // Released when this task ends, however it ends.
+        let _slot = match self.sessions.claim(info.source, caps) {
+            Ok(slot) => slot,
+            Err(Full::Total(_)) => {
+                let reply = "421 Too many connections; try again later.";
+                return self
+                    .refuse(&mut stream, &info, DenyReason::SessionLimit, reply)
+                    .await;
+            }
+            Err(Full::Client(_)) => {
+                let reply = "421 Too many connections from your address; try again later.";
+                return self
+                    .refuse(&mut stream, &info, DenyReason::ClientSessionLimit, reply)
+                    .await;
+            }
         };
         let settings = SessionSettings {
             core: cfg.session_config(),
@@ -152,32 +173,20 @@ impl Gateway {
                 connect: cfg.data.connect_timeout,
                 idle: cfg.data.idle_timeout,
             },
+            data_caps: cfg.data.caps,
         };
-        let _permit: OwnedSemaphorePermit = permit;
-        control::serve(
-            Arc::clone(&self.shared),
-            settings,
-            id,
-            stream,
-            upstream,
-            stop,
-        )
-        .await;
-        self.release_client(peer.ip());
+        #[cfg(any(test, feature = "test-util"))]
+        if self.panic_sessions.load(Ordering::Relaxed) {
+            panic!("test hook: session {id} panics");
+        }
+        control::serve(Arc::clone(&self.shared), settings, info, stream, stop).await;
     }
 
     fn upstream(&self, listener: &Listener, stream: &TcpStream) -> Result<SocketAddr, DenyReason> {
         match listener.mode {
             Mode::Reverse => listener.upstream.ok_or(DenyReason::Loop),
             Mode::Transparent => {
-                let local = stream.local_addr().map_err(|_| DenyReason::Loop)?;
-                let orig = original_dst(stream).ok_or(DenyReason::Loop)?;
-                // Without a redirect the original destination is the
-                // gateway itself: relaying would loop.
-                if orig == canonical(local) || is_local_ip(orig.ip()) {
-                    return Err(DenyReason::Loop);
-                }
-                Ok(orig)
+                transparent_upstream(stream.local_addr().ok(), original_dst(stream), is_local_ip)
             }
         }
     }
@@ -192,26 +201,34 @@ impl Gateway {
         let denial = Denial::new(reason, Side::Client);
         control::refuse_connection(&self.shared.deny, stream, info, denial, reply).await;
     }
+}
 
-    fn claim_client(&self, ip: IpAddr, limit: usize) -> Option<()> {
-        let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= limit {
-            return None;
-        }
-        *n += 1;
-        Some(())
+/// A session task has ended; a panic is worth an error line (its slot
+/// and pinholes were released by their guards).
+pub fn report_session_end(ended: Result<(), JoinError>) {
+    if let Err(e) = ended
+        && e.is_panic()
+    {
+        tracing::error!("a session task panicked: {e}");
     }
+}
 
-    fn release_client(&self, ip: IpAddr) {
-        let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&ip);
-            }
-        }
+/// The upstream of a transparent-mode connection accepted on `local`: its
+/// original destination `orig`, unless there is none (SO_ORIGINAL_DST
+/// failed: no redirect and no conntrack entry) or it is the gateway itself
+/// (no redirect: relaying would loop).
+fn transparent_upstream(
+    local: Option<SocketAddr>,
+    orig: Option<SocketAddr>,
+    is_local: impl Fn(IpAddr) -> bool,
+) -> Result<SocketAddr, DenyReason> {
+    let (Some(local), Some(orig)) = (local, orig) else {
+        return Err(DenyReason::NoOriginalDestination);
+    };
+    if orig == canonical(local) || is_local(orig.ip()) {
+        return Err(DenyReason::Loop);
     }
+    Ok(orig)
 }
 
 /// The destination a redirected connection was addressed to
@@ -229,4 +246,68 @@ pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
 /// Whether `ip` is an address of this host (binding to it succeeds).
 fn is_local_ip(ip: IpAddr) -> bool {
     ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::{Plane, proxy::ProxyPlane};
+    use crate::denylog::DenyLog;
+
+    #[tokio::test]
+    async fn a_session_task_that_panics_releases_its_client_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::parse(&format!(
+            "[[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"192.0.2.20:21\"\n\
+             [limits]\nmax_sessions_per_client = 1\n[deny_log]\npath = \"{}\"\n",
+            dir.path().join("deny.jsonl").display()
+        ))
+        .unwrap();
+        let (deny, _writer) = DenyLog::start(&cfg.deny_log).unwrap();
+        let shared = Arc::new(Shared {
+            plane: Plane::Proxy(ProxyPlane::new(cfg.data.ports, crate::tasks::Tasks::new())),
+            deny,
+        });
+        let (_config, config_rx) = watch::channel(Arc::new(cfg));
+        let gateway = Gateway::new(shared, config_rx);
+        gateway.panic_sessions_for_test();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let (_stop, stop_rx) = watch::channel(false);
+        let ended = tokio::spawn(Arc::clone(&gateway).admit(0, stream, peer, stop_rx)).await;
+        assert!(ended.unwrap_err().is_panic());
+        assert_eq!(gateway.sessions_of(ClientKey::of(peer.ip(), 64)), 0);
+        assert_eq!(gateway.active_sessions(), 0);
+    }
+
+    #[test]
+    fn a_transparent_connection_without_an_original_destination_is_not_a_loop() {
+        let local: SocketAddr = "192.0.2.1:2121".parse().unwrap();
+        let server: SocketAddr = "198.51.100.20:21".parse().unwrap();
+        let only_gateway = |ip: IpAddr| ip == local.ip();
+        assert_eq!(
+            transparent_upstream(Some(local), None, only_gateway),
+            Err(DenyReason::NoOriginalDestination)
+        );
+        assert_eq!(
+            transparent_upstream(None, Some(server), only_gateway),
+            Err(DenyReason::NoOriginalDestination)
+        );
+        assert_eq!(
+            transparent_upstream(Some(local), Some(local), only_gateway),
+            Err(DenyReason::Loop)
+        );
+        let own_port_21 = SocketAddr::new(local.ip(), 21);
+        assert_eq!(
+            transparent_upstream(Some(local), Some(own_port_21), only_gateway),
+            Err(DenyReason::Loop)
+        );
+        assert_eq!(
+            transparent_upstream(Some(local), Some(server), only_gateway),
+            Ok(server)
+        );
+    }
 }

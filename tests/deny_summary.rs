@@ -15,6 +15,8 @@ async fn a_summary_line_carries_the_suppressed_count_and_other_lines_do_not() {
     let cfg = DenyLogConfig {
         path: Some(path.clone()),
         queue: 16,
+        burst: 10,
+        interval: Duration::from_secs(10),
     };
     let (log, _writer) = DenyLog::start(&cfg).unwrap();
     let info = SessionInfo {
@@ -22,6 +24,7 @@ async fn a_summary_line_carries_the_suppressed_count_and_other_lines_do_not() {
         mode: Mode::Reverse,
         client: "192.0.2.10:40000".parse().unwrap(),
         server: Some("198.51.100.20:21".parse().unwrap()),
+        source: ftpgate::clients::ClientKey::of("192.0.2.10".parse().unwrap(), 64),
     };
     log.record(
         &info,

@@ -231,14 +231,13 @@ async fn sessions_beyond_the_per_client_limit_get_421_and_a_deny_line() {
     FtpClient::login(gw.addr).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transparent_connection_without_a_redirect_is_refused_as_a_loop() {
-    // No nftables redirect: the connection's original destination is the
-    // gateway itself (or there is none), so relaying would loop.
+/// Starts a transparent gateway on 127.0.0.1 (no nftables redirect in
+/// front of it), connects once, and returns the reply and the deny line.
+async fn transparent_refusal() -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let deny = dir.path().join("deny.jsonl");
     let text = format!(
-        "[[listener]]\nmode = \"transparent\"\nbind = [\"127.0.0.1:0\"]\n\
+        "[[listener]]\nmode = \"transparent\"\nbind = [\"127.0.0.1:0\"]\ninterfaces = [\"lo\"]\n\
          [deny_log]\npath = \"{}\"\n",
         deny.display()
     );
@@ -247,7 +246,6 @@ async fn transparent_connection_without_a_redirect_is_refused_as_a_loop() {
     let mut s = TcpStream::connect(running.listeners[0].1).await.unwrap();
     let mut reply = String::new();
     s.read_to_string(&mut reply).await.unwrap();
-    assert!(reply.starts_with("421 "), "{reply:?}");
     let until = std::time::Instant::now() + Duration::from_secs(5);
     let line = loop {
         let text = std::fs::read_to_string(&deny).unwrap_or_default();
@@ -257,9 +255,70 @@ async fn transparent_connection_without_a_redirect_is_refused_as_a_loop() {
         assert!(std::time::Instant::now() < until, "no deny line");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(line["reason"], "loop");
+    assert!(reply.starts_with("421 "), "{reply:?}");
     assert_eq!(line["mode"], "transparent");
     assert_eq!(line["reply"], reply.trim_end());
+    (reply, line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_connection_without_a_redirect_is_refused() {
+    // Here, whether conntrack tracks loopback decides: with it, the
+    // original destination is the gateway itself (a loop); without it,
+    // there is none. The namespace tests below pin each case down.
+    let (reply, line) = transparent_refusal().await;
+    match line["reason"].as_str() {
+        Some("loop") => assert!(reply.contains("gateway itself"), "{reply}"),
+        Some("no_original_destination") => {
+            assert!(reply.contains("no original destination"), "{reply}")
+        }
+        other => panic!("reason {other:?}: {line}"),
+    }
+}
+
+#[test]
+fn transparent_connection_to_the_gateway_itself_is_refused_as_a_loop() {
+    let test = "transparent_connection_to_the_gateway_itself_is_refused_as_a_loop";
+    if !common::is_root() {
+        return skip(test, "needs root (a network namespace with conntrack)");
+    }
+    let ns = common::NetNs::create(&format!("fgh8-loop-{}", std::process::id()), &[]);
+    // A rule that uses conntrack turns it on in the namespace: the
+    // connection then has an original destination, the gateway's own.
+    for rule in [
+        "add table inet t",
+        "add chain inet t c { type filter hook input priority 0; }",
+        "add rule inet t c ct state new accept",
+    ] {
+        let o = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, "nft", rule])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (reply, line) = ns.run(transparent_refusal);
+    assert_eq!(line["reason"], "loop", "{line}");
+    assert_eq!(
+        reply,
+        "421 Service not available: connection to the gateway itself.\r\n"
+    );
+}
+
+#[test]
+fn transparent_connection_without_conntrack_has_no_original_destination() {
+    let test = "transparent_connection_without_conntrack_has_no_original_destination";
+    if !common::is_root() {
+        return skip(test, "needs root (a network namespace without conntrack)");
+    }
+    // A fresh namespace has no rules: conntrack never sees the connection,
+    // and SO_ORIGINAL_DST fails.
+    let ns = common::NetNs::create(&format!("fgh8-noorig-{}", std::process::id()), &[]);
+    let (reply, line) = ns.run(transparent_refusal);
+    assert_eq!(line["reason"], "no_original_destination", "{line}");
+    assert_eq!(
+        reply,
+        "421 Service not available: no original destination.\r\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,4 +339,136 @@ async fn unreachable_upstream_gets_421_and_a_deny_line() {
     assert_eq!(denial["side"], "server");
     assert_eq!(denial["target"], upstream.to_string());
     assert_eq!(denial["reply"], reply.trim_end());
+}
+
+/// Sends `lines` bare LF lines (each one a refused, malformed command) on
+/// one control connection and reads the gateway's replies until all have
+/// come, the connection closes, or 20 s pass. Returns the replies read.
+async fn flood_bare_lf(addr: std::net::SocketAddr, lines: usize) -> usize {
+    let Ok(stream) = TcpStream::connect(addr).await else {
+        return 0;
+    };
+    let (mut rd, mut wr) = stream.into_split();
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut seen = 0usize;
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        // The greeting, then one reply per line.
+        while seen < lines + 1 {
+            match tokio::time::timeout_at(until, rd.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => seen += buf[..n].iter().filter(|&&b| b == b'\n').count(),
+                _ => break,
+            }
+        }
+        seen.saturating_sub(1)
+    });
+    let _ = wr.write_all(&vec![b'\n'; lines]).await;
+    let replies = reader.await.unwrap_or(0);
+    drop(wr);
+    replies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_flooding_refused_lines_cannot_blind_the_deny_log_for_another() {
+    let test = "one_client_flooding_refused_lines_cannot_blind_the_deny_log_for_another";
+    let Some(server) = server_or_skip(test, None) else {
+        return;
+    };
+    // The per-session refusal budget would close each flooding session
+    // after 50 lines; lifted here, so the flood reaches the deny log's
+    // per-source aggregation as it did in the lab.
+    let gw = Gateway::reverse_with(
+        server.addr,
+        "53000-53099",
+        "\n[limits]\nmax_refused_commands = 1000000\n",
+        "",
+        "interval = \"1s\"",
+    )
+    .await;
+    let admin = gw.running.admin.unwrap();
+    // 127.0.0.1 floods: four connections at a time, 8000 bare LF lines
+    // each, every one refused before login (the issue saw 200,000 in 2 s).
+    // A connection the gateway closes early (a per-session refusal budget)
+    // is replaced, up to 16 per flooder.
+    const FLOODERS: usize = 4;
+    const LINES: usize = 8000;
+    let addr = gw.addr;
+    let floods: Vec<_> = (0..FLOODERS)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut refused = 0;
+                for _ in 0..16 {
+                    refused += flood_bare_lf(addr, LINES).await;
+                    if refused >= LINES {
+                        break;
+                    }
+                }
+                refused
+            })
+        })
+        .collect();
+    // Meanwhile 127.0.0.2, another client, tries an FTP bounce.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let other: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let mut c = FtpClient::login_from(gw.addr, other).await;
+    let r = c.cmd("PORT 127,0,0,5,200,10").await;
+    assert!(r.starts_with("504"), "{r}");
+    let mut refused = 0;
+    for f in floods {
+        refused += f.await.unwrap();
+    }
+    assert!(
+        refused >= 2000,
+        "the flood was refused only {refused} times"
+    );
+    let bounce = gw.wait_denial("bounce").await;
+    assert!(
+        bounce["client"].as_str().unwrap().starts_with("127.0.0.2:"),
+        "{bounce}"
+    );
+    let dropped = common::metric(
+        &common::scrape(admin).await,
+        "ftpgate_deny_log_dropped_total",
+        &[],
+    );
+    assert_eq!(dropped, 0.0, "deny-log lines were dropped");
+    // The flood is in the log as a few lines and a summary per interval.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = gw.denials();
+        let flood = |v: &&serde_json::Value| {
+            v["reason"] == "malformed_command"
+                && v["client"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("127.0.0.1"))
+        };
+        let summarised: u64 = log
+            .iter()
+            .filter(flood)
+            .filter_map(|v| v["suppressed"].as_u64())
+            .sum();
+        let written = log
+            .iter()
+            .filter(flood)
+            .filter(|v| v.get("suppressed").is_none())
+            .count() as u64;
+        if summarised > 0 {
+            assert!(written < 200, "{written} lines written one by one");
+            // Each line and each suppressed count stands for one refusal.
+            assert!(
+                summarised + written <= refused as u64,
+                "{summarised} + {written} > {refused}"
+            );
+            break log;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no summary: {refused} refused, {written} written"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        !log.iter().any(|v| v["reason"] == "deny_log_dropped"),
+        "the log reports dropped lines"
+    );
 }

@@ -341,6 +341,88 @@ fn kernel_plane_checks(dir: &Path) {
     );
 }
 
+/// A client closes its control connection in the middle of a download it
+/// does not read: the data connection must end with the session (proxy: the
+/// relay is cancelled; kernel: the conntrack flow is deleted), before the
+/// client reads another byte.
+fn data_connection_ends_with_its_session(dir: &Path, plane: &str) {
+    const ACTIVE: &str = "ftpgate_data_connections_active";
+    let go = dir.join("read-now");
+    let mut client = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("{}in1", prefix()),
+            "timeout",
+            "40",
+            "python3",
+            "-c",
+        ])
+        .arg(format!(
+            "import ftplib, os, socket, time\n\
+             f = ftplib.FTP('{SRV1}', timeout=10)\n\
+             f.login('ftptest', 'ftptest')\n\
+             f.voidcmd('TYPE I')\n\
+             host, port = ftplib.parse227(f.sendcmd('PASV'))\n\
+             d = socket.socket()\n\
+             d.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)\n\
+             d.settimeout(10)\n\
+             d.connect((host, port))\n\
+             print(f.sendcmd('RETR data.bin'), flush=True)\n\
+             time.sleep(1)\n\
+             f.close()\n\
+             print('CLOSED', flush=True)\n\
+             until = time.time() + 20\n\
+             while not os.path.exists('{}') and time.time() < until: time.sleep(0.05)\n\
+             n, how = 0, 'eof'\n\
+             try:\n    while True:\n        b = d.recv(65536)\n        if not b: break\n        n += len(b)\n\
+             except OSError as e:\n    how = type(e).__name__\n\
+             print('DATA', n, how, flush=True)\n",
+            go.display()
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    {
+        use std::io::BufRead;
+        let mut out = std::io::BufReader::new(client.stdout.as_mut().unwrap());
+        while !said.contains("CLOSED") {
+            let mut line = String::new();
+            if out.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            said.push_str(&line);
+        }
+    }
+    assert!(said.contains("150") && said.contains("CLOSED"), "{said}");
+    let until = Instant::now() + Duration::from_secs(5);
+    while metric(ACTIVE) != 0.0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let active = metric(ACTIVE);
+    std::fs::write(&go, b"go").unwrap();
+    let done = client.wait_with_output().unwrap();
+    said.push_str(&text(&done));
+    assert_eq!(
+        active, 0.0,
+        "{plane}: data connections outlived their session: {said}"
+    );
+    let n: u64 = said
+        .lines()
+        .find_map(|l| l.strip_prefix("DATA "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(
+        n < 3 * 1024 * 1024,
+        "{plane}: the whole file was carried after its session ended: {said}"
+    );
+    eprintln!(
+        "  control closed mid-download                                 data connection ended with it ({n} bytes read after)"
+    );
+}
+
 /// One download or upload cell of the matrix.
 struct Cell {
     name: String,
@@ -510,6 +592,19 @@ fn run_lab(lab_prefix: &'static str, plane: &str) {
         eprintln!("SKIPPED nat_lab ({plane} plane): {why} (run scripts/test as root)");
         return;
     }
+    // FG_LAB_TAG (letters and digits) makes the namespace names unique to
+    // one checkout, so labs of several checkouts can run side by side.
+    let tag: String = std::env::var("FG_LAB_TAG")
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect();
+    let lab_prefix: &'static str = if tag.is_empty() {
+        lab_prefix
+    } else {
+        Box::leak(format!("{lab_prefix}{tag}-").into_boxed_str())
+    };
     PREFIX.with(|p| p.set(lab_prefix));
     let up = lab(&["up"]);
     assert!(up.status.success(), "lab up failed:\n{}", text(&up));
@@ -745,6 +840,7 @@ fn run_lab(lab_prefix: &'static str, plane: &str) {
     if plane == "kernel" {
         kernel_plane_checks(dir.path());
     }
+    data_connection_ends_with_its_session(dir.path(), plane);
 
     // ---- server-to-server (FXP) ----------------------------------------
     let fxp = |dest: &str| {

@@ -18,7 +18,10 @@
 //! Conntrack events tell ftpgate what happened: a new flow with ftpgate's
 //! mark is a pinhole used (its remaining elements are deleted and the owner
 //! told), a destroyed one is a data connection ended, with the byte counts
-//! of conntrack accounting.
+//! of conntrack accounting. When the session that negotiated a flow ends,
+//! the flow is deleted from conntrack: the next packet of either side finds
+//! no translation, falls through to the gateway itself and is answered with
+//! a reset (and the forward chain accepts only marked flows anyway).
 
 use std::collections::HashMap;
 use std::io;
@@ -28,8 +31,9 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 
-use super::registry::{Entry, Found, Registry};
-use super::{Owner, PlaneEvent, directions, mode_label, proxy};
+use super::registry::{Entry, Found, Registry, Reservation};
+use super::{OpenError, Owner, PlaneEvent, directions, mode_label, proxy};
+use crate::clients::Claim;
 use crate::config::Data;
 use crate::metrics as m;
 use crate::netfilter::conntrack::{
@@ -40,7 +44,8 @@ use crate::netfilter::{
     SnatSource,
 };
 use crate::proto::policy::{canonical, canonical_ip};
-use crate::proto::{DataVerdict, PinholeId, PinholeRequest};
+use crate::proto::{DataVerdict, PinholeId, PinholeRequest, SessionId};
+use crate::tasks::Tasks;
 
 /// The table the rules of `ftpgate nft-rules` create.
 pub const TABLE: &str = "ftpgate";
@@ -67,15 +72,26 @@ struct Flow {
     request: PinholeRequest,
     began: Instant,
     _active: m::DataConnectionActive,
+    /// Its counted data-connection slot.
+    _slot: Option<Claim>,
+}
+
+/// The flows the kernel carries for ftpgate, by original tuple.
+type Flows = Arc<Mutex<HashMap<(SocketAddr, SocketAddr), Flow>>>;
+
+fn lock_flows(flows: &Flows) -> std::sync::MutexGuard<'_, HashMap<(SocketAddr, SocketAddr), Flow>> {
+    flows.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub struct KernelPlane {
     registry: Arc<Registry>,
     nft: Arc<Nftables>,
+    flows: Flows,
+    tasks: Tasks,
 }
 
 impl KernelPlane {
-    pub async fn start(data: &Data) -> Result<KernelPlane, KernelError> {
+    pub async fn start(data: &Data, tasks: Tasks) -> Result<KernelPlane, KernelError> {
         let (low, high) = data.ports;
         let nft = Arc::new(Nftables::open(TABLE)?);
         nft.check_pinhole_sets()?;
@@ -104,16 +120,29 @@ impl KernelPlane {
         let registry = Arc::new(Registry::new(low + 1, high));
         let trap4 = bind_trap(SocketAddr::from(([0, 0, 0, 0], low)))?;
         let trap6 = bind_trap(SocketAddr::from(([0u16; 8], low))).ok();
-        let flows = Arc::new(Mutex::new(HashMap::new()));
+        let flows: Flows = Arc::new(Mutex::new(HashMap::new()));
         let watcher = Watcher {
             registry: Arc::clone(&registry),
             nft: Arc::clone(&nft),
-            flows,
+            flows: Arc::clone(&flows),
             mark: data.kernel_mark,
         };
-        tokio::spawn(watcher.run(events));
+        let stopping = tasks.stopping();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = watcher.run(events) => {}
+                () = stopping => {}
+            }
+        });
         for trap in std::iter::once(trap4).chain(trap6) {
-            tokio::spawn(fall_through(trap, Arc::clone(&registry), Arc::clone(&nft)));
+            let serve = fall_through(trap, Arc::clone(&registry), Arc::clone(&nft), tasks.clone());
+            let stopping = tasks.stopping();
+            tasks.spawn(async move {
+                tokio::select! {
+                    () = serve => {}
+                    () = stopping => {}
+                }
+            });
         }
         tracing::info!(
             table = TABLE,
@@ -121,11 +150,20 @@ impl KernelPlane {
             mark = format_args!("{:#x}", data.kernel_mark),
             "kernel data plane ready"
         );
-        Ok(KernelPlane { registry, nft })
+        Ok(KernelPlane {
+            registry,
+            nft,
+            flows,
+            tasks,
+        })
     }
 
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
     }
 
     pub fn open(
@@ -133,7 +171,8 @@ impl KernelPlane {
         request: &PinholeRequest,
         apparent: Vec<IpAddr>,
         owner: &Owner,
-    ) -> io::Result<SocketAddr> {
+    ) -> Result<SocketAddr, OpenError> {
+        let reservation = self.registry.reserve(owner)?;
         let timeout = owner.timeouts.accept + ELEMENT_MARGIN;
         let (port, ()) = self.registry.claim(
             |port| {
@@ -145,7 +184,7 @@ impl KernelPlane {
                     Err(e) => Err(io::Error::other(e.to_string())),
                 }
             },
-            |_| Entry::new(request, apparent.clone(), owner, None),
+            |_| Entry::new(request, apparent.clone(), owner, None, Some(reservation)),
         )?;
         Ok(SocketAddr::new(request.listen_ip, port))
     }
@@ -154,6 +193,31 @@ impl KernelPlane {
         if let Some((port, entry)) = self.registry.remove(id) {
             delete_elements(&self.nft, &entry.request, &entry.apparent, port);
         }
+    }
+
+    /// Deletes the conntrack flows of a session that has ended; their
+    /// Destroy events then end them here as usual.
+    pub fn end_flows(&self, session: SessionId) {
+        let tuples: Vec<(SocketAddr, SocketAddr)> = lock_flows(&self.flows)
+            .iter()
+            .filter(|(_, f)| f.id.session == session)
+            .map(|(t, _)| *t)
+            .collect();
+        if tuples.is_empty() {
+            return;
+        }
+        self.tasks.spawn(async move {
+            for (src, dst) in tuples {
+                let orig = conntrack::Tuple {
+                    src,
+                    dst,
+                    proto: TCP,
+                };
+                if let Err(e) = conntrack::delete(&orig).await {
+                    tracing::warn!(%src, %dst, "kernel plane: cannot delete the flow of an ended session: {e}");
+                }
+            }
+        });
     }
 }
 
@@ -245,7 +309,7 @@ fn ip_forwarding() -> bool {
 struct Watcher {
     registry: Arc<Registry>,
     nft: Arc<Nftables>,
-    flows: Arc<Mutex<HashMap<(SocketAddr, SocketAddr), Flow>>>,
+    flows: Flows,
     mark: u32,
 }
 
@@ -288,7 +352,7 @@ impl Watcher {
     }
 
     fn lock_flows(&self) -> std::sync::MutexGuard<'_, HashMap<(SocketAddr, SocketAddr), Flow>> {
-        self.flows.lock().unwrap_or_else(|e| e.into_inner())
+        lock_flows(&self.flows)
     }
 
     /// A marked flow appeared: the pinhole at its destination port is used.
@@ -307,8 +371,10 @@ impl Watcher {
             // account somebody else's flow to this pinhole.
             return;
         }
-        if let Some((port, entry)) = self.registry.remove(id) {
+        let mut slot = None;
+        if let Some((port, mut entry)) = self.registry.remove(id) {
             delete_elements(&self.nft, &entry.request, &entry.apparent, port);
+            slot = entry.reservation.take().map(Reservation::into_connection);
         }
         m::pinhole_wait(opened.elapsed());
         let flow = Flow {
@@ -317,8 +383,21 @@ impl Watcher {
             request,
             began: Instant::now(),
             _active: m::DataConnectionActive::start(),
+            _slot: slot,
         };
         self.lock_flows().insert((src, dst), flow);
+        if owner.events.is_closed() {
+            // The session ended while the flow was being set up.
+            let orig = conntrack::Tuple {
+                src,
+                dst,
+                proto: TCP,
+            };
+            if let Err(e) = conntrack::delete(&orig).await {
+                tracing::warn!(%src, %dst, "kernel plane: cannot delete the flow of an ended session: {e}");
+            }
+            return;
+        }
         owner
             .report(PlaneEvent::Established { id, peer: src })
             .await;
@@ -376,7 +455,12 @@ async fn ended(flow: Flow, from_peer: u64, to_peer: u64) {
 /// element: a thief, a second connection to a used pinhole, or a pinhole
 /// the kernel cannot translate (its legs differ in address family). The
 /// owning core judges each; the expected peer is relayed in userland.
-async fn fall_through(listener: TcpListener, registry: Arc<Registry>, nft: Arc<Nftables>) {
+async fn fall_through(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    nft: Arc<Nftables>,
+    tasks: Tasks,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -402,13 +486,16 @@ async fn fall_through(listener: TcpListener, registry: Arc<Registry>, nft: Arc<N
         };
         let registry = Arc::clone(&registry);
         let nft = Arc::clone(&nft);
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             match owner.ask(id, peer, proxy::VERDICT_TIMEOUT).await {
                 DataVerdict::Accept => {
-                    if let Some((port, entry)) = registry.remove(id) {
-                        delete_elements(&nft, &entry.request, &entry.apparent, port);
-                    }
-                    proxy::carry(stream, &request, &owner).await;
+                    let Some((port, mut entry)) = registry.remove(id) else {
+                        // Withdrawn in the meantime: its session has ended.
+                        return;
+                    };
+                    delete_elements(&nft, &entry.request, &entry.apparent, port);
+                    let slot = entry.reservation.take().map(Reservation::into_connection);
+                    proxy::carry(stream, &request, &owner, slot).await;
                 }
                 DataVerdict::Refuse => {
                     m::pinhole_refused();

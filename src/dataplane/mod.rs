@@ -16,6 +16,15 @@
 //! its key ([`PinholeId`]), its owner and the few facts other sessions need
 //! to recognise it in a server-to-server PORT. The control task never knows
 //! which plane runs.
+//!
+//! Pinholes and data connections are capped per client and gateway-wide
+//! (`[data] max_pinholes*`, `max_connections*`): a pinhole reserves its
+//! data connection when it opens, so a connection that arrives is never
+//! refused for want of a slot, and a refused open is the core's 425
+//! (`pinhole_unavailable`). A data connection ends with the control session
+//! that negotiated it: the proxy relay is cancelled when the session's
+//! event channel closes, the kernel plane deletes the session's conntrack
+//! flows.
 
 pub mod proxy;
 mod registry;
@@ -30,9 +39,11 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::Mode;
+use crate::clients::Full;
+use crate::config::{DataCaps, Mode};
 use crate::denylog::SessionInfo;
 use crate::proto::{DataMode, DataVerdict, PinholeId, PinholeRequest, Resolved, SessionId};
+use crate::tasks::Tasks;
 
 pub use registry::Registry;
 
@@ -64,12 +75,20 @@ pub struct Owner {
     pub info: Arc<SessionInfo>,
     /// The session's data timeouts (from the configuration it started with).
     pub timeouts: DataTimeouts,
+    /// The caps its pinholes and data connections are counted against.
+    pub caps: DataCaps,
 }
 
 impl Owner {
     /// Sends `event`; a session that has ended has no more use for it.
     pub async fn report(&self, event: PlaneEvent) {
         let _ = self.events.send(event).await;
+    }
+
+    /// Resolves when the owning session has ended (its event receiver is
+    /// gone): its data connections end with it.
+    pub async fn ended(&self) {
+        self.events.closed().await;
     }
 
     /// Asks the owner's core about a connection from `peer`. A session
@@ -124,6 +143,17 @@ pub fn apparent_addresses(
     apparent
 }
 
+/// Why a pinhole could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("pinholes: {0}")]
+    Pinholes(Full),
+    #[error("data connections: {0}")]
+    Connections(Full),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
 /// One data plane, shared by every session.
 pub enum Plane {
     Proxy(proxy::ProxyPlane),
@@ -147,7 +177,7 @@ impl Plane {
         request: &PinholeRequest,
         apparent: Vec<IpAddr>,
         owner: &Owner,
-    ) -> io::Result<SocketAddr> {
+    ) -> Result<SocketAddr, OpenError> {
         match self {
             Plane::Proxy(p) => p.open(request, apparent, owner),
             #[cfg(target_os = "linux")]
@@ -164,11 +194,18 @@ impl Plane {
         }
     }
 
-    /// Withdraws every waiting pinhole of a session that has ended.
+    /// Withdraws every waiting pinhole of a session that has ended, and
+    /// ends its data connections: proxy relays end by themselves when the
+    /// session's event channel closes ([`Owner::ended`]); the kernel's
+    /// flows are deleted from conntrack.
     pub fn release_session(&self, session: SessionId) {
         let registry = self.registry();
         for id in registry.ids_of_session(session) {
             self.cancel(id);
+        }
+        #[cfg(target_os = "linux")]
+        if let Plane::Kernel(k) = self {
+            k.end_flows(session);
         }
     }
 
@@ -184,7 +221,17 @@ impl Plane {
     /// took it over.
     pub fn take_over(&self, id: PinholeId) {
         if let Some(owner) = self.registry().owner(id) {
-            tokio::spawn(async move { owner.report(PlaneEvent::TakenOver { id }).await });
+            self.tasks()
+                .spawn(async move { owner.report(PlaneEvent::TakenOver { id }).await });
+        }
+    }
+
+    /// The plane's background tasks (pinhole listeners, relays, watchers).
+    pub fn tasks(&self) -> &Tasks {
+        match self {
+            Plane::Proxy(p) => p.tasks(),
+            #[cfg(target_os = "linux")]
+            Plane::Kernel(k) => k.tasks(),
         }
     }
 
@@ -224,12 +271,15 @@ pub enum StartError {
     Kernel(#[from] kernel::KernelError),
 }
 
-/// Starts the data plane the configuration names.
-pub async fn start(data: &crate::config::Data) -> Result<Plane, StartError> {
+/// Starts the data plane the configuration names; its background tasks
+/// run in `tasks`.
+pub async fn start(data: &crate::config::Data, tasks: Tasks) -> Result<Plane, StartError> {
     match data.plane {
-        crate::config::Plane::Proxy => Ok(Plane::Proxy(proxy::ProxyPlane::new(data.ports))),
+        crate::config::Plane::Proxy => Ok(Plane::Proxy(proxy::ProxyPlane::new(data.ports, tasks))),
         #[cfg(target_os = "linux")]
-        crate::config::Plane::Kernel => Ok(Plane::Kernel(kernel::KernelPlane::start(data).await?)),
+        crate::config::Plane::Kernel => Ok(Plane::Kernel(
+            kernel::KernelPlane::start(data, tasks).await?,
+        )),
         #[cfg(not(target_os = "linux"))]
         crate::config::Plane::Kernel => Err(StartError::NotLinux),
     }

@@ -16,11 +16,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
-use super::registry::{Entry, Registry};
-use super::{Owner, PlaneEvent, directions, mode_label};
+use super::registry::{Entry, Registry, Reservation};
+use super::{OpenError, Owner, PlaneEvent, directions, mode_label};
+use crate::clients::Claim;
 use crate::metrics as m;
 use crate::proto::{DataVerdict, PinholeId, PinholeRequest};
 use crate::relay;
+use crate::tasks::Tasks;
 
 /// Pinhole listeners accept only one connection; a small backlog still lets
 /// a thief's connection be accepted, logged and closed.
@@ -30,12 +32,14 @@ pub const VERDICT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct ProxyPlane {
     registry: Arc<Registry>,
+    tasks: Tasks,
 }
 
 impl ProxyPlane {
-    pub fn new(ports: (u16, u16)) -> ProxyPlane {
+    pub fn new(ports: (u16, u16), tasks: Tasks) -> ProxyPlane {
         ProxyPlane {
             registry: Arc::new(Registry::new(ports.0, ports.1)),
+            tasks,
         }
     }
 
@@ -43,12 +47,17 @@ impl ProxyPlane {
         &self.registry
     }
 
+    pub fn tasks(&self) -> &Tasks {
+        &self.tasks
+    }
+
     pub fn open(
         &self,
         request: &PinholeRequest,
         apparent: Vec<IpAddr>,
         owner: &Owner,
-    ) -> io::Result<SocketAddr> {
+    ) -> Result<SocketAddr, OpenError> {
+        let reservation = self.registry.reserve(owner)?;
         let (tx, rx) = oneshot::channel();
         let (port, listener) = self.registry.claim(
             |port| match bind_listener(SocketAddr::new(request.listen_ip, port)) {
@@ -56,14 +65,14 @@ impl ProxyPlane {
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => Ok(None),
                 Err(e) => Err(e),
             },
-            |_| Entry::new(request, apparent, owner, Some(tx)),
+            |_| Entry::new(request, apparent, owner, Some(tx), Some(reservation)),
         )?;
         let task = Pinhole {
             registry: Arc::clone(&self.registry),
             request: request.clone(),
             owner: owner.clone(),
         };
-        tokio::spawn(task.run(listener, rx));
+        self.tasks.spawn(task.run(listener, rx));
         Ok(SocketAddr::new(request.listen_ip, port))
     }
 
@@ -124,23 +133,43 @@ impl Pinhole {
         };
         // Used up: the listener closes and the port is free for the next.
         drop(listener);
-        self.registry.remove(self.request.id);
+        let Some((_, mut entry)) = self.registry.remove(self.request.id) else {
+            // Withdrawn in the meantime: its session has ended.
+            return;
+        };
         m::pinhole_wait(started.elapsed());
-        carry(inbound, &self.request, &self.owner).await;
+        let slot = entry.reservation.take().map(Reservation::into_connection);
+        carry(inbound, &self.request, &self.owner, slot).await;
     }
 }
 
 /// Connects a taken data connection onward and relays it; reports the end
 /// to the owner. Also used by the kernel plane for connections that reach
-/// its fall-through listener from the expected peer.
-pub async fn carry(inbound: TcpStream, request: &PinholeRequest, owner: &Owner) {
+/// its fall-through listener from the expected peer. `slot` is the data
+/// connection's counted slot, held until the relay ends; the relay ends
+/// with the owning session at the latest.
+pub async fn carry(
+    inbound: TcpStream,
+    request: &PinholeRequest,
+    owner: &Owner,
+    slot: Option<Claim>,
+) {
+    let _slot = slot;
     let timeouts = owner.timeouts;
     let _ = inbound.set_nodelay(true);
     let _active = m::DataConnectionActive::start();
-    match connect_from(request.connect_from, request.connect_to, timeouts.connect).await {
+    let connected = tokio::select! {
+        c = connect_from(request.connect_from, request.connect_to, timeouts.connect) => c,
+        () = owner.ended() => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "control session ended",
+        )),
+    };
+    match connected {
         Ok(outbound) => {
             let began = Instant::now();
-            let (counts, result) = relay::relay(inbound, outbound, timeouts.idle).await;
+            let (counts, result) =
+                relay::relay_until(inbound, outbound, timeouts.idle, owner.ended()).await;
             // a is the peer that connected in.
             let (down, up) = directions(request.mode, counts.a_to_b, counts.b_to_a);
             m::data_connection("proxy", mode_label(request.mode), down, up, began.elapsed());

@@ -14,7 +14,8 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use super::Owner;
+use super::{OpenError, Owner};
+use crate::clients::{Claim, Counter};
 use crate::metrics as m;
 use crate::proto::policy::canonical_ip;
 use crate::proto::{DataMode, PinholeId, PinholeRequest, Resolved, SessionId};
@@ -34,6 +35,25 @@ pub struct Entry {
     pub opened: Instant,
     /// Proxy plane: stops the pinhole's listener.
     pub cancel: Option<oneshot::Sender<()>>,
+    /// Its counted slots; released when the entry is dropped, except the
+    /// data connection's, which the connection takes at accept.
+    pub reservation: Option<Reservation>,
+}
+
+/// A pinhole's counted slots: itself, and the data connection it will
+/// carry.
+#[derive(Debug)]
+pub struct Reservation {
+    _pinhole: Claim,
+    connection: Claim,
+}
+
+impl Reservation {
+    /// The pinhole is used: its own slot is free again, the data
+    /// connection's slot goes with the connection.
+    pub fn into_connection(self) -> Claim {
+        self.connection
+    }
 }
 
 impl Entry {
@@ -43,6 +63,7 @@ impl Entry {
         apparent: Vec<IpAddr>,
         owner: &Owner,
         cancel: Option<oneshot::Sender<()>>,
+        reservation: Option<Reservation>,
     ) -> Entry {
         Entry {
             id: request.id,
@@ -52,6 +73,7 @@ impl Entry {
             opener: owner.info.client.ip(),
             opened: Instant::now(),
             cancel,
+            reservation,
         }
     }
 }
@@ -75,6 +97,10 @@ pub struct Registry {
     low: u16,
     high: u16,
     inner: Mutex<Inner>,
+    /// Waiting pinholes, per client and in total.
+    pinholes: std::sync::Arc<Counter>,
+    /// Data connections (carried, or reserved by a waiting pinhole).
+    connections: std::sync::Arc<Counter>,
 }
 
 impl Registry {
@@ -84,6 +110,8 @@ impl Registry {
             low,
             high,
             inner: Mutex::new(Inner::default()),
+            pinholes: Counter::new(),
+            connections: Counter::new(),
         };
         m::port_pool_free(registry.size());
         registry
@@ -96,6 +124,24 @@ impl Registry {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // The tables stay consistent even if a holder panicked.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims a pinhole slot and a data-connection slot for `owner`'s
+    /// client, under the caps of its session.
+    pub fn reserve(&self, owner: &Owner) -> Result<Reservation, OpenError> {
+        let client = owner.info.source;
+        let pinhole = self
+            .pinholes
+            .claim(client, owner.caps.pinholes)
+            .map_err(OpenError::Pinholes)?;
+        let connection = self
+            .connections
+            .claim(client, owner.caps.connections)
+            .map_err(OpenError::Connections)?;
+        Ok(Reservation {
+            _pinhole: pinhole,
+            connection,
+        })
     }
 
     /// Ports of the range not held by a pinhole.

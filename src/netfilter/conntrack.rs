@@ -17,8 +17,8 @@ use netlink_sys::Socket;
 use tokio::io::unix::AsyncFd;
 
 use super::msg::{
-    self, Attr, Msg, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
-    Writer,
+    self, Attr, Msg, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NLMSG_DONE,
+    NLMSG_ERROR, Writer,
 };
 use super::sock;
 
@@ -57,6 +57,8 @@ const CTA_COUNTERS32_PACKETS: u16 = 3;
 const CTA_COUNTERS32_BYTES: u16 = 4;
 
 const AF_UNSPEC: u8 = 0;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const RECV_CHUNK: usize = 64 * 1024;
 const DUMP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -347,6 +349,84 @@ pub async fn dump(filter: MarkFilter) -> Result<Vec<Flow>, CtError> {
         .map_err(|_| CtError::Timeout(DUMP_TIMEOUT))?
 }
 
+/// Deletes the conntrack entry whose original tuple is `orig`, in the
+/// calling thread's namespace (IPCTNL_MSG_CT_DELETE with CTA_TUPLE_ORIG).
+/// An entry that is already gone (ENOENT) is no error. Bounded by a 5 s
+/// timeout. The kernel sends the entry's Destroy event as usual.
+pub async fn delete(orig: &Tuple) -> Result<(), CtError> {
+    let (fd, _) = async_socket(RECV_CHUNK)?;
+    let seq = 1;
+    let request = delete_request(orig, seq);
+    fd.get_ref()
+        .send(&request, 0)
+        .map_err(|source| CtError::Io {
+            op: "send delete request",
+            source,
+        })?;
+    let ack = async {
+        let mut buf = Vec::with_capacity(RECV_CHUNK);
+        loop {
+            recv(&fd, &mut buf).await?;
+            let answer = msg::messages(&buf).find(|m| m.seq == seq && m.ty == NLMSG_ERROR);
+            let Some(answer) = answer else {
+                continue;
+            };
+            return match msg::parse_error(&answer).map(|e| e.errno) {
+                Some(0) | Some(libc::ENOENT) => Ok(()),
+                Some(errno) => Err(CtError::Kernel {
+                    op: "delete",
+                    errno,
+                }),
+                None => Err(CtError::Kernel {
+                    op: "delete",
+                    errno: libc::EPROTO,
+                }),
+            };
+        }
+    };
+    tokio::time::timeout(DUMP_TIMEOUT, ack)
+        .await
+        .map_err(|_| CtError::Timeout(DUMP_TIMEOUT))?
+}
+
+/// The IPCTNL_MSG_CT_DELETE request for the entry whose original tuple is
+/// `orig`.
+fn delete_request(orig: &Tuple, seq: u32) -> Vec<u8> {
+    let family = if orig.src.is_ipv4() {
+        AF_INET
+    } else {
+        AF_INET6
+    };
+    let mut w = Writer::new();
+    w.begin(
+        (u16::from(NFNL_SUBSYS_CTNETLINK) << 8) | u16::from(IPCTNL_MSG_CT_DELETE),
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        family,
+        0,
+    );
+    w.nest_start(CTA_TUPLE_ORIG);
+    w.nest_start(CTA_TUPLE_IP);
+    for (ip, v4, v6) in [
+        (orig.src.ip(), CTA_IP_V4_SRC, CTA_IP_V6_SRC),
+        (orig.dst.ip(), CTA_IP_V4_DST, CTA_IP_V6_DST),
+    ] {
+        match ip {
+            IpAddr::V4(a) => w.attr(v4, &a.octets()),
+            IpAddr::V6(a) => w.attr(v6, &a.octets()),
+        }
+    }
+    w.nest_end();
+    w.nest_start(CTA_TUPLE_PROTO);
+    w.attr(CTA_PROTO_NUM, &[orig.proto]);
+    w.attr(CTA_PROTO_SRC_PORT, &orig.src.port().to_be_bytes());
+    w.attr(CTA_PROTO_DST_PORT, &orig.dst.port().to_be_bytes());
+    w.nest_end();
+    w.nest_end();
+    w.end();
+    w.as_bytes().to_vec()
+}
+
 /// An event message: IPCTNL_MSG_CT_NEW with NLM_F_CREATE|NLM_F_EXCL for a
 /// new flow (ctnetlink_conntrack_event), IPCTNL_MSG_CT_DELETE for a
 /// destroyed one. Anything else is skipped.
@@ -473,6 +553,40 @@ fn parse_counters(a: &Attr<'_>) -> Option<Counters> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delete_request_names_the_original_tuple() {
+        for (src, dst) in [
+            ("192.0.2.10:40000", "198.51.100.20:50123"),
+            ("[2001:db8:1::10]:40000", "[2001:db8:2::20]:50123"),
+        ] {
+            let orig = Tuple {
+                src: src.parse().unwrap(),
+                dst: dst.parse().unwrap(),
+                proto: 6,
+            };
+            let bytes = delete_request(&orig, 9);
+            let msgs: Vec<_> = msg::messages(&bytes).collect();
+            assert_eq!(msgs.len(), 1);
+            let m = &msgs[0];
+            assert_eq!(m.subsys(), NFNL_SUBSYS_CTNETLINK);
+            assert_eq!(m.subsys_msg(), IPCTNL_MSG_CT_DELETE);
+            assert_eq!(m.flags, NLM_F_REQUEST | NLM_F_ACK);
+            assert_eq!(m.seq, 9);
+            let want = if orig.src.is_ipv4() {
+                AF_INET
+            } else {
+                AF_INET6
+            };
+            assert_eq!(m.family(), Some(want));
+            let tuples: Vec<_> = m
+                .attrs()
+                .filter(|a| a.ty == CTA_TUPLE_ORIG)
+                .filter_map(|a| parse_tuple(&a))
+                .collect();
+            assert_eq!(tuples, vec![orig]);
+        }
+    }
 
     /// Builds a ctnetlink message the way the kernel lays out an event.
     fn event_bytes(msg_type: u8, flags: u16, v6: bool) -> Vec<u8> {

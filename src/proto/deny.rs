@@ -63,6 +63,9 @@ pub enum DenyReason {
     PasvTheft,
     /// A control connection whose original destination is the gateway itself.
     Loop,
+    /// A transparent-mode control connection whose original destination
+    /// cannot be read (SO_ORIGINAL_DST failed: no redirect, no conntrack).
+    NoOriginalDestination,
     /// The gateway is at its session limit.
     SessionLimit,
     /// This client is at its per-client session limit.
@@ -75,7 +78,7 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 27] = [
+    pub const ALL: [DenyReason; 28] = [
         DenyReason::MalformedLine,
         DenyReason::LineTooLong,
         DenyReason::MalformedCommand,
@@ -99,6 +102,7 @@ impl DenyReason {
         DenyReason::PinholeExpired,
         DenyReason::PasvTheft,
         DenyReason::Loop,
+        DenyReason::NoOriginalDestination,
         DenyReason::SessionLimit,
         DenyReason::ClientSessionLimit,
         DenyReason::UpstreamUnreachable,
@@ -130,6 +134,7 @@ impl DenyReason {
             DenyReason::PinholeExpired => "pinhole_expired",
             DenyReason::PasvTheft => "pasv_theft",
             DenyReason::Loop => "loop",
+            DenyReason::NoOriginalDestination => "no_original_destination",
             DenyReason::SessionLimit => "session_limit",
             DenyReason::ClientSessionLimit => "client_session_limit",
             DenyReason::UpstreamUnreachable => "upstream_unreachable",

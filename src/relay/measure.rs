@@ -151,7 +151,14 @@ fn measure(path: Path, total: u64) -> Run {
                 b.set_nonblocking(true).unwrap();
                 let a = tokio::net::TcpStream::from_std(a).unwrap();
                 let b = tokio::net::TcpStream::from_std(b).unwrap();
-                run(engine, a, b, Duration::from_secs(30)).await
+                run(
+                    engine,
+                    a,
+                    b,
+                    Duration::from_secs(30),
+                    std::future::pending(),
+                )
+                .await
             });
             result.unwrap();
             (counts, cpu(libc::RUSAGE_THREAD) - before)

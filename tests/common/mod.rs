@@ -117,6 +117,24 @@ impl Gateway {
     /// generated TOML (e.g. a [policy] table). Data ports come from `ports`
     /// so tests running in parallel do not compete for one range.
     pub async fn reverse(upstream: SocketAddr, ports: &str, extra: &str) -> Gateway {
+        Gateway::reverse_with(upstream, ports, extra, "", "").await
+    }
+
+    /// Like [`Gateway::reverse`]; `data_keys` and `deny_log_keys` add keys
+    /// to the [data] and [deny_log] tables the generated TOML already has
+    /// (`accept_timeout` replaces the tests' default of 2s).
+    pub async fn reverse_with(
+        upstream: SocketAddr,
+        ports: &str,
+        extra: &str,
+        data_keys: &str,
+        deny_log_keys: &str,
+    ) -> Gateway {
+        let accept = if data_keys.contains("accept_timeout") {
+            ""
+        } else {
+            "accept_timeout = \"2s\""
+        };
         let dir = tempfile::tempdir().unwrap();
         let deny_log = dir.path().join("deny.jsonl");
         let text = format!(
@@ -128,10 +146,12 @@ upstream = "{upstream}"
 
 [data]
 ports = "{ports}"
-accept_timeout = "2s"
+{accept}
+{data_keys}
 
 [deny_log]
 path = "{}"
+{deny_log_keys}
 
 [admin]
 bind = "127.0.0.1:0"
@@ -187,6 +207,23 @@ pub struct FtpClient {
 impl FtpClient {
     pub async fn connect(addr: SocketAddr) -> FtpClient {
         let s = TcpStream::connect(addr).await.unwrap();
+        FtpClient::greeted(s).await
+    }
+
+    /// Connects from the local address `from` (another loopback address
+    /// is another client).
+    pub async fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> FtpClient {
+        FtpClient::greeted(connect_from(addr, from).await).await
+    }
+
+    pub async fn login_from(addr: SocketAddr, from: std::net::IpAddr) -> FtpClient {
+        let mut c = FtpClient::connect_from(addr, from).await;
+        assert!(c.cmd("USER ftptest").await.starts_with("331"));
+        assert!(c.cmd("PASS ftptest").await.starts_with("230"));
+        c
+    }
+
+    async fn greeted(s: TcpStream) -> FtpClient {
         let local = s.local_addr().unwrap();
         let (r, w) = s.into_split();
         let mut c = FtpClient {
@@ -239,6 +276,23 @@ impl FtpClient {
         self.send(line).await;
         self.reply().await
     }
+}
+
+/// A TCP connection to `addr` from the local address `from`.
+pub async fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> TcpStream {
+    let socket = match from {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4().unwrap(),
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6().unwrap(),
+    };
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// The admin listener's metrics, parsed.
+pub async fn scrape(admin: SocketAddr) -> Vec<Sample> {
+    let (status, body) = http_get(admin, "/metrics").await;
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    parse_metrics(&body)
 }
 
 /// Parses the address of a 227 reply.
@@ -340,4 +394,76 @@ pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .map(|s| s.value)
         .sum()
+}
+
+/// Whether the tests run as root (network namespaces, nftables).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A throwaway network namespace with loopback up, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// Creates `name` (a leftover of that name is replaced) and adds
+    /// `addrs` (e.g. "2001:db8::2/64") to its loopback. Needs root.
+    pub fn create(name: &str, addrs: &[&str]) -> NetNs {
+        let ip = |args: &[&str]| {
+            let o = Command::new("ip").args(args).output().unwrap();
+            assert!(
+                o.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["netns", "add", name]);
+        let ns = NetNs {
+            name: name.to_string(),
+        };
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        for a in addrs {
+            ip(&["-n", name, "addr", "add", a, "dev", "lo", "nodad"]);
+        }
+        ns
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (threads and
+    /// sockets it creates live there too), with a tokio runtime of its own.
+    pub fn run<T, F>(&self, f: impl FnOnce() -> F + Send + 'static) -> T
+    where
+        F: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        use std::os::fd::AsRawFd;
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns only changes this thread's network namespace to
+            // the one the open file names.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f())
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
 }
