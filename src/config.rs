@@ -77,7 +77,8 @@ impl Plane {
 #[derive(Debug, Clone)]
 pub struct Data {
     pub plane: Plane,
-    /// The conntrack mark of data connections on the kernel plane.
+    /// The tag of data connections on the kernel plane: the high 16 bits
+    /// of their conntrack mark (the low 16 bits are the pinhole port).
     pub kernel_mark: u32,
     pub ports: (u16, u16),
     pub accept_timeout: Duration,
@@ -497,8 +498,11 @@ impl RawConfig {
                 Plane::Proxy
             }
         };
-        if d.kernel_mark == 0 {
-            problems.push("`data.kernel_mark` must not be 0 (0 is every unmarked flow)".into());
+        if d.kernel_mark == 0 || d.kernel_mark > 0xffff {
+            problems.push(format!(
+                "`data.kernel_mark` = {:#x}: write a tag from 0x1 to 0xffff (the high 16 bits of the conntrack mark of ftpgate's flows; the low 16 bits are the pinhole port)",
+                d.kernel_mark
+            ));
         }
         let ports = port_range(&d.ports, problems);
         if plane == Plane::Kernel && ports.0 == ports.1 {

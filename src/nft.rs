@@ -51,7 +51,7 @@ pub fn ruleset(cfg: &Config, source: &str) -> String {
             out,
             "# Your forward chain (policy drop) needs this one line for ftpgate's flows:"
         );
-        let _ = writeln!(out, "#   ct mark {mark:#010x} accept");
+        let _ = writeln!(out, "#   {}", forward_accept(mark));
     }
     let _ = writeln!(out, "table inet ftpgate");
     let _ = writeln!(out, "delete table inet ftpgate");
@@ -124,7 +124,9 @@ pub fn ruleset(cfg: &Config, source: &str) -> String {
         for (ip, _) in FAMILIES {
             let _ = writeln!(
                 out,
-                "\t\tct mark {mark:#010x} snat {ip} to {ip} saddr . {ip} daddr . tcp dport map @snat{}",
+                "\t\tmeta nfproto {} ct mark and {TAG_MASK:#010x} == {:#010x} snat {ip} to ct mark map @snat{}",
+                if ip == "ip" { "ipv4" } else { "ipv6" },
+                mark << 16,
                 family_suffix(ip)
             );
         }
@@ -146,6 +148,15 @@ fn iif_match(interfaces: &[String]) -> String {
             format!("iifname {{ {} }} ", quoted.join(", "))
         }
     }
+}
+
+/// The high 16 bits of a kernel-plane flow's mark are ftpgate's tag
+/// (`data.kernel_mark`), the low 16 bits its pinhole's port.
+const TAG_MASK: u32 = 0xffff_0000;
+
+/// The one line an operator's forward chain needs for ftpgate's flows.
+pub fn forward_accept(tag: u32) -> String {
+    format!("ct mark and {TAG_MASK:#010x} == {:#010x} accept", tag << 16)
 }
 
 /// (nftables payload keyword, address type) per family.
@@ -171,17 +182,24 @@ fn kernel_sets(out: &mut String) {
             out,
             "\tmap dnat{n} {{ type {key} : {addr} . inet_service; flags timeout; }}"
         );
-        let _ = writeln!(out, "\t# the source address of the onward leg");
         let _ = writeln!(
             out,
-            "\tmap snat{n} {{ type {key} : {addr}; flags timeout; }}"
+            "\t# the conntrack mark of each pinhole's flow: the tag, and the port"
+        );
+        let _ = writeln!(out, "\tmap mark{n} {{ type {key} : mark; flags timeout; }}");
+        let _ = writeln!(
+            out,
+            "\t# the source address of each pinhole's onward leg, by mark"
+        );
+        let _ = writeln!(
+            out,
+            "\tmap snat{n} {{ type mark : {addr}; flags timeout; }}"
         );
     }
 }
 
 fn kernel_prerouting(out: &mut String, cfg: &Config) {
     let (low, high) = cfg.data.ports;
-    let mark = cfg.data.kernel_mark;
     let _ = writeln!(
         out,
         "\t\t# a pinhole's first connection from its expected peer: consumed and translated"
@@ -191,7 +209,7 @@ fn kernel_prerouting(out: &mut String, cfg: &Config) {
         let key = format!("{ip} saddr . {ip} daddr . tcp dport");
         let _ = writeln!(
             out,
-            "\t\ttcp dport {low}-{high} {key} @armed{n} delete @armed{n} {{ {key} }} ct mark set {mark:#010x} dnat {ip} to {key} map @dnat{n}"
+            "\t\ttcp dport {low}-{high} {key} @armed{n} delete @armed{n} {{ {key} }} ct mark set {key} map @mark{n} dnat {ip} to {key} map @dnat{n}"
         );
     }
     let _ = writeln!(

@@ -40,7 +40,7 @@ use crate::netfilter::conntrack::{
     self, CtError, Event as CtEvent, EventKind, EventsConfig, MarkFilter,
 };
 use crate::netfilter::{
-    ElemOp, Endpoint, Family, NftError, Nftables, PinholeKey, PinholeSet, SetElem, SnatKey,
+    CtMark, ElemOp, Endpoint, Family, NftError, Nftables, PinholeKey, PinholeSet, SetElem,
     SnatSource,
 };
 use crate::proto::policy::{canonical, canonical_ip};
@@ -52,6 +52,8 @@ pub const TABLE: &str = "ftpgate";
 /// Kernel elements outlive the core's pinhole timer by this much: the core
 /// deletes them itself; the kernel timeout only covers a crashed gateway.
 const ELEMENT_MARGIN: Duration = Duration::from_secs(5);
+/// Ports found with elements already installed before an open gives up.
+const MAX_TAKEN_PORTS: usize = 8;
 /// IP protocol number of TCP: only TCP flows are data connections.
 const TCP: u8 = 6;
 
@@ -61,6 +63,8 @@ pub enum KernelError {
     Nft(#[from] NftError),
     #[error("conntrack events: {0}")]
     Conntrack(#[from] CtError),
+    #[error("cannot start the element reaper thread: {0}")]
+    Reaper(String),
     #[error("cannot bind the fall-through listener on port {port}: {source}")]
     Trap { port: u16, source: io::Error },
 }
@@ -76,6 +80,28 @@ struct Flow {
     _slot: Option<Claim>,
 }
 
+/// The low 16 bits of a flow's conntrack mark: the pinhole port. The high
+/// 16 bits are ftpgate's tag (`data.kernel_mark`).
+const PORT_BITS: u32 = 0xffff;
+const TAG_MASK: u32 = 0xffff_0000;
+
+/// The conntrack mark of the flow through the pinhole on `port`.
+pub fn pinhole_mark(tag: u32, port: u16) -> u32 {
+    (tag << 16) | u32::from(port)
+}
+
+/// How long a withdrawn pinhole is still recognised when conntrack reports
+/// its flow late (the first connection raced its withdrawal): its flow is
+/// then still accounted and ended with its session.
+const RECENT: Duration = Duration::from_secs(10);
+
+/// Pinholes withdrawn in the last [`RECENT`], by port.
+type Recent = Arc<Mutex<HashMap<u16, (Found, Instant)>>>;
+
+fn lock_recent(recent: &Recent) -> std::sync::MutexGuard<'_, HashMap<u16, (Found, Instant)>> {
+    recent.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The flows the kernel carries for ftpgate, by original tuple.
 type Flows = Arc<Mutex<HashMap<(SocketAddr, SocketAddr), Flow>>>;
 
@@ -86,7 +112,11 @@ fn lock_flows(flows: &Flows) -> std::sync::MutexGuard<'_, HashMap<(SocketAddr, S
 pub struct KernelPlane {
     registry: Arc<Registry>,
     nft: Arc<Nftables>,
+    reaper: Reaper,
     flows: Flows,
+    recent: Recent,
+    /// ftpgate's tag, the high 16 bits of its flows' marks.
+    tag: u32,
     tasks: Tasks,
 }
 
@@ -98,11 +128,12 @@ impl KernelPlane {
         // A restart starts clean: nothing a previous run installed stays.
         let mut flush = Vec::new();
         for family in [Family::V4, Family::V6] {
-            for set in [PinholeSet::Armed, PinholeSet::Dnat, PinholeSet::Snat] {
+            for set in PinholeSet::ALL {
                 flush.push(ElemOp::flush(set.name(family)));
             }
         }
         nft.apply(&flush)?;
+        prefer_destroy(&nft);
         if let Err(e) = conntrack::enable_accounting() {
             tracing::warn!(
                 "kernel plane: conntrack accounting is off, data byte counts will be 0: {e}"
@@ -113,19 +144,27 @@ impl KernelPlane {
                 "kernel plane: IP forwarding is off (net.ipv4.ip_forward); data connections cannot pass"
             );
         }
+        let tag = data.kernel_mark;
+        let filter = MarkFilter {
+            mark: tag << 16,
+            mask: TAG_MASK,
+        };
         let events = conntrack::Events::subscribe(EventsConfig {
-            mark: Some(MarkFilter::exact(data.kernel_mark)),
+            mark: Some(filter),
             ..EventsConfig::default()
         })?;
         let registry = Arc::new(Registry::new(low + 1, high));
         let trap4 = bind_trap(SocketAddr::from(([0, 0, 0, 0], low)))?;
         let trap6 = bind_trap(SocketAddr::from(([0u16; 8], low))).ok();
         let flows: Flows = Arc::new(Mutex::new(HashMap::new()));
+        let recent: Recent = Arc::new(Mutex::new(HashMap::new()));
+        let reaper = Reaper::start(Arc::clone(&registry), tag)?;
         let watcher = Watcher {
             registry: Arc::clone(&registry),
-            nft: Arc::clone(&nft),
+            reaper: reaper.clone(),
             flows: Arc::clone(&flows),
-            mark: data.kernel_mark,
+            recent: Arc::clone(&recent),
+            filter,
         };
         let stopping = tasks.stopping();
         tasks.spawn(async move {
@@ -135,7 +174,7 @@ impl KernelPlane {
             }
         });
         for trap in std::iter::once(trap4).chain(trap6) {
-            let serve = fall_through(trap, Arc::clone(&registry), Arc::clone(&nft), tasks.clone());
+            let serve = fall_through(trap, Arc::clone(&registry), reaper.clone(), tasks.clone());
             let stopping = tasks.stopping();
             tasks.spawn(async move {
                 tokio::select! {
@@ -147,13 +186,16 @@ impl KernelPlane {
         tracing::info!(
             table = TABLE,
             fall_through = low,
-            mark = format_args!("{:#x}", data.kernel_mark),
+            mark = format_args!("{:#010x}/16", tag << 16),
             "kernel data plane ready"
         );
         Ok(KernelPlane {
             registry,
             nft,
+            reaper,
             flows,
+            recent,
+            tag,
             tasks,
         })
     }
@@ -174,12 +216,25 @@ impl KernelPlane {
     ) -> Result<SocketAddr, OpenError> {
         let reservation = self.registry.reserve(owner)?;
         let timeout = owner.timeouts.accept + ELEMENT_MARGIN;
+        let mut taken = 0;
         let (port, ()) = self.registry.claim(
             |port| {
-                let ops = elements(request, &apparent, port, Some(timeout));
+                let ops = elements(request, &apparent, port, self.tag, Some(timeout));
                 match self.nft.apply(&ops) {
-                    // Another gateway process's element: try the next port.
-                    Err(NftError::Kernel { errno, .. }) if errno == libc::EEXIST => Ok(None),
+                    // Elements of this port that are still there (another
+                    // gateway process on the same range, or a delete that
+                    // failed): try another port, a few times at most, so a
+                    // broken table cannot make every open walk the range.
+                    Err(NftError::Kernel { errno, .. }) if errno == libc::EEXIST => {
+                        taken += 1;
+                        if taken > MAX_TAKEN_PORTS {
+                            Err(io::Error::other(
+                                "pinhole elements already exist for every port tried",
+                            ))
+                        } else {
+                            Ok(None)
+                        }
+                    }
                     Ok(()) => Ok(Some(())),
                     Err(e) => Err(io::Error::other(e.to_string())),
                 }
@@ -190,8 +245,18 @@ impl KernelPlane {
     }
 
     pub fn cancel(&self, id: PinholeId) {
-        if let Some((port, entry)) = self.registry.remove(id) {
-            delete_elements(&self.nft, &entry.request, &entry.apparent, port);
+        if let Some((port, entry)) = self.reaper.withdraw(id) {
+            // Its first connection may have matched just before the
+            // elements went: conntrack then reports it after this.
+            let found = Found {
+                id: entry.id,
+                owner: entry.owner.clone(),
+                request: entry.request.clone(),
+                opened: entry.opened,
+            };
+            let mut recent = lock_recent(&self.recent);
+            recent.retain(|_, (_, at)| at.elapsed() < RECENT);
+            recent.insert(port, (found, Instant::now()));
         }
     }
 
@@ -203,21 +268,9 @@ impl KernelPlane {
             .filter(|(_, f)| f.id.session == session)
             .map(|(t, _)| *t)
             .collect();
-        if tuples.is_empty() {
-            return;
+        for (src, dst) in tuples {
+            self.reaper.end_flow(src, dst);
         }
-        self.tasks.spawn(async move {
-            for (src, dst) in tuples {
-                let orig = conntrack::Tuple {
-                    src,
-                    dst,
-                    proto: TCP,
-                };
-                if let Err(e) = conntrack::delete(&orig).await {
-                    tracing::warn!(%src, %dst, "kernel plane: cannot delete the flow of an ended session: {e}");
-                }
-            }
-        });
     }
 }
 
@@ -228,6 +281,7 @@ fn elements(
     request: &PinholeRequest,
     apparent: &[IpAddr],
     port: u16,
+    tag: u32,
     timeout: Option<Duration>,
 ) -> Vec<ElemOp> {
     let peer = canonical_ip(request.expected_peer);
@@ -251,16 +305,16 @@ fn elements(
             None => key.delete(name),
         });
     };
+    let mark = CtMark(pinhole_mark(tag, port));
     for local in apparent.iter().map(|a| canonical_ip(*a)) {
         let Ok(key) = PinholeKey::new(peer, local, port) else {
             continue;
         };
         put(PinholeSet::Armed, &key, None);
         put(PinholeSet::Dnat, &key, Some(&to));
+        put(PinholeSet::Mark, &key, Some(&mark));
     }
-    if let Ok(key) = SnatKey::new(peer, to.0) {
-        put(PinholeSet::Snat, &key, Some(&from));
-    }
+    put(PinholeSet::Snat, &mark, Some(&from));
     ops
 }
 
@@ -283,14 +337,123 @@ impl<T: crate::netfilter::NftValue> NftKey for T {
     }
 }
 
-fn delete_elements(nft: &Nftables, request: &PinholeRequest, apparent: &[IpAddr], port: u16) {
-    let ops = elements(request, apparent, port, None);
-    if ops.is_empty() {
-        return;
+/// Deletes pinhole elements in batches, off the sessions' path. An
+/// nf_tables transaction that deletes set elements waits out an RCU grace
+/// period before it returns (10-50 ms per transaction measured here, with
+/// data flowing through the sets), while one that adds elements takes
+/// microseconds: deleting each pinhole's elements on the control path held
+/// a runtime thread that long per pinhole and cut the session rate to about
+/// 50 per second. One thread gathers the deletes and commits them together;
+/// a port is handed out again only after its elements are gone
+/// ([`Registry::remove_quarantined`]).
+#[derive(Clone)]
+struct Reaper {
+    tx: std::sync::mpsc::Sender<Reap>,
+    registry: Arc<Registry>,
+    tag: u32,
+}
+
+/// Work for the reaper thread.
+enum Reap {
+    /// A withdrawn pinhole's elements, and its quarantined port.
+    Elements(Vec<ElemOp>, u16),
+    /// The flow of a session that has ended, by original tuple.
+    Flow(conntrack::Tuple),
+}
+
+/// How long the reaper waits for more deletes before it commits.
+const REAP_GATHER: Duration = Duration::from_millis(5);
+
+impl Reaper {
+    fn start(registry: Arc<Registry>, tag: u32) -> Result<Reaper, KernelError> {
+        // Its own socket: the sessions' adds never queue behind a commit
+        // on the same socket lock.
+        let nft = Nftables::open(TABLE)?;
+        prefer_destroy(&nft);
+        let mut flows = conntrack::Deleter::open()?;
+        let (tx, rx) = std::sync::mpsc::channel::<Reap>();
+        let released = Arc::clone(&registry);
+        std::thread::Builder::new()
+            .name("ftpgate-reaper".into())
+            .spawn(move || reap(&nft, &mut flows, &rx, &released))
+            .map_err(|e| KernelError::Reaper(e.to_string()))?;
+        Ok(Reaper { tx, registry, tag })
     }
-    if let Err(e) = nft.apply(&ops) {
-        // The kernel timeout removes them anyway.
-        tracing::warn!(?request.id, "kernel plane: cannot delete pinhole elements: {e}");
+
+    /// Takes pinhole `id` out of the registry and queues its elements for
+    /// deletion; its port returns to the pool once they are gone.
+    fn withdraw(&self, id: PinholeId) -> Option<(u16, Entry)> {
+        let (port, entry) = self.registry.remove_quarantined(id)?;
+        let ops = elements(&entry.request, &entry.apparent, port, self.tag, None);
+        if ops.is_empty() || self.tx.send(Reap::Elements(ops, port)).is_err() {
+            self.registry.release(&[port]);
+        }
+        Some((port, entry))
+    }
+
+    /// Ends the flow with original tuple (`src`, `dst`): its session is gone.
+    fn end_flow(&self, src: SocketAddr, dst: SocketAddr) {
+        let _ = self.tx.send(Reap::Flow(conntrack::Tuple {
+            src,
+            dst,
+            proto: TCP,
+        }));
+    }
+}
+
+/// The reaper thread: ends when every sender is gone.
+fn reap(
+    nft: &Nftables,
+    flows: &mut conntrack::Deleter,
+    rx: &std::sync::mpsc::Receiver<Reap>,
+    registry: &Registry,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut ops = Vec::new();
+        let mut ports = Vec::new();
+        let mut ended = Vec::new();
+        let mut next = Some(first);
+        while let Some(work) = next.take() {
+            match work {
+                Reap::Elements(more, port) => {
+                    ops.extend(more);
+                    ports.push(port);
+                }
+                Reap::Flow(tuple) => ended.push(tuple),
+            }
+            if ports.len() + ended.len() == 1 {
+                // Gather what comes in meanwhile into one transaction.
+                std::thread::sleep(REAP_GATHER);
+            }
+            if ops.len() + 64 < crate::netfilter::nftables::MAX_BATCH_OPS {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !ops.is_empty()
+            && let Err(e) = nft.apply(&ops)
+        {
+            // The kernel timeout removes them anyway; the ports come back
+            // (an add that finds a leftover element tries another port).
+            tracing::warn!("kernel plane: cannot delete pinhole elements: {e}");
+        }
+        registry.release(&ports);
+        for tuple in ended {
+            if let Err(e) = flows.delete(&tuple) {
+                tracing::warn!(src = %tuple.src, dst = %tuple.dst, "kernel plane: cannot delete the flow of an ended session: {e}");
+            }
+        }
+    }
+}
+
+/// Deletes that do not fail on absent elements, where the kernel has them.
+fn prefer_destroy(nft: &Nftables) {
+    let nothing = IpAddr::from([0, 0, 0, 0]);
+    if let Ok(key) = PinholeKey::new(nothing, nothing, 0)
+        && !nft.prefer_destroy(&PinholeSet::Armed.name(Family::V4), &key)
+    {
+        tracing::info!(
+            "kernel plane: this kernel has no DESTROYSETELEM (Linux < 6.3): deleting a consumed element costs a retry"
+        );
     }
 }
 
@@ -308,9 +471,11 @@ fn ip_forwarding() -> bool {
 /// Follows conntrack: flows with ftpgate's mark are pinholes being used.
 struct Watcher {
     registry: Arc<Registry>,
-    nft: Arc<Nftables>,
+    reaper: Reaper,
     flows: Flows,
-    mark: u32,
+    recent: Recent,
+    /// ftpgate's flows: the tag in the high 16 bits of the mark.
+    filter: MarkFilter,
 }
 
 impl Watcher {
@@ -335,12 +500,12 @@ impl Watcher {
 
     async fn handle(&self, event: CtEvent) {
         let flow = event.flow;
-        if flow.mark != self.mark || flow.orig.proto != TCP {
+        if !self.filter.matches(flow.mark) || flow.orig.proto != TCP {
             return;
         }
         let tuple = (canonical(flow.orig.src), canonical(flow.orig.dst));
         match event.kind {
-            EventKind::New => self.established(tuple).await,
+            EventKind::New => self.established(tuple, flow.mark).await,
             EventKind::Destroy => {
                 let ours = self.lock_flows().remove(&tuple);
                 if let Some(ours) = ours {
@@ -355,14 +520,23 @@ impl Watcher {
         lock_flows(&self.flows)
     }
 
-    /// A marked flow appeared: the pinhole at its destination port is used.
-    async fn established(&self, (src, dst): (SocketAddr, SocketAddr)) {
+    /// A marked flow appeared: the pinhole its mark names is used (or was
+    /// withdrawn just after its connection matched).
+    async fn established(&self, (src, dst): (SocketAddr, SocketAddr), mark: u32) {
+        let port = (mark & PORT_BITS) as u16;
+        let found = self.registry.at_port(port).or_else(|| {
+            let mut recent = lock_recent(&self.recent);
+            recent
+                .remove(&port)
+                .filter(|(_, at)| at.elapsed() < RECENT)
+                .map(|(found, _)| found)
+        });
         let Some(Found {
             id,
             owner,
             request,
             opened,
-        }) = self.registry.at_port(dst.port())
+        }) = found
         else {
             return;
         };
@@ -372,8 +546,7 @@ impl Watcher {
             return;
         }
         let mut slot = None;
-        if let Some((port, mut entry)) = self.registry.remove(id) {
-            delete_elements(&self.nft, &entry.request, &entry.apparent, port);
+        if let Some((_, mut entry)) = self.reaper.withdraw(id) {
             slot = entry.reservation.take().map(Reservation::into_connection);
         }
         m::pinhole_wait(opened.elapsed());
@@ -388,14 +561,7 @@ impl Watcher {
         self.lock_flows().insert((src, dst), flow);
         if owner.events.is_closed() {
             // The session ended while the flow was being set up.
-            let orig = conntrack::Tuple {
-                src,
-                dst,
-                proto: TCP,
-            };
-            if let Err(e) = conntrack::delete(&orig).await {
-                tracing::warn!(%src, %dst, "kernel plane: cannot delete the flow of an ended session: {e}");
-            }
+            self.reaper.end_flow(src, dst);
             return;
         }
         owner
@@ -406,23 +572,23 @@ impl Watcher {
     /// After lost events: flows the kernel no longer has are over (their
     /// byte counts are lost), flows it has that we missed are taken up.
     async fn resync(&self) {
-        let live = match conntrack::dump(MarkFilter::exact(self.mark)).await {
+        let live = match conntrack::dump(self.filter).await {
             Ok(live) => live,
             Err(e) => {
                 tracing::warn!("kernel plane: conntrack dump failed: {e}");
                 return;
             }
         };
-        let live: Vec<(SocketAddr, SocketAddr)> = live
+        let live: Vec<((SocketAddr, SocketAddr), u32)> = live
             .iter()
             .filter(|f| f.orig.proto == TCP)
-            .map(|f| (canonical(f.orig.src), canonical(f.orig.dst)))
+            .map(|f| ((canonical(f.orig.src), canonical(f.orig.dst)), f.mark))
             .collect();
         let gone: Vec<Flow> = {
             let mut flows = self.lock_flows();
             let dead: Vec<_> = flows
                 .keys()
-                .filter(|k| !live.contains(k))
+                .filter(|k| !live.iter().any(|(t, _)| t == *k))
                 .copied()
                 .collect();
             dead.iter().filter_map(|k| flows.remove(k)).collect()
@@ -430,10 +596,10 @@ impl Watcher {
         for flow in gone {
             ended(flow, 0, 0).await;
         }
-        for tuple in live {
+        for (tuple, mark) in live {
             let known = self.lock_flows().contains_key(&tuple);
             if !known {
-                self.established(tuple).await;
+                self.established(tuple, mark).await;
             }
         }
     }
@@ -458,7 +624,7 @@ async fn ended(flow: Flow, from_peer: u64, to_peer: u64) {
 async fn fall_through(
     listener: TcpListener,
     registry: Arc<Registry>,
-    nft: Arc<Nftables>,
+    reaper: Reaper,
     tasks: Tasks,
 ) {
     loop {
@@ -484,16 +650,14 @@ async fn fall_through(
             tracing::debug!(%peer, port, "connection to a data port with no pinhole refused");
             continue;
         };
-        let registry = Arc::clone(&registry);
-        let nft = Arc::clone(&nft);
+        let reaper = reaper.clone();
         tasks.spawn(async move {
             match owner.ask(id, peer, proxy::VERDICT_TIMEOUT).await {
                 DataVerdict::Accept => {
-                    let Some((port, mut entry)) = registry.remove(id) else {
+                    let Some((_, mut entry)) = reaper.withdraw(id) else {
                         // Withdrawn in the meantime: its session has ended.
                         return;
                     };
-                    delete_elements(&nft, &entry.request, &entry.apparent, port);
                     let slot = entry.reservation.take().map(Reservation::into_connection);
                     proxy::carry(stream, &request, &owner, slot).await;
                 }
@@ -514,17 +678,21 @@ pub fn list_pinholes() -> Result<String, NftError> {
     let nft = Nftables::open(TABLE)?;
     let mut out = String::new();
     for family in [Family::V4, Family::V6] {
-        for set in [PinholeSet::Armed, PinholeSet::Dnat, PinholeSet::Snat] {
+        for set in PinholeSet::ALL {
             let name = set.name(family);
             for elem in nft.list(&name)? {
                 let key = match set {
-                    PinholeSet::Snat => SnatKey::from_nft_bytes(&elem.key)
-                        .map(|k| format!("peer {} to {}", k.peer(), k.endpoint())),
+                    PinholeSet::Snat => {
+                        CtMark::from_nft_bytes(&elem.key).map(|m| format!("ct mark {:#010x}", m.0))
+                    }
                     _ => PinholeKey::from_nft_bytes(&elem.key)
                         .map(|k| format!("peer {} to {}:{}", k.peer(), k.local(), k.port())),
                 };
                 let data = elem.data.as_deref().and_then(|d| match set {
                     PinholeSet::Dnat => Endpoint::from_nft_bytes(d).map(|e| e.0.to_string()),
+                    PinholeSet::Mark => {
+                        CtMark::from_nft_bytes(d).map(|m| format!("ct mark {:#010x}", m.0))
+                    }
                     PinholeSet::Snat => SnatSource::from_nft_bytes(d).map(|s| s.0.to_string()),
                     PinholeSet::Armed => None,
                 });

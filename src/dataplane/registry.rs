@@ -6,7 +6,7 @@
 //! facts fixed at open time that a plane or another session needs to find a
 //! pinhole by port: who may connect, where it leads, who may name it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, MutexGuard};
@@ -91,6 +91,9 @@ pub struct Found {
 struct Inner {
     by_port: HashMap<u16, Entry>,
     by_id: HashMap<PinholeId, u16>,
+    /// Ports whose pinhole is gone but whose kernel elements are still
+    /// being deleted: not handed out again until they are.
+    quarantined: HashSet<u16>,
 }
 
 pub struct Registry {
@@ -146,7 +149,8 @@ impl Registry {
 
     /// Ports of the range not held by a pinhole.
     pub fn free(&self) -> usize {
-        self.size() - self.lock().by_port.len()
+        let inner = self.lock();
+        self.size() - inner.by_port.len() - inner.quarantined.len()
     }
 
     /// Finds a free port, starting at a random one, for which `try_port`
@@ -162,7 +166,7 @@ impl Registry {
         let mut inner = self.lock();
         for i in 0..size {
             let port = self.low + ((start + i) % size) as u16;
-            if inner.by_port.contains_key(&port) {
+            if inner.by_port.contains_key(&port) || inner.quarantined.contains(&port) {
                 continue;
             }
             let Some(value) = try_port(port)? else {
@@ -186,14 +190,38 @@ impl Registry {
 
     /// Removes pinhole `id` (used, cancelled or expired) and frees its port.
     pub fn remove(&self, id: PinholeId) -> Option<(u16, Entry)> {
+        self.take(id, false)
+    }
+
+    /// Removes pinhole `id` but keeps its port out of use until
+    /// [`Registry::release`]: its kernel elements are still to be deleted.
+    pub fn remove_quarantined(&self, id: PinholeId) -> Option<(u16, Entry)> {
+        self.take(id, true)
+    }
+
+    fn take(&self, id: PinholeId, quarantine: bool) -> Option<(u16, Entry)> {
         let mut inner = self.lock();
         let port = inner.by_id.remove(&id)?;
         let entry = inner.by_port.remove(&port)?;
-        let free = self.size() - inner.by_port.len();
+        if quarantine {
+            inner.quarantined.insert(port);
+        }
+        let free = self.size() - inner.by_port.len() - inner.quarantined.len();
         drop(inner);
         m::port_pool_free(free);
         m::pinhole_closed();
         Some((port, entry))
+    }
+
+    /// Ports whose elements are deleted: back in the pool.
+    pub fn release(&self, ports: &[u16]) {
+        let mut inner = self.lock();
+        for port in ports {
+            inner.quarantined.remove(port);
+        }
+        let free = self.size() - inner.by_port.len() - inner.quarantined.len();
+        drop(inner);
+        m::port_pool_free(free);
     }
 
     /// The pinhole holding `port`, if any.

@@ -389,6 +389,74 @@ pub async fn delete(orig: &Tuple) -> Result<(), CtError> {
         .map_err(|_| CtError::Timeout(DUMP_TIMEOUT))?
 }
 
+/// Deletes conntrack entries over one blocking socket that stays open.
+/// Opening and closing a netlink socket per delete is not free: closing one
+/// waited out an RCU grace period here (20-30 ms), which on a runtime
+/// thread stalled every session; a long-lived socket on a thread of its own
+/// (the kernel plane's reaper) costs a round trip per delete.
+pub struct Deleter {
+    sock: netlink_sys::Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Deleter {
+    /// A socket in the calling thread's namespace; every reply wait is
+    /// bounded by [`DUMP_TIMEOUT`].
+    pub fn open() -> Result<Self, CtError> {
+        let sock = sock::open().map_err(CtError::Open)?;
+        sock::set_recv_timeout(&sock, DUMP_TIMEOUT).map_err(CtError::Open)?;
+        Ok(Deleter {
+            sock,
+            seq: 0,
+            buf: Vec::with_capacity(RECV_CHUNK),
+        })
+    }
+
+    /// Deletes the entry whose original tuple is `orig`; one already gone
+    /// (ENOENT) is no error. The kernel sends its Destroy event as usual.
+    pub fn delete(&mut self, orig: &Tuple) -> Result<(), CtError> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let request = delete_request(orig, seq);
+        self.sock.send(&request, 0).map_err(|source| CtError::Io {
+            op: "send delete request",
+            source,
+        })?;
+        loop {
+            self.buf.clear();
+            match self.sock.recv(&mut self.buf, 0) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(CtError::Timeout(DUMP_TIMEOUT));
+                }
+                Err(source) => {
+                    return Err(CtError::Io {
+                        op: "receive delete answer",
+                        source,
+                    });
+                }
+            }
+            let answer = msg::messages(&self.buf).find(|m| m.seq == seq && m.ty == NLMSG_ERROR);
+            let Some(answer) = answer else {
+                // An answer to an earlier request that timed out: skip it.
+                continue;
+            };
+            return match msg::parse_error(&answer).map(|e| e.errno) {
+                Some(0) | Some(libc::ENOENT) => Ok(()),
+                Some(errno) => Err(CtError::Kernel {
+                    op: "delete",
+                    errno,
+                }),
+                None => Err(CtError::Kernel {
+                    op: "delete",
+                    errno: libc::EPROTO,
+                }),
+            };
+        }
+    }
+}
+
 /// The IPCTNL_MSG_CT_DELETE request for the entry whose original tuple is
 /// `orig`.
 fn delete_request(orig: &Tuple, seq: u32) -> Vec<u8> {

@@ -41,24 +41,37 @@ impl Family {
     }
 }
 
-/// The names of the six sets of the ruleset `ftpgate nft-rules` prints.
+/// The names of the eight sets of the ruleset `ftpgate nft-rules` prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PinholeSet {
     /// Pinhole keys waiting for their one connection (`armed4`, `armed6`).
     Armed,
     /// Pinhole key -> real endpoint (`dnat4`, `dnat6`).
     Dnat,
-    /// (peer, endpoint) -> source address to use (`snat4`, `snat6`).
+    /// Pinhole key -> the conntrack mark its flow gets (`mark4`, `mark6`):
+    /// ftpgate's tag in the high 16 bits, the pinhole port in the low 16, so
+    /// every live pinhole's flow has a mark of its own.
+    Mark,
+    /// Conntrack mark -> source address of the onward leg (`snat4`,
+    /// `snat6`). Keyed by the mark, not by the packet's addresses: two
+    /// pinholes of one client toward the same server port (a server reusing
+    /// its passive port) must not share, or delete, each other's element.
     Snat,
 }
 
 impl PinholeSet {
-    pub const ALL: [PinholeSet; 3] = [PinholeSet::Armed, PinholeSet::Dnat, PinholeSet::Snat];
+    pub const ALL: [PinholeSet; 4] = [
+        PinholeSet::Armed,
+        PinholeSet::Dnat,
+        PinholeSet::Mark,
+        PinholeSet::Snat,
+    ];
 
     pub fn name(self, family: Family) -> String {
         let base = match self {
             PinholeSet::Armed => "armed",
             PinholeSet::Dnat => "dnat",
+            PinholeSet::Mark => "mark",
             PinholeSet::Snat => "snat",
         };
         format!("{base}{}", family.suffix())
@@ -66,7 +79,10 @@ impl PinholeSet {
 
     /// Key length in bytes the kernel reports for this set (NFTA_SET_KEY_LEN).
     pub fn key_len(self, family: Family) -> u32 {
-        (2 * family.addr_len() + 4) as u32
+        match self {
+            PinholeSet::Snat => 4,
+            _ => (2 * family.addr_len() + 4) as u32,
+        }
     }
 
     /// Data length of the map (NFTA_SET_DATA_LEN); `None` for a plain set.
@@ -74,8 +90,27 @@ impl PinholeSet {
         match self {
             PinholeSet::Armed => None,
             PinholeSet::Dnat => Some((family.addr_len() + 4) as u32),
+            PinholeSet::Mark => Some(4),
             PinholeSet::Snat => Some(family.addr_len() as u32),
         }
+    }
+}
+
+/// A conntrack mark as key or data (`mark` type: a 32-bit value in host
+/// byte order, as `ct mark` loads it into a register).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CtMark(pub u32);
+
+impl CtMark {
+    pub fn from_nft_bytes(bytes: &[u8]) -> Option<Self> {
+        let b: [u8; 4] = bytes.try_into().ok()?;
+        Some(Self(u32::from_ne_bytes(b)))
+    }
+}
+
+impl NftValue for CtMark {
+    fn to_nft_bytes(&self) -> Vec<u8> {
+        self.0.to_ne_bytes().to_vec()
     }
 }
 
@@ -193,56 +228,6 @@ impl fmt::Display for PinholeKey {
     }
 }
 
-/// Key of `snat*`: (peer, real endpoint), as `ip saddr . ip daddr . tcp
-/// dport` sees the packet in postrouting, after the DNAT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SnatKey {
-    peer: IpAddr,
-    endpoint: SocketAddr,
-}
-
-impl SnatKey {
-    pub fn new(peer: IpAddr, endpoint: SocketAddr) -> Result<Self, MixedFamily> {
-        let peer = peer.to_canonical();
-        let endpoint = SocketAddr::new(endpoint.ip().to_canonical(), endpoint.port());
-        if Family::of(peer) != Family::of(endpoint.ip()) {
-            return Err(MixedFamily(peer, endpoint.ip()));
-        }
-        Ok(Self { peer, endpoint })
-    }
-
-    pub fn peer(&self) -> IpAddr {
-        self.peer
-    }
-
-    pub fn endpoint(&self) -> SocketAddr {
-        self.endpoint
-    }
-
-    pub fn family(&self) -> Family {
-        Family::of(self.peer)
-    }
-
-    pub fn from_nft_bytes(bytes: &[u8]) -> Option<Self> {
-        let k = PinholeKey::from_nft_bytes(bytes)?;
-        Some(Self {
-            peer: k.peer,
-            endpoint: SocketAddr::new(k.local, k.port),
-        })
-    }
-}
-
-impl NftValue for SnatKey {
-    fn to_nft_bytes(&self) -> Vec<u8> {
-        PinholeKey {
-            peer: self.peer,
-            local: self.endpoint.ip(),
-            port: self.endpoint.port(),
-        }
-        .to_nft_bytes()
-    }
-}
-
 /// Data of `dnat*`: the real endpoint the pinhole leads to
 /// (`ipv4_addr . inet_service`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -345,17 +330,31 @@ mod tests {
         let k = PinholeKey::new(ip("::ffff:192.0.2.1"), ip("198.51.100.2"), 1).expect("mapped");
         assert_eq!(k.family(), Family::V4);
         assert!(PinholeKey::new(ip("2001:db8::1"), ip("192.0.2.1"), 1).is_err());
-        assert!(SnatKey::new(ip("192.0.2.1"), "[2001:db8::1]:21".parse().expect("addr")).is_err());
     }
 
     #[test]
     fn decoding_odd_lengths_gives_none() {
         for len in [0, 3, 11, 13, 35, 40] {
             assert_eq!(PinholeKey::from_nft_bytes(&vec![0; len]), None);
-            assert_eq!(SnatKey::from_nft_bytes(&vec![0; len]), None);
+            assert_eq!(CtMark::from_nft_bytes(&vec![0; len]), None);
             assert_eq!(Endpoint::from_nft_bytes(&vec![0; len]), None);
         }
         assert_eq!(SnatSource::from_nft_bytes(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn a_mark_round_trips_in_host_byte_order() {
+        let m = CtMark(0xf7a0_c351);
+        assert_eq!(m.to_nft_bytes(), 0xf7a0_c351u32.to_ne_bytes().to_vec());
+        assert_eq!(CtMark::from_nft_bytes(&m.to_nft_bytes()), Some(m));
+        assert_eq!(
+            m.to_nft_bytes().len() as u32,
+            PinholeSet::Mark.data_len(Family::V4).unwrap_or(0)
+        );
+        assert_eq!(
+            m.to_nft_bytes().len() as u32,
+            PinholeSet::Snat.key_len(Family::V6)
+        );
     }
 
     #[test]

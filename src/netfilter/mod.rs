@@ -14,6 +14,6 @@ pub mod nftables;
 mod sock;
 
 pub use elements::{
-    Endpoint, Family, MixedFamily, NftValue, PinholeKey, PinholeSet, SnatKey, SnatSource,
+    CtMark, Endpoint, Family, MixedFamily, NftValue, PinholeKey, PinholeSet, SnatSource,
 };
 pub use nftables::{ElemInfo, ElemOp, NftError, Nftables, SetElem, SetInfo};

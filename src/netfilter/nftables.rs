@@ -208,6 +208,8 @@ struct Inner {
     sock: Socket,
     seq: u32,
     buf: Vec<u8>,
+    /// Deletes go as DESTROYSETELEM (the kernel has it: Linux 6.3).
+    destroy: bool,
 }
 
 /// How a batch ended when it did not simply commit.
@@ -232,8 +234,22 @@ impl Nftables {
                 sock,
                 seq: 1,
                 buf: Vec::with_capacity(RECV_CHUNK),
+                destroy: false,
             }),
         })
+    }
+
+    /// Deletes `key` from `set` with DESTROYSETELEM, which ignores an absent
+    /// element, and uses it for every later delete if the kernel has it
+    /// (Linux 6.3); older kernels keep DELSETELEM with its absent-element
+    /// retry. Returns whether it is in use.
+    pub fn prefer_destroy(&self, set: &str, key: &impl NftValue) -> bool {
+        let mut inner = self.lock();
+        inner.destroy = true;
+        let probe = ElemOp::delete(set, key);
+        let works = matches!(inner.batch(&self.table, &[&probe]), Ok(Outcome::Committed));
+        inner.destroy = works;
+        works
     }
 
     pub fn table(&self) -> &str {
@@ -382,7 +398,7 @@ impl Nftables {
         }
     }
 
-    /// Checks that the six sets of the ftpgate ruleset exist with the
+    /// Checks that the eight sets of the ftpgate ruleset exist with the
     /// shapes the encoders produce, so a stale or hand-edited ruleset fails
     /// at startup with a clear message instead of at the first pinhole.
     pub fn check_pinhole_sets(&self) -> Result<(), NftError> {
@@ -505,7 +521,13 @@ impl Inner {
         w.end();
         let mut elements_at = Vec::with_capacity(ops.len());
         for (i, op) in ops.iter().enumerate() {
-            elements_at.push(encode_op(&mut w, table, op, begin + 1 + i as u32));
+            elements_at.push(encode_op(
+                &mut w,
+                table,
+                op,
+                begin + 1 + i as u32,
+                self.destroy,
+            ));
         }
         w.begin(
             NFNL_MSG_BATCH_END,

@@ -23,6 +23,8 @@ pub(super) const NFT_MSG_GETSET: u8 = 10;
 pub(super) const NFT_MSG_NEWSETELEM: u8 = 12;
 pub(super) const NFT_MSG_GETSETELEM: u8 = 13;
 pub(super) const NFT_MSG_DELSETELEM: u8 = 14;
+/// Like DELSETELEM, but an absent element is no error (Linux 6.3).
+pub(super) const NFT_MSG_DESTROYSETELEM: u8 = 30;
 
 // enum nft_set_attributes
 pub(super) const NFTA_SET_TABLE: u16 = 1;
@@ -55,12 +57,22 @@ pub(super) fn nft_type(msg: u8) -> u16 {
 /// Writes one NEWSETELEM/DELSETELEM message carrying at most one element,
 /// so an error's sequence number names the element. Returns the offset of
 /// the element list within the message.
-pub(super) fn encode_op(w: &mut Writer, table: &str, op: &ElemOp, seq: u32) -> usize {
+pub(super) fn encode_op(
+    w: &mut Writer,
+    table: &str,
+    op: &ElemOp,
+    seq: u32,
+    destroy: bool,
+) -> usize {
     let (ty, flags) = match op {
         ElemOp::Add { .. } => (
             NFT_MSG_NEWSETELEM,
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
         ),
+        // An absent element makes DELSETELEM fail, and a failed element
+        // rolls the whole transaction back; an abort waits out an RCU grace
+        // period in the kernel. DESTROYSETELEM deletes what is there.
+        ElemOp::Delete { .. } if destroy => (NFT_MSG_DESTROYSETELEM, NLM_F_REQUEST | NLM_F_ACK),
         // DELSETELEM without NFTA_SET_ELEM_LIST_ELEMENTS flushes the set.
         ElemOp::Delete { .. } | ElemOp::Flush { .. } => {
             (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
@@ -179,7 +191,7 @@ mod tests {
                 .with_timeout(Duration::from_millis(1500)),
         );
         let mut w = Writer::new();
-        let at = encode_op(&mut w, "ftpgate", &op, 5);
+        let at = encode_op(&mut w, "ftpgate", &op, 5, false);
         let m = msg::messages(w.as_bytes()).next().expect("one message");
         assert_eq!(m.ty, nft_type(NFT_MSG_NEWSETELEM));
         assert_eq!(m.flags & NLM_F_EXCL, NLM_F_EXCL);
@@ -203,7 +215,7 @@ mod tests {
     #[test]
     fn flush_is_a_delete_without_elements() {
         let mut w = Writer::new();
-        encode_op(&mut w, "ftpgate", &ElemOp::flush("armed4"), 1);
+        encode_op(&mut w, "ftpgate", &ElemOp::flush("armed4"), 1, false);
         let m = msg::messages(w.as_bytes()).next().expect("one message");
         assert_eq!(m.ty, nft_type(NFT_MSG_DELSETELEM));
         assert!(m.attrs().all(|a| a.ty != NFTA_SET_ELEM_LIST_ELEMENTS));
