@@ -905,3 +905,75 @@ fn measure_pinhole_add_and_delete_latency() {
         Ok(())
     });
 }
+
+/// Runs the ftpgate binary with a kernel-plane config in this thread's
+/// namespace, as `user` when given; returns (exit code, stderr).
+fn start_kernel_plane(dir: &std::path::Path, user: Option<&str>) -> Result<(Option<i32>, String)> {
+    let config = dir.join("ftpgate.toml");
+    std::fs::write(
+        &config,
+        "[[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:2121\"]\nupstream = \"192.0.2.20:21\"\n\
+         [data]\nplane = \"kernel\"\nports = \"50000-50010\"\n[admin]\nbind = \"127.0.0.1:0\"\n",
+    )?;
+    let bin = env!("CARGO_BIN_EXE_ftpgate");
+    let mut cmd = match user {
+        Some(user) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                &format!("--reuid={user}"),
+                "--regid=65534",
+                "--clear-groups",
+                bin,
+            ]);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let out = cmd
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .context("run ftpgate")?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn kernel_plane_without_its_rules_refuses_to_start_and_names_them() {
+    in_netns(
+        "kernel_plane_without_its_rules_refuses_to_start_and_names_them",
+        || {
+            let dir = tempfile::tempdir()?;
+            let (code, stderr) = start_kernel_plane(dir.path(), None)?;
+            ensure!(code == Some(2), "exit {code:?}: {stderr}");
+            ensure!(
+                stderr.contains("set armed4 missing in table inet ftpgate")
+                    && stderr.contains("ftpgate nft-rules"),
+                "{stderr}"
+            );
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn kernel_plane_without_cap_net_admin_refuses_to_start_and_says_so() {
+    in_netns(
+        "kernel_plane_without_cap_net_admin_refuses_to_start_and_says_so",
+        || {
+            nft_load(&ruleset(MARK, 50000, 50999, 2121))?;
+            let dir = tempfile::tempdir()?;
+            // World-readable for the unprivileged user.
+            std::fs::set_permissions(
+                dir.path(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )?;
+            let (code, stderr) = start_kernel_plane(dir.path(), Some("65534"))?;
+            ensure!(code == Some(2), "exit {code:?}: {stderr}");
+            ensure!(stderr.contains("needs CAP_NET_ADMIN"), "{stderr}");
+            Ok(())
+        },
+    );
+}

@@ -59,10 +59,14 @@ const TCP: u8 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("{0}")]
+    #[error(transparent)]
     Nft(#[from] NftError),
-    #[error("conntrack events: {0}")]
+    #[error("conntrack events")]
     Conntrack(#[from] CtError),
+    #[error(
+        "nftables refused ftpgate: it needs CAP_NET_ADMIN (run as root or grant the capability, see deploy/systemd/kernel-plane/)"
+    )]
+    Permission(#[source] NftError),
     #[error("cannot start the element reaper thread: {0}")]
     Reaper(String),
     #[error("cannot bind the fall-through listener on port {port}: {source}")]
@@ -124,7 +128,10 @@ impl KernelPlane {
     pub async fn start(data: &Data, tasks: Tasks) -> Result<KernelPlane, KernelError> {
         let (low, high) = data.ports;
         let nft = Arc::new(Nftables::open(TABLE)?);
-        nft.check_pinhole_sets()?;
+        nft.check_pinhole_sets().map_err(|e| match e {
+            NftError::Kernel { errno, .. } if errno == libc::EPERM => KernelError::Permission(e),
+            other => KernelError::Nft(other),
+        })?;
         // A restart starts clean: nothing a previous run installed stays.
         let mut flush = Vec::new();
         for family in [Family::V4, Family::V6] {

@@ -267,7 +267,7 @@ pub enum StartError {
     #[error("data.plane = \"kernel\" needs Linux (nftables and conntrack)")]
     NotLinux,
     #[cfg(target_os = "linux")]
-    #[error("data.plane = \"kernel\": {0}")]
+    #[error("data.plane = \"kernel\"")]
     Kernel(#[from] kernel::KernelError),
 }
 
