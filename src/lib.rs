@@ -21,4 +21,5 @@ pub mod nft;
 pub mod proto;
 pub mod relay;
 pub mod server;
+pub mod sockets;
 pub mod tasks;

@@ -465,7 +465,7 @@ fn prefer_destroy(nft: &Nftables) {
 }
 
 fn bind_trap(addr: SocketAddr) -> Result<TcpListener, KernelError> {
-    crate::server::bind(addr).map_err(|source| KernelError::Trap {
+    crate::sockets::bind(addr).map_err(|source| KernelError::Trap {
         port: addr.port(),
         source,
     })
@@ -644,7 +644,7 @@ async fn fall_through(
             }
         };
         let peer = canonical(peer);
-        let Some(port) = crate::server::original_dst(&stream).map(|a| a.port()) else {
+        let Some(port) = crate::sockets::original_dst(&stream).map(|a| a.port()) else {
             continue;
         };
         let Some(Found {
