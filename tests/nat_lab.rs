@@ -941,6 +941,47 @@ fn run_lab(lab_prefix: &'static str, plane: &str) {
     );
 
     pinhole_named_by_another_client_is_a_bounce(dir.path());
+    gateway_address_is_never_a_port_target(dir.path());
+}
+
+/// DESIGN.md "Addresses": the gateway's own addresses are never data
+/// targets. The FXP rule (198.51.100.0/24) covers the gateway's outside
+/// address 198.51.100.1, yet a PORT naming it (port 9121, the admin port)
+/// is a bounce (RFC 2577 section 3), never a server-to-server PORT: the
+/// server would connect to the gateway's own ports.
+fn gateway_address_is_never_a_port_target(dir: &Path) {
+    const GW_OUT: &str = "198.51.100.1";
+    let fxp_before = metric("ftpgate_rewrites_total{kind=\"fxp\"}");
+    let said = text(&python(
+        "in1",
+        &format!(
+            "import ftplib\n\
+             f = ftplib.FTP('{SRV1}', timeout=10)\n\
+             f.login('ftptest', 'ftptest')\n\
+             try:\n    print('ACCEPTED', f.sendcmd('PORT {},35,161'))\n\
+             except ftplib.all_errors as e:\n    print('REFUSED', e)\n\
+             f.quit()\n",
+            GW_OUT.replace('.', ",")
+        ),
+    ));
+    assert!(
+        said.contains("REFUSED 504"),
+        "PORT to the gateway's outside address was not refused: {said}"
+    );
+    let target = format!("{GW_OUT}:9121");
+    let denial = wait_denial_where(dir, "bounce", |d| d["target"] == target.as_str())
+        .unwrap_or_else(|| panic!("no bounce deny line for {target}: {:?}", denials(dir)));
+    assert_eq!(denial_client(&denial), Some("192.0.2.10"), "{denial}");
+    assert_eq!(denial["rule"], "gateway_address", "{denial}");
+    assert_eq!(
+        metric("ftpgate_rewrites_total{kind=\"fxp\"}"),
+        fxp_before,
+        "the PORT to the gateway was counted as an FXP rewrite"
+    );
+    eprintln!(
+        "  {:60}refused (504, deny bounce, rule gateway_address)",
+        format!("PORT to the gateway's {target} (in the FXP rule)")
+    );
 }
 
 /// DESIGN.md "Addresses": a pinhole may be named in a PORT (FXP) only by the
@@ -1008,6 +1049,8 @@ fn pinhole_named_by_another_client_is_a_bounce(dir: &Path) {
     assert_eq!(denial_client(&denial), Some("192.0.2.11"), "{denial}");
     assert_eq!(denial["server"], format!("{SRV2}:21"), "{denial}");
     assert_eq!(denial["verb"], "PORT", "{denial}");
+    // For in2 the pinhole does not exist: what it named is the gateway.
+    assert_eq!(denial["rule"], "gateway_address", "{denial}");
     assert_eq!(
         metric("ftpgate_rewrites_total{kind=\"fxp\"}"),
         fxp_before,
