@@ -14,10 +14,11 @@ use tokio::time::Instant;
 use crate::config::{DataCaps, Mode};
 use crate::dataplane::{DataTimeouts, OpenError, Owner, Plane, PlaneEvent, apparent_addresses};
 use crate::denylog::{DenyLog, SessionInfo};
+use crate::localaddrs::LocalAddrs;
 use crate::metrics as m;
 use crate::proto::{
-    CloseReason, Denial, DenyReason, Endpoints, Event, PinholeClose, PinholeRequest, Session,
-    SessionConfig, SessionId, Side,
+    CloseReason, Denial, DenyReason, Endpoints, Event, PinholeClose, PinholeRequest, Resolution,
+    Session, SessionConfig, SessionId, Side,
 };
 
 const READ_BUFFER: usize = 16 * 1024;
@@ -42,6 +43,8 @@ const PLANE_EVENTS: usize = 64;
 pub struct Shared {
     pub plane: Plane,
     pub deny: DenyLog,
+    /// The gateway's own addresses (never data targets).
+    pub local: LocalAddrs,
 }
 
 /// The per-session settings taken from the configuration at accept time.
@@ -297,9 +300,8 @@ impl Running {
                     self.shared.plane.cancel(id);
                 }
                 Event::Resolve { id, target } => {
-                    let client = self.session.endpoints().client.ip();
-                    let found = self.shared.plane.resolve(target, client);
-                    self.session.handle_resolved(id, found, now);
+                    let answer = self.resolve(target);
+                    self.session.handle_resolved(id, answer, now);
                 }
                 Event::TakeOverPinhole(id) => self.shared.plane.take_over(id),
                 Event::Deny(denial) => self.shared.deny.record(&self.info, &denial),
@@ -309,6 +311,19 @@ impl Running {
                 }
                 Event::Close(reason) => self.last_close = Some(reason),
             }
+        }
+    }
+
+    /// What a PORT/EPRT target that is not the client stands for: a live
+    /// pinhole this client opened (only the opener may name one), else one
+    /// of the gateway's own addresses (never a data target, whatever the
+    /// FXP rules), else a third host.
+    fn resolve(&self, target: SocketAddr) -> Resolution {
+        let client = self.session.endpoints().client.ip();
+        match self.shared.plane.resolve(target, client) {
+            Some(found) => Resolution::Pinhole(found),
+            None if self.shared.local.contains(target.ip()) => Resolution::GatewayAddress,
+            None => Resolution::Elsewhere,
         }
     }
 

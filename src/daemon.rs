@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::control::Shared;
 use crate::dataplane;
 use crate::denylog::DenyLog;
+use crate::localaddrs::LocalAddrs;
 use crate::metrics as m;
 use crate::server::{self, Gateway};
 use crate::tasks::Tasks;
@@ -103,6 +104,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
     let shared = Arc::new(Shared {
         plane: dataplane::start(&cfg.data, tasks.clone()).await?,
         deny: deny.clone(),
+        local: LocalAddrs::new(),
     });
     let cfg = Arc::new(cfg);
     let (config_tx, config_rx) = watch::channel(Arc::clone(&cfg));

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod denials;
 pub mod denylog;
+pub mod localaddrs;
 pub mod metrics;
 #[cfg(target_os = "linux")]
 pub mod netfilter;

@@ -169,7 +169,9 @@ impl Gateway {
         match listener.mode {
             Mode::Reverse => listener.upstream.ok_or(DenyReason::Loop),
             Mode::Transparent => {
-                transparent_upstream(stream.local_addr().ok(), original_dst(stream), is_local_ip)
+                transparent_upstream(stream.local_addr().ok(), original_dst(stream), |ip| {
+                    self.shared.local.contains(ip)
+                })
             }
         }
     }
@@ -214,11 +216,6 @@ fn transparent_upstream(
     Ok(orig)
 }
 
-/// Whether `ip` is an address of this host (binding to it succeeds).
-fn is_local_ip(ip: IpAddr) -> bool {
-    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +235,7 @@ mod tests {
         let shared = Arc::new(Shared {
             plane: Plane::Proxy(ProxyPlane::new(cfg.data.ports, crate::tasks::Tasks::new())),
             deny,
+            local: crate::localaddrs::LocalAddrs::new(),
         });
         let (_config, config_rx) = watch::channel(Arc::new(cfg));
         let gateway = Gateway::new(shared, config_rx);

@@ -191,6 +191,32 @@ fn wait_denial(dir: &Path, reason: &str) -> Option<serde_json::Value> {
     }
 }
 
+/// Waits for the first deny line of `reason` for which `pred` holds.
+fn wait_denial_where(
+    dir: &Path,
+    reason: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Option<serde_json::Value> {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = denials(dir)
+            .into_iter()
+            .find(|v| v["reason"] == reason && pred(v))
+        {
+            return Some(v);
+        }
+        if Instant::now() > until {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The client address of a deny line, without its port.
+fn denial_client(v: &serde_json::Value) -> Option<&str> {
+    v["client"].as_str()?.rsplit_once(':').map(|(ip, _)| ip)
+}
+
 fn sha256_file(path: &Path) -> String {
     let o = Command::new("sha256sum").arg(path).output().unwrap();
     String::from_utf8_lossy(&o.stdout)
@@ -912,5 +938,130 @@ fn run_lab(lab_prefix: &'static str, plane: &str) {
     }
     eprintln!(
         "  FXP vsftpd -> proftpd, [[policy.fxp]] after SIGHUP          pass (sha256 intact, data server to server)"
+    );
+
+    pinhole_named_by_another_client_is_a_bounce(dir.path());
+    gateway_address_is_never_a_port_target(dir.path());
+}
+
+/// DESIGN.md "Addresses": the gateway's own addresses are never data
+/// targets. The FXP rule (198.51.100.0/24) covers the gateway's outside
+/// address 198.51.100.1, yet a PORT naming it (port 9121, the admin port)
+/// is a bounce (RFC 2577 section 3), never a server-to-server PORT: the
+/// server would connect to the gateway's own ports.
+fn gateway_address_is_never_a_port_target(dir: &Path) {
+    const GW_OUT: &str = "198.51.100.1";
+    let fxp_before = metric("ftpgate_rewrites_total{kind=\"fxp\"}");
+    let said = text(&python(
+        "in1",
+        &format!(
+            "import ftplib\n\
+             f = ftplib.FTP('{SRV1}', timeout=10)\n\
+             f.login('ftptest', 'ftptest')\n\
+             try:\n    print('ACCEPTED', f.sendcmd('PORT {},35,161'))\n\
+             except ftplib.all_errors as e:\n    print('REFUSED', e)\n\
+             f.quit()\n",
+            GW_OUT.replace('.', ",")
+        ),
+    ));
+    assert!(
+        said.contains("REFUSED 504"),
+        "PORT to the gateway's outside address was not refused: {said}"
+    );
+    let target = format!("{GW_OUT}:9121");
+    let denial = wait_denial_where(dir, "bounce", |d| d["target"] == target.as_str())
+        .unwrap_or_else(|| panic!("no bounce deny line for {target}: {:?}", denials(dir)));
+    assert_eq!(denial_client(&denial), Some("192.0.2.10"), "{denial}");
+    assert_eq!(denial["rule"], "gateway_address", "{denial}");
+    assert_eq!(
+        metric("ftpgate_rewrites_total{kind=\"fxp\"}"),
+        fxp_before,
+        "the PORT to the gateway was counted as an FXP rewrite"
+    );
+    eprintln!(
+        "  {:60}refused (504, deny bounce, rule gateway_address)",
+        format!("PORT to the gateway's {target} (in the FXP rule)")
+    );
+}
+
+/// DESIGN.md "Addresses": a pinhole may be named in a PORT (FXP) only by the
+/// client address that opened it. With the FXP rule loaded, in1 holds a
+/// PASV pinhole on srv1; in2, logged in to srv2 (covered by the same rule),
+/// names that pinhole in a PORT. RFC 2577 section 3: a PORT naming anything
+/// but the client itself is a bounce unless policy allows it, and taking
+/// over somebody else's data connection is never allowed: in2 gets 504, a
+/// `bounce` line names in2, no FXP rewrite is counted, and in1's pinhole
+/// still carries in1's transfer.
+fn pinhole_named_by_another_client_is_a_bounce(dir: &Path) {
+    let signal = dir.join("go-fxp-thief");
+    let mut victim = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("{}in1", prefix()),
+            "timeout",
+            "60",
+            "python3",
+        ])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/race.py"))
+        .args(["pasv", SRV1])
+        .arg(&signal)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    {
+        use std::io::BufRead;
+        let stdout = victim.stdout.as_mut().unwrap();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first)
+            .unwrap();
+    }
+    let parts: Vec<&str> = first.split_whitespace().collect();
+    assert_eq!(parts.first(), Some(&"PASV"), "in1 said {first:?}");
+    let (addr, port): (&str, u16) = (parts[1], parts[2].parse().unwrap());
+    let fxp_before = metric("ftpgate_rewrites_total{kind=\"fxp\"}");
+    let port_arg = format!("{},{},{}", addr.replace('.', ","), port >> 8, port & 0xff);
+    let thief = python(
+        "in2",
+        &format!(
+            "import ftplib\n\
+             f = ftplib.FTP('{SRV2}', timeout=10)\n\
+             f.login('ftptest', 'ftptest')\n\
+             try:\n    print('ACCEPTED', f.sendcmd('PORT {port_arg}'))\n\
+             except ftplib.all_errors as e:\n    print('REFUSED', e)\n\
+             f.quit()\n"
+        ),
+    );
+    // in1 goes on with its transfer through the pinhole it still holds.
+    std::fs::write(&signal, b"go").unwrap();
+    let victim_out = victim.wait_with_output().unwrap();
+    let victim_said = text(&victim_out);
+    let said = text(&thief);
+    assert!(
+        said.contains("REFUSED 504"),
+        "in2 named in1's pinhole {addr}:{port} and was not refused: {said}"
+    );
+    let target = format!("{addr}:{port}");
+    let denial = wait_denial_where(dir, "bounce", |d| d["target"] == target.as_str())
+        .unwrap_or_else(|| panic!("no bounce deny line for {target}: {:?}", denials(dir)));
+    assert_eq!(denial_client(&denial), Some("192.0.2.11"), "{denial}");
+    assert_eq!(denial["server"], format!("{SRV2}:21"), "{denial}");
+    assert_eq!(denial["verb"], "PORT", "{denial}");
+    // For in2 the pinhole does not exist: what it named is the gateway.
+    assert_eq!(denial["rule"], "gateway_address", "{denial}");
+    assert_eq!(
+        metric("ftpgate_rewrites_total{kind=\"fxp\"}"),
+        fxp_before,
+        "the refused PORT was counted as an FXP rewrite"
+    );
+    assert!(
+        victim_said.contains(&format!("SHA256 {}", expected_sha("srv1"))),
+        "in1 did not get its file through its pinhole: {victim_said}"
+    );
+    eprintln!(
+        "  {:60}refused (504, deny bounce for 192.0.2.11), in1's sha256 intact",
+        format!("in2's PORT to srv2 naming in1's pinhole {target}")
     );
 }

@@ -56,9 +56,11 @@ async fn sessions_produce_exact_deny_lines_and_metric_values() {
     assert!(got == data);
     assert!(a.cmd("QUIT").await.starts_with("221"));
 
-    // Refusals: a bounce, AUTH TLS, a PASV nobody connects to.
+    // Refusals: a bounce to a third host (not 127.0.0.0/8: that is the
+    // gateway's own, refused with rule gateway_address), AUTH TLS, a PASV
+    // nobody connects to.
     let mut b = FtpClient::login(gw.addr).await;
-    assert!(b.cmd("PORT 127,0,0,9,195,80").await.starts_with("504"));
+    assert!(b.cmd("PORT 192,0,2,99,195,80").await.starts_with("504"));
     assert!(b.cmd("AUTH TLS").await.starts_with("534"));
     let pasv = parse_227(&b.cmd("PASV").await);
     gw.wait_denial("pinhole_expired").await;
@@ -72,7 +74,7 @@ async fn sessions_produce_exact_deny_lines_and_metric_values() {
         json!({
             "reason": "bounce", "session": 2, "mode": "reverse",
             "client": client_b, "server": upstream, "side": "client",
-            "verb": "PORT", "argument": "127,0,0,9,195,80", "target": "127.0.0.9:50000",
+            "verb": "PORT", "argument": "192,0,2,99,195,80", "target": "192.0.2.99:50000",
             "rule": "data_peer_is_control_peer",
             "reply": "504 Data connection target refused by policy."
         }),

@@ -19,7 +19,7 @@ use ftpgate::proto::driver::{
 };
 use ftpgate::proto::{
     CloseReason, DataMode, DataVerdict, Denial, DenyReason, Endpoints, Event, FxpRule,
-    PinholeClose, PinholeRequest, Policy, RewriteKind, SessionConfig, Side,
+    PinholeClose, PinholeRequest, Policy, Resolution, RewriteKind, SessionConfig, Side,
 };
 
 // ---- helpers ---------------------------------------------------------------
@@ -1001,6 +1001,169 @@ fn port_to_a_server_outside_the_fxp_rule_is_still_a_bounce() {
     d.input(Side::Client, b"PORT 203,0,113,5,25,46\r\n");
     assert_wire(&d.transcript, R504, "");
     the_denial(&d.transcript, DenyReason::Bounce);
+}
+
+/// An FXP rule that covers both of the gateway's lab networks (inside and
+/// outside), so only the gateway-address rule can refuse its addresses.
+fn fxp_policy_covering_the_gateway() -> Policy {
+    Policy {
+        deny_ports: Vec::new(),
+        fxp: vec![FxpRule {
+            name: "everything".into(),
+            servers: vec![
+                "192.0.2.0/24".parse().unwrap(),
+                "198.51.100.0/24".parse().unwrap(),
+            ],
+        }],
+    }
+}
+
+/// DESIGN.md "Addresses": the gateway's own addresses are never data
+/// targets, whatever the FXP rules say. A PORT/EPRT naming one of them that
+/// is not a live pinhole of this client would make the server connect to the
+/// gateway's own ports (RFC 2577 section 3: the bounce attack aimed at the
+/// box in the middle). 9121 = 35 * 256 + 161 (the lab's admin port).
+#[test]
+fn port_or_eprt_to_the_gateways_own_address_is_a_bounce_whatever_the_fxp_rules() {
+    let cases: [(&str, Policy, &[u8], &str); 8] = [
+        (
+            "inside address, no FXP rule",
+            Policy::default(),
+            b"PORT 192,0,2,1,35,161\r\n",
+            "192.0.2.1:9121",
+        ),
+        (
+            "outside address, no FXP rule",
+            Policy::default(),
+            b"PORT 198,51,100,1,35,161\r\n",
+            "198.51.100.1:9121",
+        ),
+        (
+            "outside address, FXP rule covering it",
+            fxp_policy(),
+            b"PORT 198,51,100,1,35,161\r\n",
+            "198.51.100.1:9121",
+        ),
+        (
+            "inside address, FXP rule covering it",
+            fxp_policy_covering_the_gateway(),
+            b"PORT 192,0,2,1,35,161\r\n",
+            "192.0.2.1:9121",
+        ),
+        (
+            "outside address, FXP rule covering both networks",
+            fxp_policy_covering_the_gateway(),
+            b"PORT 198,51,100,1,35,161\r\n",
+            "198.51.100.1:9121",
+        ),
+        (
+            "EPRT to the outside address, FXP rule covering it",
+            fxp_policy(),
+            b"EPRT |1|198.51.100.1|9121|\r\n",
+            "198.51.100.1:9121",
+        ),
+        (
+            "EPRT to the mapped inside address, FXP rule covering it",
+            fxp_policy_covering_the_gateway(),
+            b"EPRT |2|::ffff:192.0.2.1|9121|\r\n",
+            "192.0.2.1:9121",
+        ),
+        (
+            // The peer check comes before the port check.
+            "privileged port of the outside address, FXP rule covering it",
+            fxp_policy(),
+            b"PORT 198,51,100,1,0,22\r\n",
+            "198.51.100.1:22",
+        ),
+    ];
+    for (name, policy, line, target) in cases {
+        let mut d = logged_in_with(SessionConfig { policy, ..cfg() });
+        d.input(Side::Client, line);
+        assert_wire(&d.transcript, R504, "");
+        let denial = the_denial(&d.transcript, DenyReason::Bounce);
+        assert_eq!(denial.rule.as_deref(), Some("gateway_address"), "{name}");
+        assert_eq!(denial.target, Some(sa(target)), "{name}");
+        assert_eq!(denial.reply.as_deref(), Some(R504.trim_end()), "{name}");
+        assert!(
+            !d.transcript.events.iter().any(|e| matches!(
+                e,
+                Event::TakeOverPinhole(_) | Event::Rewrite { .. } | Event::OpenPinhole(_)
+            )),
+            "{name}: {:#?}",
+            d.transcript.events
+        );
+        assert!(!d.session.is_closed(), "{name}");
+    }
+}
+
+/// The daemon knows every address of the host; the core knows those of its
+/// own session (where it met the client and the server, and the address it
+/// advertises). Either is enough to refuse.
+#[test]
+fn gateway_addresses_are_refused_whether_the_daemon_or_the_core_recognises_them() {
+    fn assert_gateway_bounce(d: &Driver, target: &str) {
+        assert_wire(&d.transcript, R504, "");
+        let denial = the_denial(&d.transcript, DenyReason::Bounce);
+        assert_eq!(denial.rule.as_deref(), Some("gateway_address"));
+        assert_eq!(denial.target, Some(sa(target)));
+    }
+    // A daemon that does not recognise the session's own addresses.
+    for (line, target) in [
+        (&b"PORT 192,0,2,1,35,161\r\n"[..], "192.0.2.1:9121"),
+        (b"PORT 198,51,100,1,35,161\r\n", "198.51.100.1:9121"),
+    ] {
+        let mut d = logged_in_with(SessionConfig {
+            policy: fxp_policy_covering_the_gateway(),
+            ..cfg()
+        });
+        d.resolve = |_| Resolution::Elsewhere;
+        d.input(Side::Client, line);
+        assert_gateway_bounce(&d, target);
+    }
+    // The advertised address (a NAT in front of the gateway).
+    let mut d = Driver::new(
+        SessionConfig {
+            policy: fxp_policy(),
+            ..cfg()
+        },
+        Endpoints {
+            advertise: Some(ip("198.51.100.99")),
+            ..lab_endpoints()
+        },
+    );
+    d.login();
+    d.resolve = |_| Resolution::Elsewhere;
+    d.input(Side::Client, b"PORT 198,51,100,99,35,161\r\n");
+    assert_gateway_bounce(&d, "198.51.100.99:9121");
+    // An address of another interface, which only the daemon knows.
+    let mut d = logged_in_with(SessionConfig {
+        policy: fxp_policy(),
+        ..cfg()
+    });
+    d.resolve = |_| Resolution::GatewayAddress;
+    d.input(Side::Client, b"PORT 198,51,100,7,35,161\r\n");
+    assert_gateway_bounce(&d, "198.51.100.7:9121");
+    // A third host the FXP rule covers is still a server-to-server PORT.
+    let mut d = logged_in_with(SessionConfig {
+        policy: fxp_policy(),
+        ..cfg()
+    });
+    d.input(Side::Client, b"PORT 198,51,100,7,35,161\r\n");
+    assert_wire(&d.transcript, "", "PORT 198,51,100,7,35,161\r\n");
+    assert!(denials(&d.transcript).is_empty());
+}
+
+/// A live pinhole of this client on a gateway address is no refusal: it is
+/// how FXP works (the pinhole check comes before the gateway check).
+#[test]
+fn a_live_pinhole_on_the_gateways_outside_address_is_still_fxp() {
+    let mut d = logged_in_with(SessionConfig {
+        policy: fxp_policy(),
+        ..cfg()
+    });
+    d.input(Side::Client, b"EPRT |1|198.51.100.1|50999|\r\n");
+    assert_wire(&d.transcript, "", "EPRT |1|198.51.100.21|40001|\r\n");
+    assert!(denials(&d.transcript).is_empty());
 }
 
 #[test]

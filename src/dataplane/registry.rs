@@ -274,3 +274,110 @@ impl Registry {
         inner.by_port.get_mut(&port).map(f)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::clients::{Caps, ClientKey};
+    use crate::config::{DataCaps, Mode};
+    use crate::dataplane::DataTimeouts;
+    use crate::denylog::SessionInfo;
+
+    const GATEWAY_INSIDE: &str = "192.0.2.1";
+    const OPENER: &str = "192.0.2.10";
+    const OTHER_CLIENT: &str = "192.0.2.11";
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn owner(session: u64, client: &str) -> Owner {
+        let client: SocketAddr = SocketAddr::new(ip(client), 40000);
+        let caps = Caps {
+            total: 100,
+            per_client: 100,
+        };
+        Owner {
+            events: mpsc::channel(1).0,
+            info: Arc::new(SessionInfo {
+                id: session,
+                mode: Mode::Transparent,
+                client,
+                server: Some("198.51.100.20:21".parse().unwrap()),
+                source: ClientKey::of(client.ip(), 64),
+            }),
+            timeouts: DataTimeouts {
+                accept: Duration::from_secs(30),
+                connect: Duration::from_secs(10),
+                idle: Duration::from_secs(300),
+            },
+            caps: DataCaps {
+                pinholes: caps,
+                connections: caps,
+            },
+        }
+    }
+
+    /// Registers a pinhole of `mode` opened by `owner`'s session; returns
+    /// its port.
+    fn open(registry: &Registry, owner: &Owner, mode: DataMode) -> (PinholeId, u16) {
+        let request = PinholeRequest {
+            id: PinholeId {
+                session: SessionId(owner.info.id),
+                seq: 1,
+            },
+            mode,
+            listen_ip: ip(GATEWAY_INSIDE),
+            expected_peer: owner.info.client.ip(),
+            connect_to: "198.51.100.20:40001".parse().unwrap(),
+            connect_from: "198.51.100.1".parse().unwrap(),
+        };
+        let (port, ()) = registry
+            .claim(
+                |_| Ok(Some(())),
+                |_| Entry::new(&request, vec![request.listen_ip], owner, None, None),
+            )
+            .unwrap();
+        (request.id, port)
+    }
+
+    /// DESIGN.md "Addresses": only the client address that opened a pinhole
+    /// may name it in a PORT (its other sessions are how FXP works); for any
+    /// other client the pinhole does not exist, so the core's policy sees a
+    /// plain third-host target (a bounce, RFC 2577).
+    #[test]
+    fn a_pinhole_is_resolved_only_for_the_client_address_that_opened_it() {
+        let registry = Registry::new(50000, 50009);
+        let (id, port) = open(&registry, &owner(1, OPENER), DataMode::Passive);
+        let target = SocketAddr::new(ip(GATEWAY_INSIDE), port);
+        let found = Resolved {
+            pinhole: id,
+            endpoint: "198.51.100.20:40001".parse().unwrap(),
+        };
+        assert_eq!(registry.resolve(target, ip(OPENER)), Some(found));
+        // Another session of the same client (mapped form included).
+        assert_eq!(
+            registry.resolve(target, ip("::ffff:192.0.2.10")),
+            Some(found)
+        );
+        // Anyone else: nothing there.
+        assert_eq!(registry.resolve(target, ip(OTHER_CLIENT)), None);
+        assert_eq!(registry.resolve(target, ip("::ffff:192.0.2.11")), None);
+        // Only the addresses the pinhole is reachable at name it.
+        let elsewhere = SocketAddr::new(ip("198.51.100.1"), port);
+        assert_eq!(registry.resolve(elsewhere, ip(OPENER)), None);
+    }
+
+    #[test]
+    fn an_active_pinhole_is_never_resolved() {
+        let registry = Registry::new(50000, 50009);
+        let (_, port) = open(&registry, &owner(1, OPENER), DataMode::Active);
+        let target = SocketAddr::new(ip(GATEWAY_INSIDE), port);
+        assert_eq!(registry.resolve(target, ip(OPENER)), None);
+    }
+}

@@ -2,13 +2,13 @@
 //! it plays a script against a [`Session`] and answers the session's
 //! requests the way a well-behaved daemon would, with a virtual clock.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    DataVerdict, Endpoints, Event, PinholeId, PinholeRequest, Resolved, Session, SessionConfig,
-    SessionId, Side,
+    DataVerdict, Endpoints, Event, PinholeId, PinholeRequest, Resolution, Resolved, Session,
+    SessionConfig, SessionId, Side,
 };
 
 /// Everything a session produced, in order.
@@ -20,7 +20,8 @@ pub struct Transcript {
 }
 
 /// The addresses used by the driver: client 192.0.2.10, gateway 192.0.2.1
-/// inside and 198.51.100.1 outside, server 198.51.100.20.
+/// inside ([`GATEWAY_INSIDE`]) and 198.51.100.1 outside
+/// ([`GATEWAY_OUTSIDE`]), server 198.51.100.20.
 pub fn lab_endpoints() -> Endpoints {
     Endpoints {
         client: "192.0.2.10:40000".parse().unwrap(),
@@ -31,8 +32,13 @@ pub fn lab_endpoints() -> Endpoints {
     }
 }
 
-/// The gateway's pinhole with this port stands for a server-to-server
-/// endpoint (used to exercise [`Event::Resolve`]).
+/// The gateway's inside address in [`lab_endpoints`].
+pub const GATEWAY_INSIDE: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+/// The gateway's outside address in [`lab_endpoints`].
+pub const GATEWAY_OUTSIDE: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
+
+/// The gateway's pinhole with this port (on either gateway address) stands
+/// for a server-to-server endpoint (used to exercise [`Event::Resolve`]).
 pub const FOREIGN_PINHOLE_PORT: u16 = 50999;
 /// The key of that pinhole: another session's.
 pub const FOREIGN_PINHOLE: PinholeId = PinholeId {
@@ -52,6 +58,24 @@ pub fn pinhole(seq: u64) -> PinholeId {
 }
 pub const FOREIGN_ENDPOINT: &str = "198.51.100.21:40001";
 
+/// How the driver's daemon answers [`Event::Resolve`] for `target`, as the
+/// real one does: [`FOREIGN_PINHOLE_PORT`] on a gateway address is a live
+/// pinhole of this client; any other port there is the gateway itself;
+/// everything else is a third host.
+pub fn lab_resolution(target: SocketAddr) -> Resolution {
+    let ip = super::policy::canonical_ip(target.ip());
+    let gateway = ip == GATEWAY_INSIDE || ip == GATEWAY_OUTSIDE;
+    match (gateway, target.port()) {
+        (true, FOREIGN_PINHOLE_PORT) => Resolution::Pinhole(Resolved {
+            pinhole: FOREIGN_PINHOLE,
+            // A constant: parsing it cannot fail.
+            endpoint: FOREIGN_ENDPOINT.parse().unwrap(),
+        }),
+        (true, _) => Resolution::GatewayAddress,
+        (false, _) => Resolution::Elsewhere,
+    }
+}
+
 pub struct Driver {
     pub session: Session,
     pub now: Instant,
@@ -60,6 +84,9 @@ pub struct Driver {
     pub pinholes_work: bool,
     /// Every pinhole request answered so far.
     pub requests: Vec<PinholeRequest>,
+    /// How the driver answers [`Event::Resolve`] (default
+    /// [`lab_resolution`]).
+    pub resolve: fn(SocketAddr) -> Resolution,
 }
 
 impl Driver {
@@ -71,6 +98,7 @@ impl Driver {
             transcript: Transcript::default(),
             pinholes_work: true,
             requests: Vec::new(),
+            resolve: lab_resolution,
         }
     }
 
@@ -116,11 +144,8 @@ impl Driver {
                     }
                 }
                 Event::Resolve { id, target } => {
-                    let found = (target.port() == FOREIGN_PINHOLE_PORT).then(|| Resolved {
-                        pinhole: FOREIGN_PINHOLE,
-                        endpoint: FOREIGN_ENDPOINT.parse().unwrap(),
-                    });
-                    self.session.handle_resolved(id, found, self.now);
+                    let answer = (self.resolve)(target);
+                    self.session.handle_resolved(id, answer, self.now);
                 }
                 _ => {}
             }

@@ -25,8 +25,9 @@
 //! An address-bearing line is held, never forwarded as it is. For PORT/EPRT
 //! the core checks the target with [`policy::Policy::decide`]; an address that
 //! is not the client's own may be one of the gateway's pinholes (a
-//! server-to-server transfer), so the core first emits [`Event::Resolve`] and
-//! waits for [`Session::handle_resolved`]. An allowed request becomes
+//! server-to-server transfer) or one of the gateway's own addresses (never a
+//! data target), so the core first emits [`Event::Resolve`] and waits for
+//! [`Session::handle_resolved`] and its [`Resolution`]. An allowed request becomes
 //! [`Event::OpenPinhole`]; only after [`Session::handle_pinhole_opened`]
 //! reports the pinhole's address is the rewritten PORT, EPRT, 227 or 229 line
 //! emitted. A failure gives the client 425. While a line from one side is
@@ -55,7 +56,8 @@ pub use deny::{Denial, DenyReason};
 pub use policy::{FxpRule, Policy};
 pub use session::{
     CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerdict, Endpoints, Event, PinholeClose,
-    PinholeId, PinholeRequest, ResolveId, Resolved, RewriteKind, Session, SessionConfig, SessionId,
+    PinholeId, PinholeRequest, Resolution, ResolveId, Resolved, RewriteKind, Session,
+    SessionConfig, SessionId,
 };
 
 /// One end of the control connection.

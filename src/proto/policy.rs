@@ -37,6 +37,7 @@ pub struct Policy {
 pub const RULE_PRIVILEGED: &str = "privileged_ports";
 pub const RULE_DENY_PORTS: &str = "deny_ports";
 pub const RULE_DATA_PEER: &str = "data_peer_is_control_peer";
+pub const RULE_GATEWAY_ADDRESS: &str = "gateway_address";
 
 /// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) name IPv4 hosts; every
 /// comparison and CIDR match uses this canonical form.
@@ -61,14 +62,23 @@ pub struct ControlPeers {
 /// A data connection the client or the server asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataRequest {
-    /// PORT/EPRT: the server is to connect to `target`. `behind_pinhole` is
-    /// the real endpoint when `target` is one of the gateway's own pinholes.
-    Active {
-        target: SocketAddr,
-        behind_pinhole: Option<SocketAddr>,
-    },
+    /// PORT/EPRT: the server is to connect to `target`; `behind` is what
+    /// the gateway knows of that address.
+    Active { target: SocketAddr, behind: Behind },
     /// A 227/229 reply: the client is to connect to `announced` on the server.
     Passive { announced: SocketAddr },
+}
+
+/// What stands behind a PORT/EPRT target, as far as the gateway knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behind {
+    /// Nothing of the gateway's: the client itself or another host.
+    Host,
+    /// One of the gateway's live pinholes, opened by this client: the real
+    /// endpoint behind it (canonical).
+    Pinhole(SocketAddr),
+    /// One of the gateway's own addresses that is no such pinhole.
+    Gateway,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,21 +104,31 @@ impl Policy {
     /// Decides one data-connection request. Addresses must be canonical.
     pub fn decide(&self, peers: ControlPeers, request: DataRequest) -> Decision {
         match request {
-            DataRequest::Active {
-                target,
-                behind_pinhole,
-            } => {
-                let endpoint = behind_pinhole.unwrap_or(target);
+            DataRequest::Active { target, behind } => {
+                let (endpoint, via_pinhole) = match behind {
+                    // The gateway's own addresses are never data targets,
+                    // whatever the FXP rules say: the server would connect
+                    // to the gateway's own ports (the bounce of RFC 2577
+                    // section 3, aimed at the box in the middle).
+                    Behind::Gateway => {
+                        return Decision::Deny {
+                            reason: DenyReason::Bounce,
+                            rule: RULE_GATEWAY_ADDRESS.to_string(),
+                        };
+                    }
+                    Behind::Pinhole(endpoint) => (endpoint, true),
+                    Behind::Host => (target, false),
+                };
                 // Who comes first: a PORT to a third host's port 25 is a
                 // bounce (RFC 2577), whatever its port.
-                let direct = if behind_pinhole.is_none() && endpoint.ip() == peers.client {
+                let direct = if !via_pinhole && endpoint.ip() == peers.client {
                     None
                 } else {
                     match self.fxp_rule(peers.server, endpoint.ip()) {
                         Some(rule) => Some(format!("fxp:{}", rule.name)),
                         None => {
                             return Decision::Deny {
-                                reason: if behind_pinhole.is_some() {
+                                reason: if via_pinhole {
                                     DenyReason::FxpDenied
                                 } else {
                                     DenyReason::Bounce
@@ -192,7 +212,7 @@ mod tests {
     fn active(target: &str, behind: Option<&str>) -> DataRequest {
         DataRequest::Active {
             target: target.parse().unwrap(),
-            behind_pinhole: behind.map(|b| b.parse().unwrap()),
+            behind: behind.map_or(Behind::Host, |b| Behind::Pinhole(b.parse().unwrap())),
         }
     }
 
@@ -218,6 +238,33 @@ mod tests {
         assert_eq!(deny_reason(smtp_bounce), Some(DenyReason::Bounce));
         let listed = policy().decide(peers(), active("192.0.2.10:3306", None));
         assert_eq!(deny_reason(listed), Some(DenyReason::DeniedPort));
+    }
+
+    #[test]
+    fn the_gateways_own_address_is_a_bounce_whatever_the_fxp_rules() {
+        let everything = Policy {
+            deny_ports: Vec::new(),
+            fxp: vec![FxpRule {
+                name: "everything".into(),
+                servers: vec!["0.0.0.0/0".parse().unwrap()],
+            }],
+        };
+        for p in [Policy::default(), policy(), everything] {
+            for target in ["198.51.100.1:9121", "192.0.2.1:50001", "198.51.100.1:22"] {
+                let req = DataRequest::Active {
+                    target: target.parse().unwrap(),
+                    behind: Behind::Gateway,
+                };
+                assert_eq!(
+                    p.decide(peers(), req),
+                    Decision::Deny {
+                        reason: DenyReason::Bounce,
+                        rule: RULE_GATEWAY_ADDRESS.into()
+                    },
+                    "{target}"
+                );
+            }
+        }
     }
 
     #[test]

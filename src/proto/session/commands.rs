@@ -8,7 +8,9 @@ use std::time::Instant;
 use super::Session;
 use super::output::{BAD_ARGUMENT, TOO_MANY_DATA_CONNECTIONS, UNRECOGNIZED};
 use super::pending::{Expect, LoginEnd, PassivePlan, Style, is_transfer_verb};
-use super::types::{DataMode, Event, PinholeId, PinholeRequest, ResolveId, Resolved, RewriteKind};
+use super::types::{
+    DataMode, Event, PinholeId, PinholeRequest, Resolution, ResolveId, RewriteKind,
+};
 use crate::proto::Side;
 use crate::proto::command::{
     self, ArgError, Command, CommandClass, EpsvArg, Verb, af_number, format_eprt_arg,
@@ -16,7 +18,7 @@ use crate::proto::command::{
 };
 use crate::proto::deny::{Denial, DenyReason};
 use crate::proto::framing::{Frame, check_line_bytes, telnet_decode};
-use crate::proto::policy::{DataRequest, Decision, canonical};
+use crate::proto::policy::{Behind, DataRequest, Decision, canonical};
 
 /// Longest command argument copied into a deny event.
 const MAX_LOGGED_ARG: usize = 256;
@@ -28,6 +30,12 @@ pub(super) struct ActiveCommand {
     verb_text: String,
     arg: String,
     target: SocketAddr,
+}
+
+impl ActiveCommand {
+    pub(super) fn target(&self) -> SocketAddr {
+        self.target
+    }
 }
 
 /// The client line the session is holding; no further client line is read
@@ -153,9 +161,10 @@ impl Session {
             target,
         };
         if target.ip() == self.peers.client {
-            self.decide_active(active, None);
+            self.decide_active(active, Resolution::Elsewhere);
         } else {
-            // Maybe one of the gateway's own pinholes (server-to-server).
+            // Maybe one of the gateway's own pinholes (server-to-server),
+            // or one of its own addresses (never a data target).
             let id = ResolveId(self.allocate_id());
             self.events.push_back(Event::Resolve { id, target });
             self.held_command = Some(HeldCommand::Resolving(id, active));
@@ -170,10 +179,17 @@ impl Session {
         self.refuse_client(command_denial(DenyReason::AddressFamily, cmd), reply);
     }
 
-    pub(super) fn decide_active(&mut self, cmd: ActiveCommand, found: Option<Resolved>) {
+    /// Decides a PORT/EPRT on what the daemon found behind its target
+    /// (`Elsewhere` for the client's own address).
+    pub(super) fn decide_active(&mut self, cmd: ActiveCommand, answer: Resolution) {
+        let (behind, found) = match answer {
+            Resolution::Pinhole(r) => (Behind::Pinhole(canonical(r.endpoint)), Some(r)),
+            Resolution::GatewayAddress => (Behind::Gateway, None),
+            Resolution::Elsewhere => (Behind::Host, None),
+        };
         let request = DataRequest::Active {
             target: cmd.target,
-            behind_pinhole: found.map(|r| canonical(r.endpoint)),
+            behind,
         };
         match self.cfg.policy.decide(self.peers, request) {
             Decision::Deny { reason, rule } => {
@@ -269,9 +285,10 @@ impl Session {
 fn request_endpoint(request: DataRequest) -> SocketAddr {
     match request {
         DataRequest::Active {
-            target,
-            behind_pinhole,
-        } => behind_pinhole.unwrap_or(target),
+            behind: Behind::Pinhole(endpoint),
+            ..
+        } => endpoint,
+        DataRequest::Active { target, .. } => target,
         DataRequest::Passive { announced } => announced,
     }
 }

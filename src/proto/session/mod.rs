@@ -18,7 +18,8 @@ mod types;
 
 pub use types::{
     CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerdict, Endpoints, Event, PinholeClose,
-    PinholeId, PinholeRequest, ResolveId, Resolved, RewriteKind, SessionConfig, SessionId,
+    PinholeId, PinholeRequest, Resolution, ResolveId, Resolved, RewriteKind, SessionConfig,
+    SessionId,
 };
 
 use std::collections::VecDeque;
@@ -167,12 +168,21 @@ impl Session {
         });
     }
 
-    /// The daemon answers an [`Event::Resolve`].
-    pub fn handle_resolved(&mut self, id: ResolveId, found: Option<Resolved>, now: Instant) {
+    /// The daemon answers an [`Event::Resolve`]. An answer to a look-up
+    /// that is no longer outstanding is ignored.
+    pub fn handle_resolved(&mut self, id: ResolveId, answer: Resolution, now: Instant) {
         self.tick(now);
         match self.held_command.take() {
             Some(HeldCommand::Resolving(held_id, cmd)) if held_id == id => {
-                self.decide_active(cmd, found);
+                // The session's own gateway addresses are known here even
+                // if the daemon did not recognise them.
+                let answer = match answer {
+                    Resolution::Elsewhere if self.is_gateway_ip(cmd.target().ip()) => {
+                        Resolution::GatewayAddress
+                    }
+                    other => other,
+                };
+                self.decide_active(cmd, answer);
                 self.drain(now);
             }
             other => self.held_command = other,
@@ -311,6 +321,16 @@ impl Session {
             Side::Client => std::mem::take(&mut self.to_client),
             Side::Server => std::mem::take(&mut self.to_server),
         }
+    }
+
+    /// Whether `ip` is one of the gateway's addresses this session knows:
+    /// where it met the client and the server, and the address it
+    /// advertises in 227 replies.
+    fn is_gateway_ip(&self, ip: std::net::IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        ip == self.ep.client_local.ip()
+            || ip == self.ep.server_local.ip()
+            || self.ep.advertise == Some(ip)
     }
 
     /// Notes the time the daemon passed in (never going back).

@@ -121,6 +121,21 @@ pub struct Resolved {
     pub endpoint: SocketAddr,
 }
 
+/// The daemon's answer to [`Event::Resolve`]: what a PORT/EPRT target that
+/// is not the client's own address stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// A live passive pinhole of the gateway that this session's client
+    /// opened (in this or another of its sessions): a server-to-server
+    /// transfer, decided on the real endpoint behind it.
+    Pinhole(Resolved),
+    /// One of the gateway's own addresses with no such pinhole there:
+    /// never a data target (refused as `bounce`, rule `gateway_address`).
+    GatewayAddress,
+    /// Not the gateway: a third host.
+    Elsewhere,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PinholeClose {
     /// A newer PORT/PASV replaced it (RFC 959: one data address at a time).
@@ -201,8 +216,8 @@ pub enum Event {
         id: PinholeId,
         cause: PinholeClose,
     },
-    /// Is `target` one of the gateway's own pinholes? Answer with
-    /// `handle_resolved`.
+    /// Is `target` one of the gateway's own pinholes, or one of its own
+    /// addresses? Answer with `handle_resolved` and a [`Resolution`].
     Resolve {
         id: ResolveId,
         target: SocketAddr,
