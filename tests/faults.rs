@@ -1,0 +1,708 @@
+//! Faults on the data and control paths, one test each: the server resets
+//! mid-transfer, the client vanishes mid-transfer, the upstream is
+//! unreachable, the pinhole pool is exhausted, the deny log's disk is full,
+//! the open-file limit is reached.
+//!
+//! Every test runs the real binary (`CARGO_BIN_EXE_ftpgate`, reverse mode on
+//! loopback, proxy data plane) so its descriptors can be counted in
+//! `/proc/<pid>/fd`. Each records the gateway's idle baseline (open fds,
+//! `ftpgate_sessions_active`, `ftpgate_pinholes_open`,
+//! `ftpgate_data_connections_active`), injects the fault, checks what the
+//! operator sees (the client's reply, a deny-log line, a line on standard
+//! error, a metric), waits (bounded) for the baseline to come back, and
+//! checks that a transfer started afterwards arrives intact.
+//!
+//! The kernel data plane needs root and the namespace lab: its fault tests
+//! are in `tests/nat_lab.rs` (`nat_lab_kernel_plane_faults_*`). The disk-full
+//! test mounts a tmpfs and needs root; without it it prints `SKIPPED`.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// How long anything may take to return to the idle baseline.
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// The gateway binary, run as a child so its descriptors are its own.
+struct GatewayProcess {
+    child: Child,
+    pid: u32,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    stderr: PathBuf,
+    deny_log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+struct Options<'a> {
+    upstream: SocketAddr,
+    ports: &'a str,
+    data_keys: &'a str,
+    /// Where the deny log goes (default: the gateway's temporary dir).
+    deny_log: Option<PathBuf>,
+    /// RLIMIT_NOFILE, soft and hard (the daemon raises soft to hard).
+    nofile: Option<u32>,
+}
+
+impl<'a> Options<'a> {
+    fn new(upstream: SocketAddr, ports: &'a str) -> Self {
+        Options {
+            upstream,
+            ports,
+            data_keys: "",
+            deny_log: None,
+            nofile: None,
+        }
+    }
+}
+
+impl GatewayProcess {
+    fn start(o: Options<'_>) -> GatewayProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let deny_log = o
+            .deny_log
+            .clone()
+            .unwrap_or_else(|| dir.path().join("deny.jsonl"));
+        let accept = if o.data_keys.contains("accept_timeout") {
+            ""
+        } else {
+            "accept_timeout = \"5s\""
+        };
+        let text = format!(
+            r#"
+[[listener]]
+mode = "reverse"
+bind = ["127.0.0.1:0"]
+upstream = "{}"
+
+[data]
+ports = "{}"
+{accept}
+{}
+
+[deny_log]
+path = "{}"
+burst = 1000
+
+[admin]
+bind = "127.0.0.1:0"
+"#,
+            o.upstream,
+            o.ports,
+            o.data_keys,
+            deny_log.display()
+        );
+        let config = dir.path().join("ftpgate.toml");
+        std::fs::write(&config, text).unwrap();
+        let stderr = dir.path().join("ftpgate.stderr");
+        let mut cmd = match o.nofile {
+            Some(n) => {
+                // prlimit sets its own limit and execs: the pid stays.
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_ftpgate"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_ftpgate")),
+        };
+        let child = cmd
+            .args(["--log-level", "debug", "run", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut gw = GatewayProcess {
+            child,
+            pid,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            admin: SocketAddr::from(([0, 0, 0, 0], 0)),
+            stderr,
+            deny_log,
+            _dir: dir,
+        };
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = gw.log();
+            let addr_after = |marker: &str| -> Option<SocketAddr> {
+                let line = log.lines().find(|l| l.contains(marker))?;
+                let rest = &line[line.find("addr=")? + 5..];
+                rest.split_whitespace().next()?.parse().ok()
+            };
+            if let (Some(a), Some(m)) = (
+                addr_after(": listening addr="),
+                addr_after("admin listening"),
+            ) {
+                gw.addr = a;
+                gw.admin = m;
+                return gw;
+            }
+            assert!(
+                Instant::now() < until,
+                "gateway did not start:\n{}",
+                gw.log()
+            );
+            if let Ok(Some(status)) = gw.child.try_wait() {
+                panic!("gateway exited ({status}):\n{}", gw.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .map(|d| d.count())
+            .unwrap_or(usize::MAX)
+    }
+
+    /// CPU time (user + system) in clock ticks, from /proc/<pid>/stat.
+    fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
+        // Fields after the command name (which may hold spaces): state is
+        // field 3, utime 14, stime 15.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    }
+
+    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric(&scrape(self.admin).await, name, labels)
+    }
+
+    async fn idle(&self) -> Idle {
+        let samples = scrape(self.admin).await;
+        Idle {
+            fds: self.open_fds(),
+            sessions: metric(&samples, "ftpgate_sessions_active", &[]),
+            pinholes: metric(&samples, "ftpgate_pinholes_open", &[]),
+            data_connections: metric(&samples, "ftpgate_data_connections_active", &[]),
+        }
+    }
+
+    /// The idle baseline: taken after a warm-up transfer, once two readings
+    /// a moment apart agree and nothing is active.
+    async fn baseline(&self) -> Idle {
+        let until = Instant::now() + SETTLE;
+        loop {
+            let a = self.idle().await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let b = self.idle().await;
+            if a == b && b.sessions == 0.0 && b.pinholes == 0.0 && b.data_connections == 0.0 {
+                eprintln!("  baseline: {b:?}");
+                return b;
+            }
+            assert!(
+                Instant::now() < until,
+                "no stable idle baseline: {a:?} {b:?}"
+            );
+        }
+    }
+
+    /// Waits (bounded) until everything is back to `base`.
+    async fn back_to(&self, base: Idle, after: &str) {
+        let until = Instant::now() + SETTLE;
+        loop {
+            let now = self.idle().await;
+            if now == base {
+                eprintln!("  {after}: back to the baseline {now:?}");
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "{after}: not back to the idle baseline within {SETTLE:?}: {now:?}, baseline {base:?}\n{}\n{}",
+                fd_listing(self.pid),
+                tail(&self.log(), 30)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn denials(&self) -> Vec<serde_json::Value> {
+        // A line cut short would be a bug of its own: every line must parse.
+        std::fs::read_to_string(&self.deny_log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect()
+    }
+
+    async fn wait_denial(&self, reason: &str) -> serde_json::Value {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(v) = self.denials().into_iter().find(|v| v["reason"] == reason) {
+                return v;
+            }
+            assert!(
+                Instant::now() < until,
+                "no {reason} deny line: {:?}",
+                self.denials()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// curl downloads `name` through the gateway (EPSV); the bytes must be
+    /// `want`'s.
+    async fn download_intact(&self, name: &str, want: &[u8]) {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let url = format!("ftp://ftptest:ftptest@{}/{name}", self.addr);
+        let (ok, err) = curl(&["-o", out.path().to_str().unwrap(), &url]).await;
+        assert!(ok, "curl {url}: {err}\n{}", tail(&self.log(), 30));
+        let got = std::fs::read(out.path()).unwrap();
+        assert!(
+            got == want,
+            "{name}: {} bytes arrived, {} expected, or they differ",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Idle {
+    fds: usize,
+    sessions: f64,
+    pinholes: f64,
+    data_connections: f64,
+}
+
+fn fd_listing(pid: u32) -> String {
+    let mut out = String::from("open fds:\n");
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in dir.flatten() {
+            let target = std::fs::read_link(e.path()).unwrap_or_default();
+            out.push_str(&format!(
+                "  {} -> {}\n",
+                e.file_name().to_string_lossy(),
+                target.display()
+            ));
+        }
+    }
+    out
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn pyftpd_or_skip(test: &str) -> Option<FtpServer> {
+    if !have("curl") {
+        skip(test, "curl is not installed");
+        return None;
+    }
+    let s = FtpServer::start(None);
+    if s.is_none() {
+        skip(test, "python3-pyftpdlib is not installed");
+    }
+    s
+}
+
+// ---- a scripted FTP server -------------------------------------------------
+
+/// A minimal FTP server for faults a real server will not produce on
+/// demand: `RETR reset.bin` sends `cut` bytes of `data`, then resets the
+/// data connection (RST: SO_LINGER 0) and replies 426; `RETR data.bin`
+/// sends all of `data` and replies 226.
+struct Scripted {
+    data: Arc<Vec<u8>>,
+    cut: usize,
+}
+
+impl Scripted {
+    async fn serve(self, listener: TcpListener) {
+        let me = Arc::new(self);
+        // Bounded: the test's runtime ends with the test.
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(Arc::clone(&me).session(s));
+        }
+    }
+
+    async fn session(self: Arc<Self>, s: TcpStream) {
+        let (r, mut w) = s.into_split();
+        let mut r = BufReader::new(r);
+        let mut data_listener: Option<TcpListener> = None;
+        let _ = w.write_all(b"220 scripted server ready\r\n").await;
+        for _ in 0..1000 {
+            let mut line = String::new();
+            match tokio::time::timeout(Duration::from_secs(30), r.read_line(&mut line)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let line = line.trim_end();
+            let (verb, arg) = line.split_once(' ').unwrap_or((line, ""));
+            let reply = match verb.to_ascii_uppercase().as_str() {
+                "USER" => "331 Password required.".to_string(),
+                "PASS" => "230 Logged in.".to_string(),
+                "TYPE" => "200 Type set.".to_string(),
+                "PWD" => "257 \"/\" is the current directory.".to_string(),
+                "CWD" => "250 Okay.".to_string(),
+                "SIZE" => format!("213 {}", self.data.len()),
+                "EPSV" | "PASV" => {
+                    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                    let port = l.local_addr().unwrap().port();
+                    data_listener = Some(l);
+                    if verb.eq_ignore_ascii_case("EPSV") {
+                        format!("229 Entering Extended Passive Mode (|||{port}|)")
+                    } else {
+                        format!(
+                            "227 Entering Passive Mode (127,0,0,1,{},{})",
+                            port >> 8,
+                            port & 0xff
+                        )
+                    }
+                }
+                "RETR" => {
+                    let Some(l) = data_listener.take() else {
+                        let _ = w.write_all(b"425 Use PASV first.\r\n").await;
+                        continue;
+                    };
+                    let _ = w.write_all(b"150 Opening data connection.\r\n").await;
+                    let accepted = tokio::time::timeout(Duration::from_secs(10), l.accept()).await;
+                    let Ok(Ok((mut d, _))) = accepted else {
+                        let _ = w.write_all(b"425 No data connection.\r\n").await;
+                        continue;
+                    };
+                    if arg == "reset.bin" {
+                        let _ = d.write_all(&self.data[..self.cut]).await;
+                        // Give the gateway the bytes, then reset.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let _ = d.set_zero_linger();
+                        drop(d);
+                        "426 Connection reset; transfer aborted.".to_string()
+                    } else {
+                        let _ = d.write_all(&self.data).await;
+                        let _ = d.shutdown().await;
+                        drop(d);
+                        "226 Transfer complete.".to_string()
+                    }
+                }
+                "QUIT" => {
+                    let _ = w.write_all(b"221 Goodbye.\r\n").await;
+                    return;
+                }
+                _ => "502 Command not implemented.".to_string(),
+            };
+            if w.write_all(format!("{reply}\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+async fn scripted_server(data: Arc<Vec<u8>>, cut: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(Scripted { data, cut }.serve(l));
+    addr
+}
+
+// ---- (a) the server resets mid-transfer -------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_reset_mid_transfer_gives_the_client_426_and_leaves_nothing_behind() {
+    if !have("curl") {
+        return skip("server_reset_mid_transfer", "curl is not installed");
+    }
+    let data = Arc::new(pseudo_random(4 << 20));
+    let cut = 256 * 1024;
+    let server = scripted_server(Arc::clone(&data), cut).await;
+    let gw = GatewayProcess::start(Options::new(server, "61100-61149"));
+    gw.download_intact("data.bin", &data).await;
+    let base = gw.baseline().await;
+
+    for round in 0..3 {
+        let mut c = FtpClient::login(gw.addr).await;
+        assert!(c.cmd("TYPE I").await.starts_with("200"));
+        let port = parse_229(&c.cmd("EPSV").await);
+        let mut d = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let opening = c.cmd("RETR reset.bin").await;
+        assert!(opening.starts_with("150"), "{opening}");
+        let mut got = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(10), d.read_to_end(&mut got))
+            .await
+            .expect("the data connection ends");
+        // The server's verdict reaches the client on the control channel.
+        let verdict = c.reply().await;
+        assert!(verdict.starts_with("426"), "{verdict}");
+        assert!(got.len() <= cut, "{} bytes after a cut at {cut}", got.len());
+        assert_eq!(got[..], data[..got.len()], "the bytes that came are right");
+        eprintln!(
+            "  round {round}: client read {} bytes, data connection {}, control {:?}",
+            got.len(),
+            match ended {
+                Ok(_) => "closed (EOF)".to_string(),
+                Err(e) => format!("error {:?}", e.kind()),
+            },
+            verdict.trim_end()
+        );
+        assert!(c.cmd("QUIT").await.starts_with("221"));
+    }
+    gw.back_to(base, "after 3 server resets").await;
+    assert!(
+        gw.log().contains("data relay ended"),
+        "the relay's end is logged (debug)"
+    );
+    gw.download_intact("data.bin", &data).await;
+}
+
+// ---- (b) the client vanishes mid-transfer -----------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_killed_mid_transfer_releases_its_session_relay_and_fds() {
+    let Some(server) = pyftpd_or_skip("client_killed_mid_transfer") else {
+        return;
+    };
+    let big = server.put_file("big.bin", 32 << 20);
+    let small = server.put_file("small.bin", 1 << 20);
+    let gw = GatewayProcess::start(Options::new(server.addr, "61150-61199"));
+    gw.download_intact("small.bin", &small).await;
+    let base = gw.baseline().await;
+    let sessions_before = gw.metric("ftpgate_sessions_total", &[]).await;
+
+    for (round, mode) in [["--ftp-pasv", "--ftp-pasv"], ["-P", "127.0.0.1"]]
+        .iter()
+        .enumerate()
+    {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let url = format!("ftp://ftptest:ftptest@{}/big.bin", gw.addr);
+        let mut client = tokio::process::Command::new("curl")
+            .args(["--silent", "--max-time", "30", "--limit-rate", "1M"])
+            .args(mode)
+            .args(["-o", out.path().to_str().unwrap(), &url])
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // Mid-transfer: the relay is up and bytes are arriving.
+        let until = Instant::now() + Duration::from_secs(10);
+        while !(gw.metric("ftpgate_data_connections_active", &[]).await == 1.0
+            && std::fs::metadata(out.path()).map_or(0, |m| m.len()) > 100_000)
+        {
+            assert!(Instant::now() < until, "the transfer did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        client.start_kill().unwrap();
+        let _ = client.wait().await;
+        let got = std::fs::metadata(out.path()).unwrap().len();
+        assert!(got < big.len() as u64);
+        eprintln!("  round {round} ({mode:?}): curl killed after {got} bytes");
+        gw.back_to(base, &format!("client killed ({mode:?})")).await;
+    }
+    // Each killed client's session ended and was counted.
+    let sessions_after = gw.metric("ftpgate_sessions_total", &[]).await;
+    assert_eq!(sessions_after - sessions_before, 2.0);
+    gw.download_intact("small.bin", &small).await;
+}
+
+// ---- (c) the upstream is unreachable ----------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_gets_421_each_time_and_leaks_nothing_until_it_is_back() {
+    if !have("curl") {
+        return skip("unreachable_upstream", "curl is not installed");
+    }
+    // A port nobody listens on (yet): connections to it are refused.
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = probe.local_addr().unwrap();
+    drop(probe);
+    let gw = GatewayProcess::start(Options::new(upstream, "61200-61249"));
+    let base = gw.baseline().await;
+
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        let mut reply = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut reply))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            reply,
+            "421 Service not available: cannot reach the server.\r\n"
+        );
+    }
+    let denial = gw.wait_denial("upstream_unreachable").await;
+    assert_eq!(denial["target"], upstream.to_string());
+    assert_eq!(
+        gw.metric("ftpgate_upstream_connect_failures_total", &[])
+            .await,
+        20.0
+    );
+    assert!(gw.log().contains("upstream unreachable"));
+    gw.back_to(base, "after 20 refused connections").await;
+
+    // The server comes up on that address: the next session works.
+    let data = Arc::new(pseudo_random(2 << 20));
+    let l = TcpListener::bind(upstream).await.unwrap();
+    tokio::spawn(
+        Scripted {
+            data: Arc::clone(&data),
+            cut: 0,
+        }
+        .serve(l),
+    );
+    gw.download_intact("data.bin", &data).await;
+    gw.back_to(base, "after the transfer").await;
+}
+
+// ---- (d) the pinhole pool is exhausted --------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_pinhole_pool_gives_425_and_recovers_when_holders_leave() {
+    let Some(server) = pyftpd_or_skip("exhausted_pinhole_pool") else {
+        return;
+    };
+    let file = server.put_file("file.bin", 1 << 20);
+    // Three ports, above the ephemeral range, so nothing else takes them.
+    let gw = GatewayProcess::start(Options {
+        data_keys: "accept_timeout = \"60s\"",
+        ..Options::new(server.addr, "61250-61252")
+    });
+    gw.download_intact("file.bin", &file).await;
+    let base = gw.baseline().await;
+    assert_eq!(gw.metric("ftpgate_port_pool_free", &[]).await, 3.0);
+
+    let from = |i: u8| IpAddr::from([127, 0, 0, i]);
+    let mut holders = Vec::new();
+    for i in 2..5 {
+        let mut c = FtpClient::login_from(gw.addr, from(i)).await;
+        let r = c.cmd("PASV").await;
+        assert!(r.starts_with("227"), "{r}");
+        holders.push(c);
+    }
+    assert_eq!(gw.metric("ftpgate_pinholes_open", &[]).await, 3.0);
+    let mut late = FtpClient::login_from(gw.addr, from(5)).await;
+    let r = late.cmd("PASV").await;
+    assert_eq!(
+        r,
+        "425 Can't open data connection: no pinhole available.\r\n"
+    );
+    let r = late.cmd("EPSV").await;
+    assert!(r.starts_with("425"), "{r}");
+    let denial = gw.wait_denial("pinhole_unavailable").await;
+    assert_eq!(
+        denial["client"].as_str().unwrap().split(':').next(),
+        Some("127.0.0.5")
+    );
+    // The session itself goes on.
+    assert!(late.cmd("NOOP").await.starts_with("200"));
+    assert!(late.cmd("QUIT").await.starts_with("221"));
+    for mut c in holders {
+        assert!(c.cmd("QUIT").await.starts_with("221"));
+    }
+    gw.back_to(base, "holders quit").await;
+    assert_eq!(gw.metric("ftpgate_port_pool_free", &[]).await, 3.0);
+    gw.download_intact("file.bin", &file).await;
+}
+
+// ---- (f) the open-file limit is reached ----------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_file_limit_reached_backs_off_without_spinning_and_serves_again() {
+    if !have("prlimit") {
+        return skip(
+            "open_file_limit_reached",
+            "prlimit (util-linux) is not installed",
+        );
+    }
+    let Some(server) = pyftpd_or_skip("open_file_limit_reached") else {
+        return;
+    };
+    let file = server.put_file("file.bin", 1 << 20);
+    const LIMIT: usize = 48;
+    let mut gw = GatewayProcess::start(Options {
+        nofile: Some(LIMIT as u32),
+        ..Options::new(server.addr, "61350-61399")
+    });
+    assert!(
+        gw.log().contains(&format!("open_files={LIMIT}")),
+        "{}",
+        gw.log()
+    );
+    gw.download_intact("file.bin", &file).await;
+    let base = gw.baseline().await;
+
+    // Control connections until the gateway cannot accept more: each
+    // session holds two descriptors, so about (LIMIT - baseline) / 2.
+    let mut held = Vec::new();
+    for _ in 0..LIMIT {
+        held.push(TcpStream::connect(gw.addr).await.unwrap());
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while !gw.log().contains("accept failed: Too many open files") {
+        assert!(
+            Instant::now() < until,
+            "no EMFILE:\n{}",
+            tail(&gw.log(), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gw.open_fds() <= LIMIT);
+    // Stuck at the limit: the accept loop backs off instead of spinning.
+    let ticks = gw.cpu_ticks();
+    let warned = gw.log().matches("accept failed").count();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = gw.cpu_ticks() - ticks;
+    let warnings = gw.log().matches("accept failed").count() - warned;
+    eprintln!(
+        "  at the limit: {} fds, {spent} CPU ticks in 2 s, {warnings} 'accept failed' lines in 2 s",
+        gw.open_fds()
+    );
+    // 100 ticks per second: 20 ticks is 10% of one CPU.
+    assert!(
+        spent < 20,
+        "the gateway spins at the fd limit: {spent} ticks in 2 s"
+    );
+    // Sessions that got in were served: a greeting, or a clear 421 when
+    // the upstream connection found no descriptor.
+    let mut greeted = 0;
+    let mut refused = 0;
+    for s in held.iter_mut().take(4) {
+        let mut buf = [0u8; 128];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await
+        {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if text.starts_with("220") {
+                greeted += 1;
+            } else if text.starts_with("421") {
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("  first 4 held connections: {greeted} greeted, {refused} refused with 421");
+    drop(held);
+    assert!(gw.alive(), "the gateway died at the fd limit");
+    // Once the connections are gone the queued ones are accepted, find
+    // their clients gone, and end.
+    gw.back_to(base, "connections closed").await;
+    gw.download_intact("file.bin", &file).await;
+    gw.back_to(base, "after the transfer").await;
+}
