@@ -19,7 +19,7 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -621,6 +621,169 @@ async fn exhausted_pinhole_pool_gives_425_and_recovers_when_holders_leave() {
     gw.back_to(base, "holders quit").await;
     assert_eq!(gw.metric("ftpgate_port_pool_free", &[]).await, 3.0);
     gw.download_intact("file.bin", &file).await;
+}
+
+// ---- (e) the deny log's disk is full ------------------------------------------
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let o = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "mount: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Tmpfs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the filesystem with `name` until a write fails (ENOSPC).
+    fn fill(&self, name: &str) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path().join(name)).unwrap();
+        let chunk = [0u8; 4096];
+        for _ in 0..100_000 {
+            if f.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+        panic!("the tmpfs did not fill");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// A session that earns `n` bounce denials (PORT to another host).
+async fn bounces(gw: SocketAddr, from: IpAddr, n: usize) {
+    let mut c = FtpClient::login_from(gw, from).await;
+    for i in 0..n {
+        let r = c.cmd(&format!("PORT 192,0,2,{},4,{}", 10 + i, i)).await;
+        assert!(r.starts_with("504"), "{r}");
+    }
+    assert!(c.cmd("QUIT").await.starts_with("221"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_deny_log_disk_is_reported_once_the_gateway_keeps_serving_and_hup_resumes() {
+    const TEST: &str = "full_deny_log_disk";
+    if !is_root() {
+        return skip(TEST, "needs root (mounts a tmpfs)");
+    }
+    let Some(server) = pyftpd_or_skip(TEST) else {
+        return;
+    };
+    let file = server.put_file("file.bin", 1 << 20);
+    let fs = Tmpfs::mount("64k");
+    let gw = GatewayProcess::start(Options {
+        deny_log: Some(fs.path().join("deny.jsonl")),
+        ..Options::new(server.addr, "61300-61349")
+    });
+    gw.download_intact("file.bin", &file).await;
+    bounces(gw.addr, IpAddr::from([127, 0, 0, 2]), 1).await;
+    gw.wait_denial("bounce").await;
+    let base = gw.baseline().await;
+
+    fs.fill("filler");
+    // Sessions from several sources, 5 refusals each (a session's own
+    // budget per reason): far more than the page the log has left.
+    let mut sessions = 0;
+    for i in 3..30 {
+        bounces(gw.addr, IpAddr::from([127, 0, 0, i]), 5).await;
+        sessions += 1;
+        if gw.metric("ftpgate_deny_log_dropped_total", &[]).await > 0.0 {
+            break;
+        }
+    }
+    // A few more after the first failure: still one line on stderr.
+    for i in 30..35 {
+        bounces(gw.addr, IpAddr::from([127, 0, 0, i]), 5).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = gw.log();
+    let said = log.matches("deny log: write failed").count();
+    assert_eq!(
+        said,
+        1,
+        "said once on stderr (after {sessions} sessions):\n{}",
+        tail(&log, 20)
+    );
+    let errors_metric = "ftpgate_deny_log_write_errors_total";
+    let errors = gw.metric(errors_metric, &[]).await;
+    assert!(errors > 0.0, "{errors_metric} after {sessions} sessions");
+    let dropped = gw.metric("ftpgate_deny_log_dropped_total", &[]).await;
+    assert!(dropped > 0.0, "lost lines are counted");
+    eprintln!(
+        "  disk full: {errors} failed writes, {dropped} lines dropped, stderr: {}",
+        log.lines()
+            .find(|l| l.contains("deny log: write failed"))
+            .unwrap()
+    );
+    // Still serving, nothing held.
+    let mut gw = gw;
+    assert!(gw.alive());
+    gw.download_intact("file.bin", &file).await;
+    gw.back_to(base, "while the disk is full").await;
+
+    // Space again, SIGHUP: lines are written again, the loss is reported.
+    std::fs::remove_file(fs.path().join("filler")).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &gw.pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let until = Instant::now() + Duration::from_secs(10);
+    while !gw.log().contains("configuration reloaded") {
+        assert!(
+            Instant::now() < until,
+            "no reload:\n{}",
+            tail(&gw.log(), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bounces(gw.addr, IpAddr::from([127, 0, 0, 99]), 1).await;
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines = gw.denials();
+        let fresh = lines.iter().any(|v| {
+            v["reason"] == "bounce" && v["client"].as_str().unwrap().starts_with("127.0.0.99:")
+        });
+        if fresh {
+            let notice = lines.iter().find(|v| v["reason"] == "deny_log_dropped");
+            assert!(
+                notice.is_some(),
+                "the loss is reported in the log: {lines:?}"
+            );
+            eprintln!("  after HUP: {}", notice.unwrap());
+            break;
+        }
+        assert!(Instant::now() < until, "no line after the HUP: {lines:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gw.log().contains("deny log: writing again"));
+    gw.back_to(base, "after the HUP").await;
 }
 
 // ---- (f) the open-file limit is reached ----------------------------------------
