@@ -12,9 +12,11 @@
 //! error, a metric), waits (bounded) for the baseline to come back, and
 //! checks that a transfer started afterwards arrives intact.
 //!
-//! The kernel data plane needs root and the namespace lab: its fault tests
-//! are in `tests/nat_lab.rs` (`nat_lab_kernel_plane_faults_*`). The disk-full
-//! test mounts a tmpfs and needs root; without it it prints `SKIPPED`.
+//! The kernel data plane needs root and the namespace lab
+//! (`tests/lab/lab.sh`, prefix `fgf-` plus `FG_LAB_TAG`):
+//! `kernel_plane_faults_in_the_lab_...` runs faults (a) to (d) there and
+//! also checks that no pinhole element is left in the kernel. The
+//! disk-full test mounts a tmpfs. Without root both print `SKIPPED`.
 
 mod common;
 
@@ -828,7 +830,13 @@ async fn open_file_limit_reached_backs_off_without_spinning_and_serves_again() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(gw.open_fds() <= LIMIT);
+    let fds = gw.open_fds();
+    assert!(
+        gw.alive() && fds <= LIMIT,
+        "{fds} fds, alive {}:\n{}",
+        gw.alive(),
+        tail(&gw.log(), 30)
+    );
     // Stuck at the limit: the accept loop backs off instead of spinning.
     let ticks = gw.cpu_ticks();
     let warned = gw.log().matches("accept failed").count();
@@ -868,4 +876,455 @@ async fn open_file_limit_reached_backs_off_without_spinning_and_serves_again() {
     gw.back_to(base, "connections closed").await;
     gw.download_intact("file.bin", &file).await;
     gw.back_to(base, "after the transfer").await;
+}
+
+// ---- the kernel data plane, in the namespace lab ---------------------------------
+
+/// The lab of `tests/lab/lab.sh` under a prefix of its own (plus
+/// FG_LAB_TAG), torn down on drop with the gateway.
+struct KernelLab {
+    prefix: String,
+    gateway: Option<Child>,
+    pid: u32,
+    dir: tempfile::TempDir,
+}
+
+const LAB_SRV1: &str = "198.51.100.20";
+/// out3: nothing listens on port 21 there.
+const LAB_OUT3: &str = "198.51.100.30";
+
+impl KernelLab {
+    fn lab(&self, args: &[&str]) -> std::process::Output {
+        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/lab.sh"))
+            .args(args)
+            .env("FG_PREFIX", &self.prefix)
+            .env("FG_STATE", self.state())
+            .output()
+            .expect("run lab.sh")
+    }
+
+    fn state(&self) -> PathBuf {
+        PathBuf::from(format!("/tmp/fglab-{}", self.prefix))
+    }
+
+    /// Runs `cmd` in lab host `host`, bounded in time.
+    fn exec(&self, host: &str, cmd: &[&str]) -> std::process::Output {
+        let mut all = vec!["exec", host, "timeout", "60"];
+        all.extend_from_slice(cmd);
+        self.lab(&all)
+    }
+
+    fn spawn(&self, host: &str, cmd: &[&str]) -> Child {
+        Command::new("ip")
+            // No `timeout` in between: killing the child kills the client.
+            .args(["netns", "exec", &format!("{}{host}", self.prefix)])
+            .args(cmd)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn up(plane: &str) -> KernelLab {
+        let tag: String = std::env::var("FG_LAB_TAG")
+            .unwrap_or_default()
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(8)
+            .collect();
+        let prefix = if tag.is_empty() {
+            "fgf-".to_string()
+        } else {
+            format!("fgf-{tag}-")
+        };
+        let mut lab = KernelLab {
+            prefix,
+            gateway: None,
+            pid: 0,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let up = lab.lab(&["up"]);
+        assert!(up.status.success(), "lab up: {}", out_text(&up));
+        let s = lab.lab(&["start-servers"]);
+        assert!(s.status.success(), "start-servers: {}", out_text(&s));
+        // Larger than every socket buffer on the way, so a slow download
+        // is still in flight at the server when the fault hits.
+        std::fs::write(
+            lab.state().join("srv1/root/big.bin"),
+            pseudo_random(48 << 20),
+        )
+        .unwrap();
+        // Three pinhole ports (the first port of the range is the kernel
+        // plane's fall-through listener).
+        let config = lab.dir.path().join("ftpgate.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[[listener]]
+mode = "transparent"
+bind = ["0.0.0.0:2121"]
+interfaces = ["br-in"]
+
+[data]
+plane = "{plane}"
+ports = "50000-50003"
+accept_timeout = "30s"
+
+[deny_log]
+path = "{}/deny.jsonl"
+
+[admin]
+bind = "127.0.0.1:9121"
+"#,
+                lab.dir.path().display()
+            ),
+        )
+        .unwrap();
+        let rules = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
+            .args(["nft-rules", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(rules.status.success(), "{}", out_text(&rules));
+        let rules_file = lab.dir.path().join("rules.nft");
+        std::fs::write(&rules_file, &rules.stdout).unwrap();
+        let load = lab.exec("gw", &["nft", "-f", rules_file.to_str().unwrap()]);
+        assert!(load.status.success(), "{}", out_text(&load));
+        if plane == "kernel" {
+            let printed = String::from_utf8_lossy(&rules.stdout);
+            let line = printed
+                .lines()
+                .find_map(|l| l.strip_prefix("#   ct mark "))
+                .expect("nft-rules names the forward accept line");
+            let rule = format!("ct mark {line}");
+            let add = lab.exec(
+                "gw",
+                &["nft", "add", "rule", "inet", "fglab", "forward", &rule],
+            );
+            assert!(add.status.success(), "{}", out_text(&add));
+        }
+        let stderr = std::fs::File::create(lab.dir.path().join("ftpgate.stderr")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &format!("{}gw", lab.prefix)])
+            .arg(env!("CARGO_BIN_EXE_ftpgate"))
+            .args(["--log-level", "debug", "run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        lab.pid = child.id();
+        lab.gateway = Some(child);
+        let until = Instant::now() + Duration::from_secs(10);
+        while !lab
+            .exec("gw", &["curl", "-sf", "http://127.0.0.1:9121/readyz"])
+            .status
+            .success()
+        {
+            assert!(Instant::now() < until, "gateway not ready:\n{}", lab.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // `ip netns exec` execs: the child is the gateway itself.
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", lab.pid)).unwrap();
+        assert_eq!(comm.trim(), "ftpgate");
+        lab
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ftpgate.stderr")).unwrap_or_default()
+    }
+
+    fn metrics(&self) -> Vec<Sample> {
+        let o = self.exec("gw", &["curl", "-sf", "http://127.0.0.1:9121/metrics"]);
+        parse_metrics(&String::from_utf8_lossy(&o.stdout))
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        metric(&self.metrics(), name, &[])
+    }
+
+    /// Live kernel pinhole elements (`ftpgate pinholes`), one per line.
+    fn elements(&self) -> usize {
+        let o = self.exec("gw", &[env!("CARGO_BIN_EXE_ftpgate"), "pinholes"]);
+        assert!(o.status.success(), "{}", out_text(&o));
+        String::from_utf8_lossy(&o.stdout).lines().count()
+    }
+
+    fn idle(&self) -> (Idle, usize) {
+        let m = self.metrics();
+        let idle = Idle {
+            fds: std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+                .map_or(usize::MAX, |d| d.count()),
+            sessions: metric(&m, "ftpgate_sessions_active", &[]),
+            pinholes: metric(&m, "ftpgate_pinholes_open", &[]),
+            data_connections: metric(&m, "ftpgate_data_connections_active", &[]),
+        };
+        (idle, self.elements())
+    }
+
+    /// Waits (bounded: conntrack keeps a reset flow for 10 s) until the
+    /// gateway is back to `base` with no pinhole elements in the kernel.
+    fn back_to(&self, base: Idle, after: &str) {
+        let until = Instant::now() + Duration::from_secs(40);
+        loop {
+            let (now, elements) = self.idle();
+            if now == base && elements == 0 {
+                eprintln!("  kernel plane, {after}: back to the baseline {now:?}, no elements");
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "kernel plane, {after}: {now:?} with {elements} elements, baseline {base:?}\n{}\n{}",
+                fd_listing(self.pid),
+                tail(&self.log(), 30)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn denials(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("deny.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// A checked curl download of srv1's data.bin from in1 (EPSV).
+    fn download_intact(&self) {
+        let out = self.dir.path().join("got.bin");
+        let _ = std::fs::remove_file(&out);
+        let o = self.exec(
+            "in1",
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "30",
+                "-o",
+                out.to_str().unwrap(),
+                &format!("ftp://ftptest:ftptest@{LAB_SRV1}/data.bin"),
+            ],
+        );
+        assert!(
+            o.status.success(),
+            "{}\n{}",
+            out_text(&o),
+            tail(&self.log(), 20)
+        );
+        let want = std::fs::read(self.state().join("srv1/root/data.bin")).unwrap();
+        assert!(std::fs::read(&out).unwrap() == want, "download differs");
+    }
+
+    /// Starts a slow download in in1 and waits until its data flow is
+    /// carried (the gateway counts an active data connection).
+    fn slow_download(&self) -> Child {
+        let out = self.dir.path().join("slow.bin");
+        let _ = std::fs::remove_file(&out);
+        let child = self.spawn(
+            "in1",
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "60",
+                "--limit-rate",
+                "200k",
+                "-o",
+                out.to_str().unwrap(),
+                &format!("ftp://ftptest:ftptest@{LAB_SRV1}/big.bin"),
+            ],
+        );
+        let mut child = child;
+        let until = Instant::now() + Duration::from_secs(15);
+        while !(self.metric("ftpgate_data_connections_active") >= 1.0
+            && std::fs::metadata(&out).map_or(0, |m| m.len()) > 100_000)
+        {
+            if let Ok(Some(_)) = child.try_wait() {
+                let o = child.wait_with_output().unwrap();
+                panic!("the slow download ended early: {}", out_text(&o));
+            }
+            assert!(
+                Instant::now() < until,
+                "the slow download did not start:\n{}",
+                tail(&self.log(), 20)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        child
+    }
+}
+
+impl Drop for KernelLab {
+    fn drop(&mut self) {
+        if let Some(mut g) = self.gateway.take() {
+            let _ = g.kill();
+            let _ = g.wait();
+        }
+        if std::env::var_os("FG_KEEP_LAB").is_none() {
+            self.lab(&["down"]);
+        }
+    }
+}
+
+fn out_text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn lab_missing() -> Option<String> {
+    if !is_root() {
+        return Some("needs root (network namespaces, nftables)".into());
+    }
+    for tool in ["ip", "nft", "vsftpd", "curl", "ss"] {
+        let found = Command::new("sh")
+            .args([
+                "-c",
+                &format!("command -v {tool} || test -x /usr/sbin/{tool}"),
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    if !Path::new("/opt/ftpgate-lab/proftpd/usr/sbin/proftpd").exists() {
+        return Some("proftpd (lab copy) is not installed".into());
+    }
+    None
+}
+
+/// Faults (a) to (d) on the kernel plane, in one lab: the server's data
+/// connection reset mid-transfer (`ss -K` in the server's namespace), the
+/// client killed mid-transfer, an unreachable upstream, the pinhole pool
+/// exhausted. After each: the gateway's fds and gauges back to the idle
+/// baseline and no pinhole element left in the kernel; then a checked
+/// transfer.
+#[test]
+fn kernel_plane_faults_in_the_lab_leave_no_pinholes_flows_or_fds_behind() {
+    const TEST: &str = "kernel_plane_faults_in_the_lab";
+    if let Some(why) = lab_missing() {
+        return skip(TEST, &why);
+    }
+    let lab = KernelLab::up("kernel");
+    lab.download_intact();
+    std::thread::sleep(Duration::from_millis(500));
+    let (base, _) = lab.idle();
+    eprintln!("  kernel plane baseline: {base:?}");
+    assert_eq!(
+        (base.sessions, base.pinholes, base.data_connections),
+        (0.0, 0.0, 0.0)
+    );
+
+    // (a) The server's end of the data connection is reset mid-transfer.
+    let client = lab.slow_download();
+    let kill = lab.exec(
+        "srv1",
+        &[
+            "ss",
+            "-K",
+            "-tn",
+            "state",
+            "established",
+            "( sport >= :40000 and sport <= :40100 )",
+        ],
+    );
+    assert!(kill.status.success(), "ss -K: {}", out_text(&kill));
+    let done = client.wait_with_output().unwrap();
+    eprintln!(
+        "  (a) server data socket killed (ss -K): curl exit {:?}: {}",
+        done.status.code(),
+        out_text(&done).trim()
+    );
+    assert!(!done.status.success(), "the transfer cannot have completed");
+    lab.back_to(base, "server reset");
+    lab.download_intact();
+
+    // (b) The client is killed mid-transfer.
+    let mut client = lab.slow_download();
+    client.kill().unwrap();
+    let _ = client.wait();
+    eprintln!("  (b) curl killed mid-download");
+    lab.back_to(base, "client killed");
+    lab.download_intact();
+
+    // (c) The upstream is unreachable (nothing listens on out3:21).
+    let o = lab.exec(
+        "in1",
+        &[
+            "python3",
+            "-c",
+            &format!(
+                "import socket\ns = socket.create_connection(('{LAB_OUT3}', 21), timeout=10)\n\
+             print(s.makefile().readline().strip())"
+            ),
+        ],
+    );
+    let reply = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert_eq!(
+        reply,
+        "421 Service not available: cannot reach the server.",
+        "{}",
+        out_text(&o)
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    while !lab
+        .denials()
+        .iter()
+        .any(|v| v["reason"] == "upstream_unreachable")
+    {
+        assert!(Instant::now() < until, "no upstream_unreachable line");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("  (c) unreachable upstream: {reply:?} and an upstream_unreachable line");
+    lab.back_to(base, "upstream unreachable");
+
+    // (d) The pinhole pool is exhausted: sessions hold PASV pinholes until
+    // one is refused; the refused one keeps its session.
+    let free = lab.metric("ftpgate_port_pool_free");
+    assert!((1.0..=3.0).contains(&free), "pool of {free}");
+    let script = format!(
+        "import ftplib\n\
+         held = []\n\
+         for i in range(6):\n\
+         \x20   f = ftplib.FTP('{LAB_SRV1}', timeout=10)\n\
+         \x20   f.login('ftptest', 'ftptest')\n\
+         \x20   held.append(f)\n\
+         \x20   try:\n\
+         \x20       f.sendcmd('PASV')\n\
+         \x20   except ftplib.error_temp as e:\n\
+         \x20       print('REFUSED', i, e, flush=True)\n\
+         \x20       print('NOOP', f.sendcmd('NOOP'), flush=True)\n\
+         \x20       break\n\
+         for f in held:\n\
+         \x20   f.quit()\n"
+    );
+    let o = lab.exec("in1", &["python3", "-c", &script]);
+    let said = out_text(&o);
+    assert!(
+        said.contains(&format!(
+            "REFUSED {} 425 Can't open data connection: no pinhole available.",
+            free as usize
+        )),
+        "{said}"
+    );
+    assert!(said.contains("NOOP 200"), "{said}");
+    assert!(
+        lab.denials()
+            .iter()
+            .any(|v| v["reason"] == "pinhole_unavailable")
+    );
+    eprintln!(
+        "  (d) pool of {free} exhausted: {}",
+        said.lines().next().unwrap_or_default()
+    );
+    lab.back_to(base, "pool exhausted");
+    assert_eq!(lab.metric("ftpgate_port_pool_free"), free);
+    lab.download_intact();
+    lab.back_to(base, "the end");
 }
