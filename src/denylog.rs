@@ -20,8 +20,17 @@
 //! counted in `ftpgate_deny_log_dropped_total`, and the writer reports the
 //! number of dropped lines in the log itself as soon as it can. Summaries
 //! are written by the writer itself and never dropped.
+//!
+//! A write that fails (disk full, file system gone read-only) loses its
+//! batch of lines and nothing else: the file is cut back to where the batch
+//! began, so no half line is left; the lost lines are counted as dropped
+//! and reported in the log once writing works again. The failure is said
+//! once on standard error, and counted in
+//! `ftpgate_deny_log_write_errors_total` on every failed write; the writer
+//! keeps trying with every new batch and says when writing works again.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -172,6 +181,8 @@ impl DenyLog {
             dropped: Arc::clone(&dropped),
             window: Arc::clone(&window),
             interval: cfg.interval,
+            batch: Batch::default(),
+            failing: false,
         };
         let task = tokio::spawn(writer.run(rx));
         Ok((
@@ -249,7 +260,7 @@ impl DenyLog {
 
 enum Sink {
     Stdout,
-    File(PathBuf, io::BufWriter<std::fs::File>),
+    File(PathBuf, std::fs::File),
 }
 
 impl Sink {
@@ -262,29 +273,30 @@ impl Sink {
                     .append(true)
                     .open(&path)
                     .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-                Ok(Sink::File(path, io::BufWriter::new(file)))
+                Ok(Sink::File(path, file))
             }
         }
     }
 
-    fn write_line(&mut self, line: &str) -> io::Result<()> {
+    /// Writes whole lines, or none of them: a write that fails half-way
+    /// (ENOSPC after a short write) is cut back off the file, so the log
+    /// never holds a half line that would end up glued to the next one.
+    fn write_lines(&mut self, text: &str) -> io::Result<()> {
         match self {
             Sink::Stdout => {
                 let mut out = io::stdout().lock();
-                out.write_all(line.as_bytes())?;
-                out.write_all(b"\n")
+                out.write_all(text.as_bytes())?;
+                out.flush()
             }
-            Sink::File(_, w) => {
-                w.write_all(line.as_bytes())?;
-                w.write_all(b"\n")
+            Sink::File(_, file) => {
+                let before = file.metadata()?.len();
+                file.write_all(text.as_bytes()).inspect_err(|_| {
+                    // Shrinking needs no space; if even that fails the
+                    // next batch still starts on a line of its own only
+                    // by luck, and the error already says so.
+                    let _ = file.set_len(before);
+                })
             }
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Sink::Stdout => io::stdout().flush(),
-            Sink::File(_, w) => w.flush(),
         }
     }
 }
@@ -310,6 +322,21 @@ struct Writer {
     dropped: Arc<AtomicU64>,
     window: Arc<Mutex<Window>>,
     interval: Duration,
+    /// Lines gathered for one write.
+    batch: Batch,
+    /// The last write failed (said once on standard error).
+    failing: bool,
+}
+
+/// The lines of one write, and what is lost if it fails.
+#[derive(Default)]
+struct Batch {
+    text: String,
+    /// Deny lines in `text` (each counted as dropped if the write fails).
+    lines: u64,
+    /// Earlier losses a `deny_log_dropped` line in `text` reports (owed
+    /// again if the write fails).
+    reported: u64,
 }
 
 impl Writer {
@@ -329,17 +356,17 @@ impl Writer {
                         self.write_queued(msg, &mut rx);
                     }
                     self.summarise();
-                    report(self.sink.flush());
+                    self.commit();
                 }
             }
         }
         // Every sender is gone: nothing more can come. What was queued has
         // been written; the last summaries follow.
         self.summarise();
-        report(self.sink.flush());
+        self.commit();
     }
 
-    /// Writes `first` and everything queued behind it, then flushes once.
+    /// Writes `first` and everything queued behind it in one write.
     fn write_queued(&mut self, first: Msg, rx: &mut mpsc::Receiver<Msg>) {
         let mut next = Some(first);
         while let Some(msg) = next {
@@ -352,12 +379,13 @@ impl Writer {
                             "reason": "deny_log_dropped",
                             "dropped": lost,
                         });
-                        report(self.sink.write_line(&notice.to_string()));
+                        let _ = writeln!(self.batch.text, "{notice}");
+                        self.batch.reported += lost;
                     }
-                    report(self.sink.write_line(&line));
+                    self.push(&line);
                 }
                 Msg::Reopen => {
-                    report(self.sink.flush());
+                    self.commit();
                     if let Sink::File(path, _) = &self.sink {
                         match Sink::open(Some(path.clone())) {
                             Ok(new) => self.sink = new,
@@ -368,7 +396,43 @@ impl Writer {
             }
             next = rx.try_recv().ok();
         }
-        report(self.sink.flush());
+        self.commit();
+    }
+
+    fn push(&mut self, line: &str) {
+        self.batch.text.push_str(line);
+        self.batch.text.push('\n');
+        self.batch.lines += 1;
+    }
+
+    /// Writes the batch. On failure its lines are lost and counted (the
+    /// next line written reports them), and the failure is said once.
+    fn commit(&mut self) {
+        let batch = std::mem::take(&mut self.batch);
+        if batch.text.is_empty() {
+            return;
+        }
+        match self.sink.write_lines(&batch.text) {
+            Ok(()) => {
+                if self.failing {
+                    self.failing = false;
+                    tracing::info!("deny log: writing again");
+                }
+            }
+            Err(e) => {
+                m::deny_log_write_error();
+                m::deny_log_dropped_n(batch.lines);
+                self.dropped
+                    .fetch_add(batch.lines + batch.reported, Ordering::Relaxed);
+                if !self.failing {
+                    self.failing = true;
+                    tracing::error!(
+                        "deny log: write failed: {e}; its lines are dropped and counted \
+                         (ftpgate_deny_log_dropped_total) until a write succeeds again"
+                    );
+                }
+            }
+        }
     }
 
     /// Ends the aggregation interval: one summary line per (source, reason)
@@ -390,16 +454,9 @@ impl Writer {
                 window: &window,
             };
             if let Ok(json) = serde_json::to_string(&line) {
-                report(self.sink.write_line(&json));
+                self.push(&json);
             }
         }
-    }
-}
-
-fn report(result: io::Result<()>) {
-    if let Err(e) = result {
-        tracing::error!("deny log: write failed: {e}");
-        m::deny_log_dropped();
     }
 }
 

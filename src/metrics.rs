@@ -12,6 +12,7 @@ use crate::config::Mode;
 
 pub const DENIALS: &str = "ftpgate_denials_total";
 pub const DENY_LOG_DROPPED: &str = "ftpgate_deny_log_dropped_total";
+pub const DENY_LOG_WRITE_ERRORS: &str = "ftpgate_deny_log_write_errors_total";
 pub const DENY_LOG_SUPPRESSED: &str = "ftpgate_deny_log_suppressed_total";
 pub const SESSIONS_ACTIVE: &str = "ftpgate_sessions_active";
 pub const SESSIONS: &str = "ftpgate_sessions_total";
@@ -51,7 +52,16 @@ pub fn denial_n(reason: &'static str, mode: Mode, n: u64) {
 }
 
 pub fn deny_log_dropped() {
-    counter!(DENY_LOG_DROPPED).increment(1);
+    deny_log_dropped_n(1);
+}
+
+pub fn deny_log_dropped_n(n: u64) {
+    counter!(DENY_LOG_DROPPED).increment(n);
+}
+
+/// A write to the deny log failed (disk full, file gone, ...).
+pub fn deny_log_write_error() {
+    counter!(DENY_LOG_WRITE_ERRORS).increment(1);
 }
 
 /// A refusal counted toward its source's summary line instead of a line
