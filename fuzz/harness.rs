@@ -34,6 +34,10 @@ fn assert_same(whole: &Transcript, split: &Transcript) {
         "bytes to the server depend on how the input was cut"
     );
     assert_eq!(
+        split.urgent_to_server, whole.urgent_to_server,
+        "urgent data to the server depends on how the input was cut"
+    );
+    assert_eq!(
         split.events, whole.events,
         "events depend on how the input was cut"
     );

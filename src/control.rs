@@ -6,7 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use socket2::SockRef;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -17,8 +18,8 @@ use crate::denylog::{DenyLog, SessionInfo};
 use crate::localaddrs::LocalAddrs;
 use crate::metrics as m;
 use crate::proto::{
-    CloseReason, Denial, DenyReason, Endpoints, Event, PinholeClose, PinholeRequest, Resolution,
-    Session, SessionConfig, SessionId, Side,
+    Chunk, CloseReason, Denial, DenyReason, Endpoints, Event, PinholeClose, PinholeRequest,
+    Resolution, Session, SessionConfig, SessionId, Side, Transmit,
 };
 
 const READ_BUFFER: usize = 16 * 1024;
@@ -71,6 +72,14 @@ pub async fn serve(
         return;
     };
     let (id, client_addr) = (info.id, info.client);
+    // Urgent data stays in the stream (RFC 6093 section 6 recommends it):
+    // the classic clients send the IAC of the Synch before ABOR as urgent
+    // data (RFC 959 section 4.1.3, RFC 854), and without SO_OOBINLINE the
+    // kernel takes that byte out of the stream. Set before anything is
+    // read, as the kernel decides where an urgent byte goes on arrival.
+    if let Err(e) = SockRef::from(&client).set_out_of_band_inline(true) {
+        tracing::debug!(session = id, "SO_OOBINLINE: {e}");
+    }
     let began = std::time::Instant::now();
     // The control connection leaves from the address routing picks; data
     // connections toward the server later leave from that same address.
@@ -158,6 +167,48 @@ async fn connect_any(to: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
 
 async fn write_timeout(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
     tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(bytes))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "peer does not read"))?
+}
+
+/// Writes what the core produced for one peer, in order, each byte it
+/// marked urgent with MSG_OOB (the Synch in front of ABOR).
+async fn send(stream: &mut TcpStream, out: &Transmit) -> io::Result<()> {
+    if out.urgent.is_empty() {
+        if !out.is_empty() {
+            write_timeout(stream, &out.bytes).await?;
+        }
+        return Ok(());
+    }
+    for chunk in out.chunks() {
+        match chunk {
+            Chunk::Stream(bytes) => write_timeout(stream, bytes).await?,
+            Chunk::Urgent(byte) => send_urgent(stream, byte).await?,
+        }
+    }
+    Ok(())
+}
+
+/// Sends one byte as TCP urgent data, after everything written before it
+/// (tokio has no call for MSG_OOB; socket2 makes it on the same socket).
+/// The kernel then sends the urgent pointer just past that byte: on the
+/// Synch's DM (RFC 854).
+async fn send_urgent(stream: &TcpStream, byte: u8) -> io::Result<()> {
+    let send = async {
+        loop {
+            stream.writable().await?;
+            let sent = stream.try_io(Interest::WRITABLE, || {
+                SockRef::from(stream).send_out_of_band(&[byte])
+            });
+            match sent {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, send)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "peer does not read"))?
 }
@@ -273,13 +324,9 @@ impl Running {
 
     async fn flush(&mut self, client: &mut TcpStream, server: &mut TcpStream) -> io::Result<()> {
         let to_server = self.session.take_transmit(Side::Server);
-        if !to_server.is_empty() {
-            write_timeout(server, &to_server).await?;
-        }
+        send(server, &to_server).await?;
         let to_client = self.session.take_transmit(Side::Client);
-        if !to_client.is_empty() {
-            write_timeout(client, &to_client).await?;
-        }
+        send(client, &to_client).await?;
         Ok(())
     }
 

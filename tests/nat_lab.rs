@@ -6,6 +6,8 @@
 //! Needs root, iproute2, nftables, vsftpd, proftpd, curl and lftp, which
 //! `scripts/install-test-deps` installs; skipped (and says so) otherwise.
 
+mod classic;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -449,6 +451,113 @@ fn data_connection_ends_with_its_session(dir: &Path, plane: &str) {
     );
 }
 
+/// The classic clients (inetutils-ftp, tnftp) interrupted with ^C in the
+/// middle of a download, through the transparent gateway. They abort with
+/// Telnet IP, a Synch as TCP urgent data and ABOR (RFC 959 section 4.1.3),
+/// then read the data connection to its end before they read the replies.
+/// The servers' egress is rate-limited (tc tbf, 1 MB/s), so the transfer
+/// is still running when ^C comes.
+///
+/// vsftpd (`async_abor_enable`) reads its control connection during a
+/// transfer only on SIGURG, i.e. when urgent data arrives: from a 1 GiB
+/// file it must stop at once (426, 226), which it only does if the gateway
+/// sent the Synch on as urgent data. proftpd 1.3.8 gets no SIGURG here,
+/// with or without the gateway (its session sets F_SETOWN on the control
+/// connection before it takes the user's uid, and the kernel then refuses
+/// the signal), so it reads ABOR when the transfer ends: a 1 MiB file, and
+/// ABOR must still be answered after the transfer's reply (the clients
+/// then take about 10 s to show their prompt, without the gateway too).
+fn classic_clients_abort(dir: &Path) {
+    let mut failures = Vec::new();
+    // vsftpd logs commands and replies, proftpd one line per command.
+    let servers = [
+        (
+            "srv1",
+            "vsftpd",
+            SRV1,
+            ("vsftpd.log", "FTP command"),
+            1u64 << 30,
+            classic::Expect::Aborted,
+        ),
+        (
+            "srv2",
+            "proftpd",
+            SRV2,
+            ("commands.log", ""),
+            1 << 20,
+            classic::Expect::Finished,
+        ),
+    ];
+    let aborts_logged = |server: &str, (log, kind): (&str, &str)| {
+        std::fs::read_to_string(state_dir().join(server).join(log))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(kind) && l.contains("ABOR"))
+            .count()
+    };
+    for (server, make, addr, log, size, expect) in servers {
+        let shape = [
+            "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", "8mbit", "burst",
+            "32kb", "latency", "100ms",
+        ];
+        let o = exec(server, &shape);
+        assert!(o.status.success(), "tc: {}", text(&o));
+        // Sparse: the server reads zeros.
+        let big = state_dir().join(server).join("root/big.bin");
+        std::fs::File::create(&big)
+            .and_then(|f| f.set_len(size))
+            .unwrap();
+        let before = aborts_logged(server, log);
+        let mut ran = 0;
+        for (client, mode) in [("inetutils-ftp", "active"), ("tnftp", "passive")] {
+            let Some(binary) = classic::find(client) else {
+                eprintln!(
+                    "SKIPPED nat_lab classic {client}: not installed (scripts/install-test-deps)"
+                );
+                continue;
+            };
+            ran += 1;
+            let transcript = dir.join(format!("{make}-{client}.txt"));
+            let argv =
+                classic::driver_argv(&binary, addr, 21, "big.bin", mode, expect, &transcript);
+            let args: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let o = exec("in1", &args);
+            let outcome = classic::Outcome::read(&o.stdout, &transcript);
+            let problems = outcome.problems(expect);
+            if problems.is_empty() {
+                eprintln!("  {make}: {:58} pass", outcome.summary());
+            } else {
+                failures.push(format!(
+                    "{make}: {client} ({mode}): {problems:?}\n--- terminal ---\n{}\n{}",
+                    outcome.transcript.replace(&"#".repeat(64), ""),
+                    text(&o)
+                ));
+            }
+        }
+        // Wait for the server to have logged every ABOR.
+        let until = Instant::now() + Duration::from_secs(3);
+        while aborts_logged(server, log) - before < ran && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let received = aborts_logged(server, log) - before;
+        if received != ran {
+            failures.push(format!("{make} logged {received} ABOR commands, not {ran}"));
+        }
+        let _ = std::fs::remove_file(&big);
+        let o = exec(server, &["tc", "qdisc", "del", "dev", "eth0", "root"]);
+        assert!(o.status.success(), "tc: {}", text(&o));
+    }
+    let refused: Vec<_> = denials(dir)
+        .into_iter()
+        .filter(|d| d["reason"] == "malformed_command")
+        .collect();
+    assert!(
+        failures.is_empty() && refused.is_empty(),
+        "classic clients could not abort:\n{}\nmalformed_command denials: {refused:?}",
+        failures.join("\n")
+    );
+}
+
 /// One download or upload cell of the matrix.
 struct Cell {
     name: String,
@@ -867,6 +976,7 @@ fn run_lab(lab_prefix: &'static str, plane: &str) {
         kernel_plane_checks(dir.path());
     }
     data_connection_ends_with_its_session(dir.path(), plane);
+    classic_clients_abort(dir.path());
 
     // ---- server-to-server (FXP) ----------------------------------------
     let fxp = |dest: &str| {

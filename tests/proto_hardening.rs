@@ -641,7 +641,7 @@ fn shutdown_while_a_passive_reply_waits_for_its_pinhole_sends_only_the_421() {
     // The daemon has not answered the OpenPinhole yet.
     assert!(!s.wants_input(Side::Server));
     s.handle_shutdown(now);
-    assert_eq!(text(&s.take_transmit(Side::Client)), R421_SHUTDOWN);
+    assert_eq!(text(&s.take_transmit(Side::Client).bytes), R421_SHUTDOWN);
     let mut events = Vec::new();
     while let Some(e) = s.poll_event() {
         events.push(e);

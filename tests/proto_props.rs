@@ -269,6 +269,11 @@ const CLIENT_FRAGMENTS: &[&[u8]] = &[
     b"REIN\r\n",
     b"QUIT\r\n",
     b"\xff\xf4\xff\xf2ABOR\r\n",
+    // ABOR as a gateway without SO_OOBINLINE would read it, and plain.
+    b"\xff\xf4\xf2ABOR\r\n",
+    b"\xff\xf4\xffABOR\r\n",
+    b"\xff\xf4\xff",
+    b"ABOR\r\n",
     b" PORT 192,0,2,10,25,46\r\n",
     b"PORT\t192,0,2,10,25,46\r\n",
     b"NO\rOP\r\n",
@@ -371,6 +376,7 @@ fn assert_same(whole: &Transcript, split: &Transcript) -> Result<(), TestCaseErr
         String::from_utf8_lossy(&split.to_server),
         String::from_utf8_lossy(&whole.to_server)
     );
+    prop_assert_eq!(&split.urgent_to_server, &whole.urgent_to_server);
     prop_assert_eq!(&split.events, &whole.events);
     Ok(())
 }
@@ -444,6 +450,33 @@ proptest! {
         prop_assert!(t.to_client.is_empty() || t.to_client.ends_with(b"\r\n"));
         let secrets = t.events.iter().filter(|e| format!("{e:?}").contains("secret")).count();
         prop_assert_eq!(secrets, 0, "PASS argument in an event");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// RFC 959 section 4.1.3: the only urgent data the gateway sends is the
+    /// IAC of a Synch (`IAC IP IAC DM`) directly in front of an ABOR line,
+    /// and every ABOR it sends has one.
+    #[test]
+    fn urgent_bytes_are_the_synch_in_front_of_each_abor(steps in script()) {
+        let t = driver::play(&steps, &[]);
+        let synch = ftpgate::proto::framing::IP_SYNCH;
+        for &at in &t.urgent_to_server {
+            let start = at - ftpgate::proto::framing::SYNCH_URGENT;
+            prop_assert_eq!(&t.to_server[start..start + 4], &synch[..]);
+            let line = &t.to_server[start + 4..];
+            let end = line.iter().position(|&b| b == b'\n').unwrap();
+            prop_assert!(line[..end].eq_ignore_ascii_case(b"ABOR\r"));
+        }
+        let aborts = t
+            .to_server
+            .split(|&b| b == b'\n')
+            .map(|l| l.strip_prefix(&synch[..]).unwrap_or(l))
+            .filter(|l| l.eq_ignore_ascii_case(b"ABOR\r"))
+            .count();
+        prop_assert_eq!(aborts, t.urgent_to_server.len());
     }
 }
 

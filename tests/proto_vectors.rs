@@ -444,10 +444,12 @@ fn bare_lf_ends_a_port_command_too() {
 }
 
 #[test]
-fn telnet_interrupt_and_synch_before_abor_reach_the_server_as_abor() {
+fn telnet_interrupt_and_synch_before_abor_reach_the_server_as_a_synch_and_abor() {
     let mut d = logged_in();
     d.input(Side::Client, b"\xff\xf4\xff\xf2ABOR\r\n");
-    assert_wire(&d.transcript, "", "ABOR\r\n");
+    assert_eq!(d.transcript.to_server, b"\xff\xf4\xff\xf2ABOR\r\n");
+    // The IAC before the DM goes as urgent data (tests/proto_abort.rs).
+    assert_eq!(d.transcript.urgent_to_server, [2]);
     assert!(denials(&d.transcript).is_empty());
 }
 

@@ -35,6 +35,9 @@ pub enum Verb {
     Acct,
     Rein,
     Quit,
+    /// ABOR: sent upstream behind Telnet IP and Synch (RFC 959 section
+    /// 4.1.3), however the client sent it.
+    Abor,
     Other,
 }
 
@@ -71,6 +74,7 @@ impl Verb {
             b"ACCT" => Verb::Acct,
             b"REIN" => Verb::Rein,
             b"QUIT" => Verb::Quit,
+            b"ABOR" => Verb::Abor,
             _ => Verb::Other,
         }
     }
@@ -146,7 +150,7 @@ impl Command<'_> {
             | Verb::Spsv => CommandClass::DataSetup,
             Verb::Auth | Verb::Protected => CommandClass::Security,
             Verb::Quit => CommandClass::Quit,
-            Verb::AddressLookalike => CommandClass::Other,
+            Verb::AddressLookalike | Verb::Abor => CommandClass::Other,
             Verb::Other => match self.verb_text.as_str() {
                 "RETR" | "STOR" | "STOU" | "APPE" | "LIST" | "NLST" | "MLSD" => {
                     CommandClass::Transfer

@@ -16,6 +16,8 @@ use super::{
 pub struct Transcript {
     pub to_client: Vec<u8>,
     pub to_server: Vec<u8>,
+    /// Offsets into `to_server` of the bytes sent as TCP urgent data.
+    pub urgent_to_server: Vec<usize>,
     pub events: Vec<Event>,
 }
 
@@ -122,12 +124,15 @@ impl Driver {
     /// Collects output and answers requests until the session is quiet.
     pub fn settle(&mut self) {
         loop {
+            let to_client = self.session.take_transmit(Side::Client);
+            debug_assert!(to_client.urgent.is_empty());
+            self.transcript.to_client.extend(to_client.bytes);
+            let to_server = self.session.take_transmit(Side::Server);
+            let base = self.transcript.to_server.len();
             self.transcript
-                .to_client
-                .extend(self.session.take_transmit(Side::Client));
-            self.transcript
-                .to_server
-                .extend(self.session.take_transmit(Side::Server));
+                .urgent_to_server
+                .extend(to_server.urgent.iter().map(|at| base + at));
+            self.transcript.to_server.extend(to_server.bytes);
             let Some(event) = self.session.poll_event() else {
                 return;
             };

@@ -131,6 +131,25 @@ const SB: u8 = 250;
 const SE: u8 = 240;
 const WILL: u8 = 251;
 const DONT: u8 = 254;
+/// Interrupt Process.
+const IP: u8 = 244;
+/// Data Mark: where a Synch ends.
+const DM: u8 = 242;
+
+/// What the gateway sends in front of ABOR (RFC 959 section 4.1.3: "Telnet
+/// IP" and "Telnet Synch", RFC 854): `IAC IP IAC DM`, with the byte at
+/// [`SYNCH_URGENT`] sent as TCP urgent data.
+pub const IP_SYNCH: [u8; 4] = [IAC, IP, IAC, DM];
+
+/// The offset in [`IP_SYNCH`] of the byte that goes as TCP urgent data: the
+/// IAC before the DM. RFC 854 wants the urgent pointer at the DM. BSD
+/// stacks, Linux among them by default, point the urgent pointer just past
+/// the last byte sent with MSG_OOB, so sending the IAC urgent puts it on
+/// the DM. This is what the BSD-derived clients (netkit, inetutils, tnftp)
+/// send, so it is the form servers have been built against; a receiver
+/// without SO_OOBINLINE loses the IAC from the stream and reads
+/// `IAC IP DM ABOR`, which [`telnet_decode`] and servers read as ABOR.
+pub const SYNCH_URGENT: usize = 2;
 
 /// Removes Telnet command sequences from one line (RFC 959 section 4.1: the
 /// control connection follows the Telnet protocol).
@@ -141,6 +160,14 @@ const DONT: u8 = 254;
 /// byte that is no Telnet command comes from a peer that did not double a data
 /// 0xFF: it is kept as that literal byte. A dangling IAC at the line end is
 /// dropped.
+///
+/// A Telnet IP is followed by a Synch, `IAC DM`, whose one urgent byte a
+/// receiver that does not read urgent data inline takes out of the stream
+/// (RFC 959 section 4.1.3, RFC 854): the BSD clients send the IAC urgent,
+/// which leaves `IAC IP DM`; a sender that marks the DM leaves
+/// `IAC IP IAC`. Directly after `IAC IP`, a lone DM or a lone IAC is such a
+/// remnant and removed too, so `IAC IP DM ABOR` and `IAC IP IAC ABOR` read as
+/// `ABOR`.
 pub fn telnet_decode(line: &[u8]) -> Cow<'_, [u8]> {
     if !line.contains(&IAC) {
         return Cow::Borrowed(line);
@@ -166,6 +193,10 @@ pub fn telnet_decode(line: &[u8]) -> Cow<'_, [u8]> {
                 let end = rest.windows(2).position(|w| w == [IAC, SE]);
                 i += 2 + end.map_or(rest.len(), |e| e + 2);
             }
+            Some(IP) => {
+                i += 2;
+                i += synch_remnant(&line[i..]);
+            }
             Some(c) if (WILL..=DONT).contains(&c) => i += 3,
             Some(c) if c >= SE => i += 2,
             Some(_) => {
@@ -175,6 +206,19 @@ pub fn telnet_decode(line: &[u8]) -> Cow<'_, [u8]> {
         }
     }
     Cow::Owned(out)
+}
+
+/// How many bytes at the start of `rest` (what follows `IAC IP`) are what
+/// is left of a Synch whose urgent byte was taken out of the stream: a DM
+/// without its IAC, or an IAC without its DM (one that starts no Telnet
+/// command). A whole `IAC DM` is left to the caller.
+fn synch_remnant(rest: &[u8]) -> usize {
+    match rest {
+        [DM, ..] => 1,
+        [IAC] => 1,
+        [IAC, next, ..] if *next < SE => 1,
+        _ => 0,
+    }
 }
 
 /// Encodes logical line bytes for the wire: a data 0xFF is sent as `IAC IAC`.
@@ -283,6 +327,13 @@ mod tests {
         assert_eq!(&*telnet_decode(b"RETR a\xff\xffb"), b"RETR a\xffb");
         assert_eq!(&*telnet_decode(b"RETR a\xffb"), b"RETR a\xffb");
         assert_eq!(&*telnet_decode(b"NOOP\xff"), b"NOOP");
+        // What is left of IP and Synch when one urgent byte went out of band.
+        assert_eq!(&*telnet_decode(b"\xff\xf4\xf2ABOR"), b"ABOR");
+        assert_eq!(&*telnet_decode(b"\xff\xf4\xffABOR"), b"ABOR");
+        assert_eq!(&*telnet_decode(b"\xff\xf4\xff"), b"");
+        // Only directly after IP: elsewhere 0xF2 is data, IAC x a literal.
+        assert_eq!(&*telnet_decode(b"RETR \xf2\xffx"), b"RETR \xf2\xffx");
+        assert_eq!(&*telnet_decode(b"\xff\xf4\xff\xf2\xf2"), b"\xf2");
         let mut enc = Vec::new();
         telnet_encode_into(b"a\xffb", &mut enc);
         assert_eq!(enc, b"a\xff\xffb");

@@ -6,7 +6,9 @@
 //! feeds it bytes as they arrive from either peer with
 //! [`Session::handle_input`], passing the current time, and after every call it
 //! collects three kinds of output: the bytes to write to each peer
-//! ([`Session::take_transmit`]), the actions to carry out
+//! ([`Session::take_transmit`], a [`Transmit`] that also names the bytes
+//! to send as TCP urgent data: the Synch in front of ABOR, RFC 959 section
+//! 4.1.3), the actions to carry out
 //! ([`Session::poll_event`]: open or close a pinhole, look up an address, log a
 //! refusal, close the session) and the next deadline
 //! ([`Session::poll_timeout`]), at which it calls [`Session::handle_timeout`].
@@ -55,9 +57,9 @@ pub mod session;
 pub use deny::{Denial, DenyReason};
 pub use policy::{FxpRule, Policy};
 pub use session::{
-    CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerdict, Endpoints, Event, PinholeClose,
-    PinholeId, PinholeRequest, Resolution, ResolveId, Resolved, RewriteKind, Session,
-    SessionConfig, SessionId,
+    Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerdict, Endpoints, Event,
+    PinholeClose, PinholeId, PinholeRequest, Resolution, ResolveId, Resolved, RewriteKind, Session,
+    SessionConfig, SessionId, Transmit,
 };
 
 /// One end of the control connection.

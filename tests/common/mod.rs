@@ -39,6 +39,15 @@ pub struct FtpServer {
 impl FtpServer {
     /// `None` when Debian's python3-pyftpdlib is not installed.
     pub fn start(masquerade: Option<&str>) -> Option<FtpServer> {
+        match masquerade {
+            Some(m) => FtpServer::start_args(&["--masquerade", m]),
+            None => FtpServer::start_args(&[]),
+        }
+    }
+
+    /// Like [`FtpServer::start`], with more options of
+    /// `tests/support/ftpd.py` (`--throttle`, `--log`).
+    pub fn start_args(args: &[&str]) -> Option<FtpServer> {
         let ok = Command::new(DEBIAN_PYTHON)
             .args(["-c", "import pyftpdlib"])
             .stderr(Stdio::null())
@@ -50,10 +59,7 @@ impl FtpServer {
         let root = tempfile::tempdir().unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/ftpd.py");
         let mut cmd = Command::new(DEBIAN_PYTHON);
-        cmd.arg(script).arg("--dir").arg(root.path());
-        if let Some(m) = masquerade {
-            cmd.args(["--masquerade", m]);
-        }
+        cmd.arg(script).arg("--dir").arg(root.path()).args(args);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

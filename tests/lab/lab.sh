@@ -411,6 +411,12 @@ accept_timeout=60
 # a session left waiting for its data connection must not block later
 # uploads of the same file name (default YES takes an fcntl write lock)
 lock_upload_files=NO
+# ABOR during a transfer (RFC 959 section 4.1.3): vsftpd only reads its
+# control connection mid-transfer on SIGURG, i.e. when the Synch in front of
+# ABOR arrives as TCP urgent data; without this it reads ABOR when the
+# transfer has ended, and the classic clients (netkit, inetutils, tnftp) wait
+# for that
+async_abor_enable=YES
 connect_timeout=60
 delay_failed_login=1
 xferlog_enable=YES

@@ -115,6 +115,7 @@ impl Session {
             Verb::Other if is_transfer_verb(&cmd.verb_text) => {
                 self.forward_line(&line, Expect::Transfer)
             }
+            Verb::Abor => self.forward_abort(&line),
             Verb::Quit | Verb::Other => self.forward_line(&line, Expect::Other),
         }
     }

@@ -17,9 +17,9 @@ mod replies;
 mod types;
 
 pub use types::{
-    CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerdict, Endpoints, Event, PinholeClose,
-    PinholeId, PinholeRequest, Resolution, ResolveId, Resolved, RewriteKind, SessionConfig,
-    SessionId,
+    Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerdict, Endpoints, Event,
+    PinholeClose, PinholeId, PinholeRequest, Resolution, ResolveId, Resolved, RewriteKind,
+    SessionConfig, SessionId, Transmit,
 };
 
 use std::collections::VecDeque;
@@ -51,6 +51,8 @@ pub struct Session {
     server_in: LineFramer,
     to_client: Vec<u8>,
     to_server: Vec<u8>,
+    /// Offsets into `to_server` of the bytes that go as urgent data.
+    urgent_to_server: Vec<usize>,
     events: VecDeque<Event>,
     pending: VecDeque<Pending>,
     open_reply: Option<Code>,
@@ -98,6 +100,7 @@ impl Session {
             server_in: LineFramer::new(cfg.max_reply_line),
             to_client: Vec::new(),
             to_server: Vec::new(),
+            urgent_to_server: Vec::new(),
             events: VecDeque::new(),
             pending: VecDeque::from([Pending::Greeting]),
             open_reply: None,
@@ -315,11 +318,18 @@ impl Session {
             .filter(|(_, n)| *n > 0)
     }
 
-    /// Takes the bytes to write to `to`.
-    pub fn take_transmit(&mut self, to: Side) -> Vec<u8> {
+    /// Takes the bytes to write to `to`, with the ones that must go as TCP
+    /// urgent data marked (see [`Transmit`]).
+    pub fn take_transmit(&mut self, to: Side) -> Transmit {
         match to {
-            Side::Client => std::mem::take(&mut self.to_client),
-            Side::Server => std::mem::take(&mut self.to_server),
+            Side::Client => Transmit {
+                bytes: std::mem::take(&mut self.to_client),
+                urgent: Vec::new(),
+            },
+            Side::Server => Transmit {
+                bytes: std::mem::take(&mut self.to_server),
+                urgent: std::mem::take(&mut self.urgent_to_server),
+            },
         }
     }
 

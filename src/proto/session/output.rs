@@ -7,7 +7,7 @@ use super::replies::client_code;
 use super::types::{CloseReason, Event};
 use crate::proto::Side;
 use crate::proto::deny::{Denial, DenyReason};
-use crate::proto::framing::telnet_encode_into;
+use crate::proto::framing::{IP_SYNCH, SYNCH_URGENT, telnet_encode_into};
 
 /// Sent when a PORT/EPRT or a passive reply would need one pinhole more
 /// than a session may hold.
@@ -44,6 +44,23 @@ impl Session {
         telnet_encode_into(line, &mut self.to_server);
         self.to_server.extend_from_slice(b"\r\n");
         self.pending.push_back(Pending::Command(expect));
+    }
+
+    /// Sends ABOR behind Telnet IP and a Synch whose IAC goes as urgent
+    /// data, however the client sent it (RFC 959 section 4.1.3; RFC 854).
+    /// A server in the middle of a transfer may only look at its control
+    /// connection when urgent data arrives (vsftpd acts on SIGURG), so a
+    /// plain ABOR would wait for the end of the transfer it is meant to
+    /// stop. The client's own urgent mark is not copied: the gateway reads
+    /// urgent data inline and does not see where a client put it, and
+    /// clients put it in different places (the BSD clients on the IAC
+    /// before DM, lftp on the DM, Python's ftplib on the LF of a plain
+    /// `ABOR\r\n`); every ABOR gets the same Synch.
+    pub(super) fn forward_abort(&mut self, line: &[u8]) {
+        let start = self.to_server.len();
+        self.to_server.extend_from_slice(&IP_SYNCH);
+        self.urgent_to_server.push(start + SYNCH_URGENT);
+        self.forward_line(line, Expect::Other);
     }
 
     pub(super) fn send_line_to_client(&mut self, line: &[u8]) {

@@ -205,6 +205,57 @@ impl CloseReason {
     }
 }
 
+/// The bytes for one peer that [`super::Session::take_transmit`] hands out,
+/// and which of them must go as TCP urgent data.
+///
+/// The core cannot send urgent data itself (it does no IO); it names the
+/// bytes, and the daemon sends each of them with `send(MSG_OOB)` after
+/// everything before it and before everything after it. Today these are
+/// the IACs of the Synchs in front of ABOR, only ever toward the server
+/// (see [`crate::proto::framing::SYNCH_URGENT`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub bytes: Vec<u8>,
+    /// Offsets into `bytes`, ascending, of the bytes to send as urgent data.
+    pub urgent: Vec<usize>,
+}
+
+/// One piece of a [`Transmit`], in stream order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunk<'a> {
+    /// Ordinary stream data.
+    Stream(&'a [u8]),
+    /// One byte to send as TCP urgent data (MSG_OOB): the sender's urgent
+    /// pointer then points just past it (RFC 854 Synch, BSD convention).
+    Urgent(u8),
+}
+
+impl Transmit {
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The bytes cut at the urgent ones, in order.
+    pub fn chunks(&self) -> Vec<Chunk<'_>> {
+        let mut chunks = Vec::with_capacity(2 * self.urgent.len() + 1);
+        let mut start = 0;
+        for &at in &self.urgent {
+            let Some(&byte) = self.bytes.get(at).filter(|_| at >= start) else {
+                continue;
+            };
+            if at > start {
+                chunks.push(Chunk::Stream(&self.bytes[start..at]));
+            }
+            chunks.push(Chunk::Urgent(byte));
+            start = at + 1;
+        }
+        if start < self.bytes.len() {
+            chunks.push(Chunk::Stream(&self.bytes[start..]));
+        }
+        chunks
+    }
+}
+
 /// What the core asks of the daemon, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -236,4 +287,37 @@ pub enum Event {
     LoggedIn,
     /// Flush what is queued for each side, then close the session.
     Close(CloseReason),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transmit_chunks_cut_the_bytes_at_each_urgent_byte() {
+        let t = Transmit {
+            bytes: b"\xff\xf4\xff\xf2ABOR\r\n\xff".to_vec(),
+            urgent: vec![2, 10],
+        };
+        assert_eq!(
+            t.chunks(),
+            [
+                Chunk::Stream(b"\xff\xf4"),
+                Chunk::Urgent(0xff),
+                Chunk::Stream(b"\xf2ABOR\r\n"),
+                Chunk::Urgent(0xff),
+            ]
+        );
+        let first = Transmit {
+            bytes: b"ab".to_vec(),
+            urgent: vec![0],
+        };
+        assert_eq!(first.chunks(), [Chunk::Urgent(b'a'), Chunk::Stream(b"b")]);
+        // Offsets out of range or out of order are skipped, never a panic.
+        let bad = Transmit {
+            bytes: b"ab".to_vec(),
+            urgent: vec![1, 0, 9],
+        };
+        assert_eq!(bad.chunks(), [Chunk::Stream(b"a"), Chunk::Urgent(b'b')]);
+    }
 }
