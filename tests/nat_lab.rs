@@ -247,6 +247,37 @@ fn metric(name_and_labels: &str) -> f64 {
         .sum()
 }
 
+/// Starts tests/lab/race.py on in1 as the victim of a pinhole race: it logs
+/// in to srv1, sends PASV and waits for `signal` before using the pinhole.
+/// Returns the process and its first line (`PASV <address> <port>`).
+fn pasv_victim(signal: &Path) -> (Child, String) {
+    let mut victim = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &format!("{}in1", prefix()),
+            "timeout",
+            "60",
+            "python3",
+        ])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/race.py"))
+        .args(["pasv", SRV1])
+        .arg(signal)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    {
+        use std::io::BufRead;
+        let stdout = victim.stdout.as_mut().unwrap();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut first)
+            .unwrap();
+    }
+    (victim, first)
+}
+
 /// Runs a Python 3 snippet in the lab host `host`.
 fn python(host: &str, code: &str) -> Output {
     exec(host, &["python3", "-c", code])
@@ -905,31 +936,7 @@ fn run_lab(lab_prefix: &'static str, plane: &str) {
 
     // ---- PASV theft: a second inside host races to the pinhole -----------
     let signal = dir.path().join("go");
-    let victim = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &format!("{}in1", prefix()),
-            "timeout",
-            "60",
-            "python3",
-        ])
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/race.py"))
-        .args(["pasv", SRV1])
-        .arg(&signal)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut victim = victim;
-    let mut first = String::new();
-    {
-        use std::io::BufRead;
-        let stdout = victim.stdout.as_mut().unwrap();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut first)
-            .unwrap();
-    }
+    let (victim, first) = pasv_victim(&signal);
     let parts: Vec<&str> = first.split_whitespace().collect();
     assert_eq!(parts.first(), Some(&"PASV"), "victim said {first:?}");
     let (addr, port) = (parts[1], parts[2]);
@@ -1104,30 +1111,7 @@ fn gateway_address_is_never_a_port_target(dir: &Path) {
 /// still carries in1's transfer.
 fn pinhole_named_by_another_client_is_a_bounce(dir: &Path) {
     let signal = dir.join("go-fxp-thief");
-    let mut victim = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &format!("{}in1", prefix()),
-            "timeout",
-            "60",
-            "python3",
-        ])
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/race.py"))
-        .args(["pasv", SRV1])
-        .arg(&signal)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    {
-        use std::io::BufRead;
-        let stdout = victim.stdout.as_mut().unwrap();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut first)
-            .unwrap();
-    }
+    let (victim, first) = pasv_victim(&signal);
     let parts: Vec<&str> = first.split_whitespace().collect();
     assert_eq!(parts.first(), Some(&"PASV"), "in1 said {first:?}");
     let (addr, port): (&str, u16) = (parts[1], parts[2].parse().unwrap());

@@ -349,46 +349,6 @@ pub async fn dump(filter: MarkFilter) -> Result<Vec<Flow>, CtError> {
         .map_err(|_| CtError::Timeout(DUMP_TIMEOUT))?
 }
 
-/// Deletes the conntrack entry whose original tuple is `orig`, in the
-/// calling thread's namespace (IPCTNL_MSG_CT_DELETE with CTA_TUPLE_ORIG).
-/// An entry that is already gone (ENOENT) is no error. Bounded by a 5 s
-/// timeout. The kernel sends the entry's Destroy event as usual.
-pub async fn delete(orig: &Tuple) -> Result<(), CtError> {
-    let (fd, _) = async_socket(RECV_CHUNK)?;
-    let seq = 1;
-    let request = delete_request(orig, seq);
-    fd.get_ref()
-        .send(&request, 0)
-        .map_err(|source| CtError::Io {
-            op: "send delete request",
-            source,
-        })?;
-    let ack = async {
-        let mut buf = Vec::with_capacity(RECV_CHUNK);
-        loop {
-            recv(&fd, &mut buf).await?;
-            let answer = msg::messages(&buf).find(|m| m.seq == seq && m.ty == NLMSG_ERROR);
-            let Some(answer) = answer else {
-                continue;
-            };
-            return match msg::parse_error(&answer).map(|e| e.errno) {
-                Some(0) | Some(libc::ENOENT) => Ok(()),
-                Some(errno) => Err(CtError::Kernel {
-                    op: "delete",
-                    errno,
-                }),
-                None => Err(CtError::Kernel {
-                    op: "delete",
-                    errno: libc::EPROTO,
-                }),
-            };
-        }
-    };
-    tokio::time::timeout(DUMP_TIMEOUT, ack)
-        .await
-        .map_err(|_| CtError::Timeout(DUMP_TIMEOUT))?
-}
-
 /// Deletes conntrack entries over one blocking socket that stays open.
 /// Opening and closing a netlink socket per delete is not free: closing one
 /// waited out an RCU grace period here (20-30 ms), which on a runtime
