@@ -830,12 +830,21 @@ async fn open_file_limit_reached_backs_off_without_spinning_and_serves_again() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let fds = gw.open_fds();
+    // At the limit: the descriptors below it are (nearly) all taken. A
+    // descriptor the test runner passed down (e.g. a jobserver pipe at
+    // 251) sits above it and is not the gateway's doing.
+    let below: Vec<usize> = std::fs::read_dir(format!("/proc/{}/fd", gw.pid))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd < LIMIT)
+        .collect();
     assert!(
-        gw.alive() && fds <= LIMIT,
-        "{fds} fds, alive {}:\n{}",
+        gw.alive() && below.len() + 4 >= LIMIT,
+        "{} fds below {LIMIT}, alive {}:\n{}\n{}",
+        below.len(),
         gw.alive(),
-        tail(&gw.log(), 30)
+        fd_listing(gw.pid),
+        tail(&gw.log(), 5)
     );
     // Stuck at the limit: the accept loop backs off instead of spinning.
     let ticks = gw.cpu_ticks();
