@@ -31,6 +31,7 @@ pub const DATA_TRANSFER: &str = "ftpgate_data_transfer_seconds";
 pub const UPSTREAM_FAILURES: &str = "ftpgate_upstream_connect_failures_total";
 pub const CONFIG_RELOADS: &str = "ftpgate_config_reloads_total";
 pub const COMMANDS: &str = "ftpgate_commands_total";
+pub const ACCEPT_FAILURES: &str = "ftpgate_accept_failures_total";
 pub const CONNTRACK_OVERRUNS: &str = "ftpgate_conntrack_event_overruns_total";
 
 /// Histogram buckets, in seconds, for waits from milliseconds to minutes.
@@ -111,6 +112,11 @@ pub fn pinhole_closed() {
 
 pub fn pinhole_expired() {
     counter!(PINHOLES_EXPIRED).increment(1);
+}
+
+/// A listener's accept failed (`listener`: control, pinhole, fall_through).
+pub fn accept_failed(listener: &'static str) {
+    counter!(ACCEPT_FAILURES, "listener" => listener).increment(1);
 }
 
 pub fn conntrack_overrun() {

@@ -68,6 +68,7 @@ impl Gateway {
         sessions_stop: watch::Receiver<bool>,
         tasks: Arc<Mutex<JoinSet<()>>>,
     ) {
+        let mut errors = AcceptErrors::new("control");
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -76,9 +77,7 @@ impl Gateway {
             let (stream, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    errors.failed(&e).await;
                     continue;
                 }
             };
@@ -185,6 +184,52 @@ impl Gateway {
     ) {
         let denial = Denial::new(reason, Side::Client);
         control::refuse_connection(&self.shared.deny, stream, info, denial, reply).await;
+    }
+}
+
+/// Failed accepts of one listener (EMFILE and friends): each backs off
+/// instead of spinning and is counted in `ftpgate_accept_failures_total`;
+/// a line is logged at most every [`AcceptErrors::LOG_EVERY`] with the
+/// count since the last. At the open-file limit a listener alternates
+/// between a failed accept and one that gets the descriptor a refused
+/// session just gave back, so "log the first of a run" would still log
+/// twenty lines a second.
+pub struct AcceptErrors {
+    listener: &'static str,
+    unlogged: u64,
+    logged: Option<std::time::Instant>,
+}
+
+impl AcceptErrors {
+    /// How long a failed accept waits before the next try.
+    pub const BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+    /// At most one line per listener this often.
+    pub const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    pub fn new(listener: &'static str) -> AcceptErrors {
+        AcceptErrors {
+            listener,
+            unlogged: 0,
+            logged: None,
+        }
+    }
+
+    pub async fn failed(&mut self, e: &io::Error) {
+        crate::metrics::accept_failed(self.listener);
+        self.unlogged += 1;
+        if self.logged.is_none_or(|t| t.elapsed() >= Self::LOG_EVERY) {
+            tracing::warn!(
+                listener = self.listener,
+                failures = self.unlogged,
+                "accept failed: {e}; retrying every {:?}; failures are counted in \
+                 ftpgate_accept_failures_total and logged at most every {:?}",
+                Self::BACKOFF,
+                Self::LOG_EVERY
+            );
+            self.unlogged = 0;
+            self.logged = Some(std::time::Instant::now());
+        }
+        tokio::time::sleep(Self::BACKOFF).await;
     }
 }
 

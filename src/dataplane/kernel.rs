@@ -634,12 +634,12 @@ async fn fall_through(
     reaper: Reaper,
     tasks: Tasks,
 ) {
+    let mut errors = crate::server::AcceptErrors::new("fall_through");
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                tracing::warn!("fall-through accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                errors.failed(&e).await;
                 continue;
             }
         };

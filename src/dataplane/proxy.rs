@@ -108,6 +108,7 @@ struct Pinhole {
 impl Pinhole {
     async fn run(self, listener: TcpListener, mut cancel: oneshot::Receiver<()>) {
         let started = Instant::now();
+        let mut errors = crate::server::AcceptErrors::new("pinhole");
         let inbound = loop {
             let accepted = tokio::select! {
                 _ = &mut cancel => return,
@@ -124,11 +125,7 @@ impl Pinhole {
                         }
                     }
                 }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("pinhole accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                Err(e) => errors.failed(&e).await,
             }
         };
         // Used up: the listener closes and the port is free for the next.
