@@ -1,6 +1,7 @@
 //! Listeners: accept control connections, apply the session limits, find the
 //! upstream server, and start a control session for each.
 
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
