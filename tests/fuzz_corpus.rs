@@ -65,8 +65,10 @@ fn regenerate_seed_corpus() {
 // ---- seeds -----------------------------------------------------------------
 
 /// Builds a script in the record format of `driver::script_from_bytes`: a tag
-/// byte (bit 0: 0 client, 1 server; bit 1: advance the clock), a length byte,
-/// then that many bytes. Inputs longer than 255 bytes become several records.
+/// byte (its low four bits the kind: 0 client bytes, 1 server bytes, 2
+/// seconds, 3 milliseconds, 4 a data connection, ...) and an argument byte,
+/// for bytes their length, then that many bytes. Inputs longer than 255
+/// bytes become several records.
 #[derive(Default)]
 struct Script(Vec<u8>);
 
@@ -91,6 +93,64 @@ impl Script {
     fn advance(mut self, secs: u8) -> Self {
         self.0.extend_from_slice(&[2, secs]);
         self
+    }
+
+    fn record(mut self, tag: u8, arg: u8) -> Self {
+        self.0.extend_from_slice(&[tag, arg]);
+        self
+    }
+
+    fn millis(self, ms: u8) -> Self {
+        self.record(3, ms)
+    }
+
+    /// A data connection to the `n`-th pinhole from `peer` (0 expected,
+    /// 1 expected as mapped IPv6, 2 a thief, 3 the server, 4 the client).
+    fn connect(self, n: u8, peer: u8) -> Self {
+        self.record(4 | (peer << 4), n)
+    }
+
+    fn closed(self, n: u8) -> Self {
+        self.record(5, n)
+    }
+
+    fn taken_over(self, n: u8) -> Self {
+        self.record(6, n)
+    }
+
+    /// Look-ups from now on: 0 lab, 1 pinhole, 2 pinhole on port 21,
+    /// 3 gateway, 4 elsewhere, 5 later.
+    fn resolve_by(self, how: u8) -> Self {
+        self.record(7, how)
+    }
+
+    /// The oldest held look-up: 0 pinhole, 1 gateway, 2 elsewhere, 3 stale.
+    fn answer(self, how: u8) -> Self {
+        self.record(8, how)
+    }
+
+    /// Pinhole requests from now on: 0 open, 1 fail, 2 later.
+    fn pinholes_by(self, how: u8) -> Self {
+        self.record(9, how)
+    }
+
+    /// A held pinhole request: bit 0 failed, bit 1 the newest, bit 2 stale.
+    fn answer_pinhole(self, how: u8) -> Self {
+        self.record(10, how)
+    }
+
+    fn eof(self, side: u8) -> Self {
+        self.record(11, side)
+    }
+
+    fn shutdown(self) -> Self {
+        self.record(12, 0)
+    }
+
+    /// First record only: bit 0 FXP rule, bit 1 one pinhole, bit 2
+    /// advertised address.
+    fn configure(self, bits: u8) -> Self {
+        self.record(13, bits)
     }
 
     fn login(self) -> Self {
@@ -244,6 +304,136 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 .client(b"PORTX 10,0,0,5,0,25\r\nportal 1,2,3,4,5,6\r\nEPRTX |1|10.0.0.5|25|\r\n")
                 .client(b"PASVX\r\nEpsv2\r\nLPRTX 1\r\nLPSVX\r\nSPSVX\r\nPOR x\r\n")
                 .server(b"500 what\r\n")
+                .0,
+        ),
+        (
+            "seed-pasv-theft-interleaved",
+            s().login()
+                .client(b"PASV\r\n")
+                .connect(0, 2)
+                .server(b"227 Entering Passive Mode (10,0,0,5,200,10).\r\n")
+                .connect(0, 2)
+                .connect(0, 3)
+                .connect(0, 1)
+                .connect(0, 0)
+                .client(b"RETR a\r\n")
+                .server(b"150 Here\r\n")
+                .connect(0, 0)
+                .server(b"226 Done\r\n")
+                .closed(0)
+                .connect(0, 0)
+                .0,
+        ),
+        (
+            "seed-active-pinhole-interleaved",
+            s().login()
+                .client(b"PORT 192,0,2,10,25,46\r\n")
+                .connect(0, 4)
+                .server(b"200 ok\r\n")
+                .client(b"EPRT |1|192.0.2.10|6447|\r\nLIST\r\n")
+                .connect(1, 3)
+                .millis(250)
+                .connect(0, 3)
+                .server(b"200 ok\r\n150 Here\r\n")
+                .advance(31)
+                .connect(1, 3)
+                .server(b"226 Done\r\n")
+                .0,
+        ),
+        (
+            "seed-fxp-resolve-answers",
+            s().configure(1)
+                .login()
+                .client(b"PORT 192,0,2,1,199,55\r\nPORT 198,51,100,1,35,161\r\n")
+                .client(b"PORT 198,51,100,7,35,161\r\nEPRT |1|198.51.100.1|50999|\r\n")
+                .server(b"200 ok\r\n200 ok\r\n200 ok\r\n")
+                .resolve_by(1)
+                .client(b"PORT 192,0,2,1,35,161\r\n")
+                .resolve_by(2)
+                .client(b"PORT 192,0,2,1,35,162\r\n")
+                .resolve_by(3)
+                .client(b"PORT 203,0,113,5,35,161\r\n")
+                .resolve_by(4)
+                .client(b"PORT 198,51,100,1,35,161\r\nPORT 198,51,100,20,35,161\r\n")
+                .server(b"200 ok\r\n200 ok\r\n")
+                .0,
+        ),
+        (
+            "seed-held-resolves",
+            s().configure(1)
+                .login()
+                .resolve_by(5)
+                .client(b"PORT 198,51,100,1,35,161\r\nNOOP\r\n")
+                .server(b"200 ok\r\n")
+                .answer(3)
+                .answer(2)
+                .client(b"PORT 192,0,2,1,199,55\r\n")
+                .answer(0)
+                .client(b"EPRT |1|203.0.113.5|6446|\r\n")
+                .answer(1)
+                .answer(1)
+                .client(b"PORT 198,51,100,30,35,161\r\n")
+                .eof(1)
+                .answer(2)
+                .0,
+        ),
+        (
+            "seed-held-pinholes",
+            s().login()
+                .pinholes_by(2)
+                .client(b"PASV\r\nPORT 192,0,2,10,25,46\r\n")
+                .server(b"227 Entering Passive Mode (198,51,100,20,200,10).\r\n")
+                .connect(0, 0)
+                .answer_pinhole(4)
+                .answer_pinhole(5)
+                .answer_pinhole(2)
+                .connect(0, 0)
+                .answer_pinhole(0)
+                .connect(1, 0)
+                .server(b"200 ok\r\n")
+                .pinholes_by(1)
+                .client(b"EPSV\r\n")
+                .server(b"229 ok (|||6446|)\r\n")
+                .pinholes_by(0)
+                .client(b"EPSV\r\n")
+                .server(b"229 ok (|||6447|)\r\n")
+                .connect(3, 1)
+                .0,
+        ),
+        (
+            "seed-taken-over-and-expiry",
+            s().configure(6)
+                .login()
+                .client(b"PASV\r\n")
+                .server(b"227 Entering Passive Mode (10,0,0,5,200,10).\r\n")
+                .taken_over(0)
+                .connect(0, 0)
+                .client(b"PASV\r\n")
+                .server(b"227 Entering Passive Mode (10,0,0,5,200,11).\r\n")
+                .advance(29)
+                .millis(255)
+                .millis(255)
+                .millis(255)
+                .millis(255)
+                .connect(1, 0)
+                .client(b"PASV\r\n")
+                .server(b"227 Entering Passive Mode (10,0,0,5,200,12).\r\n")
+                .connect(2, 0)
+                .taken_over(2)
+                .client(b"PASV\r\n")
+                .server(b"227 Entering Passive Mode (10,0,0,5,200,13).\r\n")
+                .0,
+        ),
+        (
+            "seed-shutdown-mid-reply",
+            s().login()
+                .client(b"PASV\r\nHELP\r\n")
+                .pinholes_by(2)
+                .server(b"227 Entering Passive Mode (10,0,0,5,200,10).\r\n214-Help\r\n")
+                .shutdown()
+                .answer_pinhole(0)
+                .connect(0, 0)
+                .client(b"NOOP\r\n")
                 .0,
         ),
         (

@@ -402,7 +402,7 @@ proptest! {
             .iter()
             .map(|s| match s {
                 Step::Input(_, d) => d.len(),
-                Step::Advance(_) => 0,
+                _ => 0,
             })
             .sum();
         let split = driver::play(&steps, &vec![0; bytes]);
@@ -588,7 +588,7 @@ fn held_command_released_by_a_server_reply_is_split_invariant() {
             .iter()
             .map(|s| match s {
                 Step::Input(_, d) => d.len() - 1,
-                Step::Advance(_) => unreachable!(),
+                _ => unreachable!("only inputs"),
             })
             .collect();
         splits.extend(std::iter::repeat_n(server_cut - 1, replies.len()));

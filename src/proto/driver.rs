@@ -1,14 +1,25 @@
 //! A deterministic driver for scenario tests, property tests and fuzzing:
 //! it plays a script against a [`Session`] and answers the session's
 //! requests the way a well-behaved daemon would, with a virtual clock.
+//! Answers can also be held back and given later, in any order, and the
+//! daemon's news (a data connection, a pinhole closed or taken over) can be
+//! interleaved with the bytes of either side: see [`script`].
 
+mod script;
+
+pub use script::{
+    ADVERTISED, Answer, FXP_NETWORK, Peer, PinholesBy, ResolveBy, Setup, Step, StepReport, play,
+    play_observed, script_from_bytes,
+};
+
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    DataVerdict, Endpoints, Event, PinholeId, PinholeRequest, Resolution, Resolved, Session,
-    SessionConfig, SessionId, Side,
+    DataVerdict, Endpoints, Event, PinholeId, PinholeRequest, Resolution, ResolveId, Resolved,
+    Session, SessionConfig, SessionId, Side,
 };
 
 /// Everything a session produced, in order.
@@ -78,17 +89,36 @@ pub fn lab_resolution(target: SocketAddr) -> Resolution {
     }
 }
 
+/// The port the driver's daemon opens pinhole `id` on.
+pub fn pinhole_port(id: PinholeId) -> u16 {
+    // Below 900, so the sum stays a valid port.
+    50000 + (id.seq % 900) as u16
+}
+
 pub struct Driver {
     pub session: Session,
     pub now: Instant,
     pub transcript: Transcript,
     /// When false, OpenPinhole requests fail.
     pub pinholes_work: bool,
-    /// Every pinhole request answered so far.
+    /// When true, OpenPinhole requests wait in `held_pinholes` until the
+    /// script answers them.
+    pub defer_pinholes: bool,
+    /// Every pinhole request the session made so far.
     pub requests: Vec<PinholeRequest>,
+    /// Every pinhole the driver reported open, with the address it listens
+    /// on.
+    pub opened: Vec<(PinholeId, SocketAddr)>,
+    /// Pinhole requests not answered yet, oldest first.
+    pub held_pinholes: VecDeque<PinholeRequest>,
     /// How the driver answers [`Event::Resolve`] (default
     /// [`lab_resolution`]).
     pub resolve: fn(SocketAddr) -> Resolution,
+    /// When true, look-ups wait in `held_resolves` until the script
+    /// answers them.
+    pub defer_resolves: bool,
+    /// Look-ups not answered yet, oldest first.
+    pub held_resolves: VecDeque<(ResolveId, SocketAddr)>,
 }
 
 impl Driver {
@@ -99,8 +129,13 @@ impl Driver {
             now,
             transcript: Transcript::default(),
             pinholes_work: true,
+            defer_pinholes: false,
             requests: Vec::new(),
+            opened: Vec::new(),
+            held_pinholes: VecDeque::new(),
             resolve: lab_resolution,
+            defer_resolves: false,
+            held_resolves: VecDeque::new(),
         }
     }
 
@@ -140,13 +175,15 @@ impl Driver {
             match event {
                 Event::OpenPinhole(req) => {
                     self.requests.push(req.clone());
-                    if self.pinholes_work {
-                        let port = 50000 + (req.id.seq % 900) as u16;
-                        let addr = SocketAddr::new(req.listen_ip, port);
-                        self.session.handle_pinhole_opened(req.id, addr, self.now);
+                    if self.defer_pinholes {
+                        self.held_pinholes.push_back(req);
                     } else {
-                        self.session.handle_pinhole_failed(req.id, self.now);
+                        let works = self.pinholes_work;
+                        self.answer_pinhole(&req, works);
                     }
+                }
+                Event::Resolve { id, target } if self.defer_resolves => {
+                    self.held_resolves.push_back((id, target));
                 }
                 Event::Resolve { id, target } => {
                     let answer = (self.resolve)(target);
@@ -154,6 +191,18 @@ impl Driver {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Answers a pinhole request: opened on [`pinhole_port`], or failed.
+    /// The caller settles.
+    fn answer_pinhole(&mut self, req: &PinholeRequest, works: bool) {
+        if works {
+            let addr = SocketAddr::new(req.listen_ip, pinhole_port(req.id));
+            self.opened.push((req.id, addr));
+            self.session.handle_pinhole_opened(req.id, addr, self.now);
+        } else {
+            self.session.handle_pinhole_failed(req.id, self.now);
         }
     }
 
@@ -187,57 +236,4 @@ impl Driver {
         self.input(Side::Server, b"230 ok\r\n");
         self.transcript = Transcript::default();
     }
-}
-
-/// One step of a script.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
-    Input(Side, Vec<u8>),
-    Advance(Duration),
-}
-
-/// Plays `steps`, each input split at the given offsets, and returns the
-/// transcript. Used by the split-invariance property and the fuzz target.
-pub fn play(steps: &[Step], splits: &[usize]) -> Transcript {
-    let mut d = Driver::lab();
-    let mut k = 0;
-    for step in steps {
-        match step {
-            Step::Input(side, data) => {
-                let mut rest = &data[..];
-                while !rest.is_empty() {
-                    let cut = splits.get(k).map_or(rest.len(), |&c| (c % rest.len()) + 1);
-                    k += 1;
-                    d.input(*side, &rest[..cut]);
-                    rest = &rest[cut..];
-                }
-            }
-            Step::Advance(by) => d.advance(*by),
-        }
-    }
-    d.transcript
-}
-
-/// Reads a fuzz input as a script: each record is a tag byte (low bit: side;
-/// bit 1: a time step of the next byte in seconds) and a length byte, then
-/// that many bytes of data.
-pub fn script_from_bytes(data: &[u8]) -> Vec<Step> {
-    let mut steps = Vec::new();
-    let mut rest = data;
-    while let [tag, len, tail @ ..] = rest {
-        if tag & 2 != 0 {
-            steps.push(Step::Advance(Duration::from_secs(u64::from(*len))));
-            rest = tail;
-            continue;
-        }
-        let n = usize::from(*len).min(tail.len());
-        let side = if tag & 1 == 0 {
-            Side::Client
-        } else {
-            Side::Server
-        };
-        steps.push(Step::Input(side, tail[..n].to_vec()));
-        rest = &tail[n..];
-    }
-    steps
 }
