@@ -19,6 +19,8 @@
 //! disk-full test mounts a tmpfs. Without root both print `SKIPPED`.
 
 mod common;
+#[path = "lab/prereq.rs"]
+mod prereq;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -1194,26 +1196,7 @@ fn out_text(o: &std::process::Output) -> String {
 }
 
 fn lab_missing() -> Option<String> {
-    if !is_root() {
-        return Some("needs root (network namespaces, nftables)".into());
-    }
-    for tool in ["ip", "nft", "vsftpd", "curl", "ss"] {
-        let found = Command::new("sh")
-            .args([
-                "-c",
-                &format!("command -v {tool} || test -x /usr/sbin/{tool}"),
-            ])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    if !Path::new("/opt/ftpgate-lab/proftpd/usr/sbin/proftpd").exists() {
-        return Some("proftpd (lab copy) is not installed".into());
-    }
-    None
+    prereq::lab_missing(&["ip", "nft", "vsftpd", "curl", "ss"])
 }
 
 /// Faults (a) to (d) on the kernel plane, in one lab: the server's data

@@ -7,6 +7,8 @@
 //! `scripts/install-test-deps` installs; skipped (and says so) otherwise.
 
 mod classic;
+#[path = "lab/prereq.rs"]
+mod prereq;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -64,31 +66,7 @@ fn text(o: &Output) -> String {
 }
 
 fn missing_prerequisite() -> Option<String> {
-    let uid = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout)
-        .unwrap_or_default();
-    if uid.trim_ascii() != b"0" {
-        return Some("needs root (network namespaces, nftables)".into());
-    }
-    for tool in ["ip", "nft", "vsftpd", "curl", "lftp"] {
-        let found = Command::new("sh")
-            .args([
-                "-c",
-                &format!("command -v {tool} || test -x /usr/sbin/{tool}"),
-            ])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    if !Path::new("/opt/ftpgate-lab/proftpd/usr/sbin/proftpd").exists() {
-        return Some("proftpd (lab copy) is not installed".into());
-    }
-    None
+    prereq::lab_missing(&["ip", "nft", "vsftpd", "curl", "lftp"])
 }
 
 /// Tears the lab down when the test ends, however it ends.

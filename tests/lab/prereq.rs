@@ -1,0 +1,36 @@
+//! What the namespace lab needs, shared by the tests that build it
+//! (`tests/nat_lab.rs`, `tests/faults.rs`): why the lab cannot run here, if
+//! it cannot.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// `None` when the lab can run: root, the given tools, and the lab's copy of
+/// proftpd (`scripts/install-test-deps` installs them all).
+pub fn lab_missing(tools: &[&str]) -> Option<String> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    if uid.trim_ascii() != b"0" {
+        return Some("needs root (network namespaces, nftables)".into());
+    }
+    for tool in tools {
+        let found = Command::new("sh")
+            .args([
+                "-c",
+                &format!("command -v {tool} || test -x /usr/sbin/{tool}"),
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    if !Path::new("/opt/ftpgate-lab/proftpd/usr/sbin/proftpd").exists() {
+        return Some("proftpd (lab copy) is not installed".into());
+    }
+    None
+}
