@@ -226,7 +226,14 @@ bind = "127.0.0.1:0"
         let until = Instant::now() + SETTLE;
         loop {
             let now = self.idle().await;
-            if now == base {
+            // Fewer descriptors than the baseline is no leak: the baseline
+            // can hold a short-lived one (the admin connection of a
+            // metrics scrape that the gateway had not closed yet).
+            if now.fds <= base.fds
+                && now.sessions == base.sessions
+                && now.pinholes == base.pinholes
+                && now.data_connections == base.data_connections
+            {
                 eprintln!("  {after}: back to the baseline {now:?}");
                 return;
             }
