@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 use serde::Deserialize;
 
 use crate::clients::Caps;
-use crate::proto::{DEFAULT_MAX_REFUSALS, FxpRule, Policy, SessionConfig};
+use crate::proto::policy::canonical_ip;
+use crate::proto::{DEFAULT_MAX_REFUSALS, FxpRule, Policy, ServerData, SessionConfig};
 
 /// All problems found in a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +51,56 @@ pub struct Listener {
     pub intercept_port: u16,
     /// The published server (reverse).
     pub upstream: Option<SocketAddr>,
-    pub advertise: Option<IpAddr>,
+    pub advertise: Advertise,
+    /// How data connections toward the server are opened.
+    pub server_data: ServerData,
+    /// Transparent mode: IPv6 destinations inside this /96 (RFC 6052) stand
+    /// for the IPv4 server embedded in their last 32 bits (NAT64).
+    pub nat64_prefix: Option<Ipv6Net>,
+}
+
+/// The address announced in 227 replies: none (the address the client
+/// reached), one for every client, or one per client network (split
+/// horizon: inside clients get the gateway's inside address, outside
+/// clients its public one).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Advertise {
+    #[default]
+    Reached,
+    One(IpAddr),
+    /// The first rule whose network holds the client wins; no match: the
+    /// address the client reached.
+    PerClient(Vec<AdvertiseRule>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdvertiseRule {
+    pub clients: IpNet,
+    pub address: IpAddr,
+}
+
+impl Advertise {
+    /// The address to announce to `client`, if not the one it reached.
+    pub fn for_client(&self, client: IpAddr) -> Option<IpAddr> {
+        let client = canonical_ip(client);
+        match self {
+            Advertise::Reached => None,
+            Advertise::One(ip) => Some(*ip),
+            Advertise::PerClient(rules) => rules
+                .iter()
+                .find(|r| r.clients.contains(&client))
+                .map(|r| r.address),
+        }
+    }
+
+    /// Every address this listener may announce.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        match self {
+            Advertise::Reached => Vec::new(),
+            Advertise::One(ip) => vec![*ip],
+            Advertise::PerClient(rules) => rules.iter().map(|r| r.address).collect(),
+        }
+    }
 }
 
 /// Which data plane carries the bytes of data connections.
@@ -164,7 +214,13 @@ impl Config {
 
     /// What one control session needs, derived once.
     pub fn session_config(&self) -> Arc<SessionConfig> {
+        self.session_config_for(None)
+    }
+
+    /// What a control session accepted by `listener` needs.
+    pub fn session_config_for(&self, listener: Option<&Listener>) -> Arc<SessionConfig> {
         Arc::new(SessionConfig {
+            server_data: listener.map_or(ServerData::AsClient, |l| l.server_data),
             policy: self.policy.clone(),
             max_command_line: self.limits.max_command_line,
             max_reply_line: self.limits.max_reply_line,
@@ -204,7 +260,16 @@ struct RawListener {
     #[serde(default = "default_intercept_port")]
     intercept_port: u16,
     upstream: Option<String>,
-    advertise: Option<String>,
+    /// A string, or an array of `{ clients = CIDR, address = IP }` tables
+    /// (validated by hand, so every problem is reported with its path).
+    advertise: Option<toml::Value>,
+    #[serde(default = "default_server_data")]
+    server_data: String,
+    nat64_prefix: Option<String>,
+}
+
+fn default_server_data() -> String {
+    "as-client".into()
 }
 
 fn default_intercept_port() -> u16 {
@@ -404,13 +469,40 @@ impl RawListener {
                 None
             }
         });
-        let advertise = self.advertise.as_deref().and_then(|a| match a.parse() {
-            Ok(ip) => Some(ip),
-            Err(_) => {
-                problems.push(format!("`{}`: {a:?} is no IP address", key("advertise")));
-                None
+        let advertise = match &self.advertise {
+            None => Advertise::Reached,
+            Some(value) => advertise(&key("advertise"), value, problems),
+        };
+        let server_data = match self.server_data.as_str() {
+            "as-client" => ServerData::AsClient,
+            "passive" => ServerData::Passive,
+            "active" => ServerData::Active,
+            other => {
+                problems.push(format!(
+                    "`{}` = {other:?}: write \"as-client\", \"passive\" or \"active\"",
+                    key("server_data")
+                ));
+                ServerData::AsClient
+            }
+        };
+        let nat64_prefix = self.nat64_prefix.as_deref().and_then(|p| {
+            match p.parse::<Ipv6Net>() {
+                Ok(net) if net.prefix_len() == 96 => Some(net.trunc()),
+                _ => {
+                    problems.push(format!(
+                        "`{}` = {p:?}: write an IPv6 /96 network such as \"64:ff9b::/96\" (RFC 6052)",
+                        key("nat64_prefix")
+                    ));
+                    None
+                }
             }
         });
+        if nat64_prefix.is_some() && mode != Some(Mode::Transparent) {
+            problems.push(format!(
+                "`{}` is only for transparent mode (reverse mode names its upstream)",
+                key("nat64_prefix")
+            ));
+        }
         match mode {
             Some(Mode::Reverse) if self.upstream.is_none() => {
                 problems.push(format!("`{}` is required in reverse mode", key("upstream")));
@@ -456,6 +548,71 @@ impl RawListener {
             intercept_port: self.intercept_port,
             upstream,
             advertise,
+            server_data,
+            nat64_prefix,
+        }
+    }
+}
+
+/// `advertise`: one IP address, or a list of `{ clients = CIDR, address =
+/// IP }` tables.
+fn advertise(key: &str, value: &toml::Value, problems: &mut Vec<String>) -> Advertise {
+    const HOW: &str = "write one IP address (\"203.0.113.7\") or a list of { clients = \"CIDR\", address = \"IP\" } tables";
+    match value {
+        toml::Value::String(a) => match a.parse() {
+            Ok(ip) => Advertise::One(canonical_ip(ip)),
+            Err(_) => {
+                problems.push(format!("`{key}`: {a:?} is no IP address ({HOW})"));
+                Advertise::Reached
+            }
+        },
+        toml::Value::Array(items) => {
+            let mut rules = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let Some(table) = item.as_table() else {
+                    problems.push(format!("`{key}[{i}]` is no table ({HOW})"));
+                    continue;
+                };
+                for k in table.keys().filter(|k| *k != "clients" && *k != "address") {
+                    problems.push(format!("unknown key `{key}[{i}].{k}`"));
+                }
+                let clients = table.get("clients").and_then(|v| v.as_str());
+                let clients = match clients.map(|c| (c, parse_net(c))) {
+                    Some((_, Some(net))) => Some(net),
+                    Some((c, None)) => {
+                        problems.push(format!("`{key}[{i}].clients`: {c:?} is no CIDR network"));
+                        None
+                    }
+                    None => {
+                        problems.push(format!("`{key}[{i}].clients` is required (a CIDR network)"));
+                        None
+                    }
+                };
+                let address = match table.get("address").and_then(|v| v.as_str()) {
+                    Some(a) => match a.parse::<IpAddr>() {
+                        Ok(ip) => Some(canonical_ip(ip)),
+                        Err(_) => {
+                            problems.push(format!("`{key}[{i}].address`: {a:?} is no IP address"));
+                            None
+                        }
+                    },
+                    None => {
+                        problems.push(format!("`{key}[{i}].address` is required (an IP address)"));
+                        None
+                    }
+                };
+                if let (Some(clients), Some(address)) = (clients, address) {
+                    rules.push(AdvertiseRule { clients, address });
+                }
+            }
+            if items.is_empty() {
+                problems.push(format!("`{key}` must not be an empty list ({HOW})"));
+            }
+            Advertise::PerClient(rules)
+        }
+        _ => {
+            problems.push(format!("`{key}`: {HOW}"));
+            Advertise::Reached
         }
     }
 }
@@ -505,6 +662,17 @@ impl RawConfig {
             ));
         }
         let ports = port_range(&d.ports, problems);
+        if plane == Plane::Kernel {
+            for (i, l) in listeners.iter().enumerate() {
+                if l.server_data == ServerData::Active {
+                    problems.push(format!(
+                        "`listener[{i}].server_data` = \"active\" needs `data.plane` = \"proxy\": \
+                         the kernel plane's data range falls through to one listener, which cannot \
+                         pair the server's connection with the client's"
+                    ));
+                }
+            }
+        }
         if plane == Plane::Kernel && ports.0 == ports.1 {
             problems.push(
                 "`data.ports`: the kernel plane needs at least two ports (the first is the fall-through listener)".into(),

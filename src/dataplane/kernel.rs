@@ -44,7 +44,7 @@ use crate::netfilter::{
     SnatSource,
 };
 use crate::proto::policy::{canonical, canonical_ip};
-use crate::proto::{DataVerdict, PinholeId, PinholeRequest, SessionId};
+use crate::proto::{DataVerdict, PinholeId, PinholeRequest, SessionId, Shape};
 use crate::tasks::Tasks;
 
 /// The table the rules of `ftpgate nft-rules` create.
@@ -221,6 +221,19 @@ impl KernelPlane {
         apparent: Vec<IpAddr>,
         owner: &Owner,
     ) -> Result<SocketAddr, OpenError> {
+        // Translated pinholes are carried in userland (as pinholes whose
+        // legs differ in address family are).
+        match request.shape {
+            Shape::Relay => {}
+            Shape::DialBoth { .. } => {
+                return proxy::open_dial(&self.registry, &self.tasks, request, apparent, owner);
+            }
+            Shape::AcceptBoth { .. } => {
+                return Err(OpenError::Io(io::Error::other(
+                    "server_data = \"active\" needs data.plane = \"proxy\"",
+                )));
+            }
+        }
         let reservation = self.registry.reserve(owner)?;
         let timeout = owner.timeouts.accept + ELEMENT_MARGIN;
         let mut taken = 0;

@@ -18,7 +18,7 @@ use super::{OpenError, Owner};
 use crate::clients::{Claim, Counter};
 use crate::metrics as m;
 use crate::proto::policy::canonical_ip;
-use crate::proto::{DataMode, PinholeId, PinholeRequest, Resolved, SessionId};
+use crate::proto::{DataMode, PinholeId, PinholeRequest, Resolved, SessionId, Shape};
 
 /// One live pinhole.
 pub struct Entry {
@@ -241,7 +241,10 @@ impl Registry {
         let client = canonical_ip(client);
         let inner = self.lock();
         let entry = inner.by_port.get(&target.port())?;
+        // A translated pinhole has no single endpoint behind it to hand
+        // to a second server.
         (entry.request.mode == DataMode::Passive
+            && entry.request.shape == Shape::Relay
             && entry.opener == client
             && entry.apparent.contains(&target_ip))
         .then_some(Resolved {
@@ -336,6 +339,7 @@ mod tests {
             expected_peer: owner.info.client.ip(),
             connect_to: "198.51.100.20:40001".parse().unwrap(),
             connect_from: "198.51.100.1".parse().unwrap(),
+            shape: crate::proto::Shape::Relay,
         };
         let (port, ()) = registry
             .claim(

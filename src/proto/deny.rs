@@ -75,10 +75,14 @@ pub enum DenyReason {
     /// The session kept sending refused input past its budget
     /// (`limits.max_refused_commands`) and was closed.
     RefusalBudget,
+    /// The server refused the command the gateway translated the client's
+    /// into (`server_data` conversion, RFC 6384 family translation): the
+    /// client got the matching refusal of its own command.
+    TranslationRefused,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 28] = [
+    pub const ALL: [DenyReason; 29] = [
         DenyReason::MalformedLine,
         DenyReason::LineTooLong,
         DenyReason::MalformedCommand,
@@ -107,6 +111,7 @@ impl DenyReason {
         DenyReason::ClientSessionLimit,
         DenyReason::UpstreamUnreachable,
         DenyReason::RefusalBudget,
+        DenyReason::TranslationRefused,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -139,6 +144,7 @@ impl DenyReason {
             DenyReason::ClientSessionLimit => "client_session_limit",
             DenyReason::UpstreamUnreachable => "upstream_unreachable",
             DenyReason::RefusalBudget => "refusal_budget",
+            DenyReason::TranslationRefused => "translation_refused",
         }
     }
 }

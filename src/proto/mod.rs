@@ -57,9 +57,9 @@ pub mod session;
 pub use deny::{Denial, DenyReason};
 pub use policy::{FxpRule, Policy};
 pub use session::{
-    Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerdict, Endpoints, Event,
-    PinholeClose, PinholeId, PinholeRequest, Resolution, ResolveId, Resolved, RewriteKind, Session,
-    SessionConfig, SessionId, Transmit,
+    Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerb, DataVerdict, Endpoints, Event,
+    PinholeClose, PinholeId, PinholeRequest, Resolution, ResolveId, Resolved, RewriteKind,
+    ServerData, Session, SessionConfig, SessionId, Shape, Transmit,
 };
 
 /// One end of the control connection.

@@ -17,9 +17,9 @@ mod replies;
 mod types;
 
 pub use types::{
-    Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerdict, Endpoints, Event,
+    Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerb, DataVerdict, Endpoints, Event,
     PinholeClose, PinholeId, PinholeRequest, Resolution, ResolveId, Resolved, RewriteKind,
-    SessionConfig, SessionId, Transmit,
+    ServerData, SessionConfig, SessionId, Shape, Transmit,
 };
 
 use std::collections::VecDeque;
@@ -63,6 +63,9 @@ pub struct Session {
     seen_server_line: bool,
     logged_in: bool,
     epsv_all: bool,
+    /// RFC 6384 translation for an IPv6 client of an IPv4 server (ALGS
+    /// ENABLE64/DISABLE64; on by default).
+    alg64: bool,
     closed: bool,
     held_command: Option<HeldCommand>,
     held_reply: Option<HeldReply>,
@@ -109,6 +112,7 @@ impl Session {
             seen_server_line: false,
             logged_in: false,
             epsv_all: false,
+            alg64: true,
             closed: false,
             held_command: None,
             held_reply: None,
@@ -207,6 +211,9 @@ impl Session {
             Some(HeldCommand::Opening(held_id, cmd)) if held_id == id => {
                 self.forward_active(&cmd, listen);
             }
+            Some(HeldCommand::OpeningBoth(held_id, ask)) if held_id == id => {
+                self.forward_converted_port(id, ask, listen.port());
+            }
             other => self.held_command = other,
         }
         if self.held_reply.as_ref().is_some_and(|h| h.id == id)
@@ -226,6 +233,11 @@ impl Session {
         match self.held_command.take() {
             Some(HeldCommand::Opening(held_id, cmd)) if held_id == id => {
                 self.refuse(with_command(refusal.clone(), &cmd), REPLY, Route::Queued);
+            }
+            Some(HeldCommand::OpeningBoth(held_id, ask)) if held_id == id => {
+                let mut refusal = refusal.clone();
+                refusal.verb = Some(ask.verb_text().to_string());
+                self.refuse(refusal, REPLY, Route::Queued);
             }
             other => self.held_command = other,
         }

@@ -83,6 +83,14 @@ impl Session {
         }
     }
 
+    /// The gateway's own reply to a command it answers itself (no
+    /// refusal): queued behind earlier commands.
+    pub(super) fn reply_locally(&mut self, reply: &str) {
+        self.pending
+            .push_back(Pending::Local(format!("{reply}\r\n").into_bytes()));
+        self.flush_local_replies();
+    }
+
     /// A server line the gateway will not pass on: logged, nobody answered.
     pub(super) fn server_line_refused(&mut self, reason: DenyReason) {
         self.refuse(Denial::new(reason, Side::Server), "", Route::Silent);
