@@ -1045,6 +1045,74 @@ mod tests {
     }
 
     #[test]
+    fn advertise_is_one_address_or_one_per_client_network() {
+        let one = Config::parse(
+            "[[listener]]\nmode = \"reverse\"\nbind = [\"0.0.0.0:2100\"]\nupstream = \"192.0.2.20:21\"\nadvertise = \"203.0.113.7\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let a = &one.listeners[0].advertise;
+        assert_eq!(
+            a.for_client("10.1.1.1".parse().unwrap()),
+            Some("203.0.113.7".parse().unwrap())
+        );
+        let split = Config::parse(
+            "[[listener]]\nmode = \"reverse\"\nbind = [\"0.0.0.0:2100\"]\nupstream = \"192.0.2.20:21\"\n\
+             advertise = [ { clients = \"192.0.2.0/24\", address = \"192.0.2.1\" },\
+                           { clients = \"0.0.0.0/0\", address = \"203.0.113.7\" } ]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let a = &split.listeners[0].advertise;
+        assert_eq!(
+            a.for_client("192.0.2.10".parse().unwrap()),
+            Some("192.0.2.1".parse().unwrap())
+        );
+        assert_eq!(
+            a.for_client("::ffff:192.0.2.10".parse().unwrap()),
+            Some("192.0.2.1".parse().unwrap())
+        );
+        assert_eq!(
+            a.for_client("198.51.100.30".parse().unwrap()),
+            Some("203.0.113.7".parse().unwrap())
+        );
+        // No rule for IPv6 clients: the address they reached.
+        assert_eq!(a.for_client("2001:db8::1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn translation_keys_are_checked_with_every_other_problem() {
+        let err = Config::parse(
+            "[[listener]]\nmode = \"reverse\"\nbind = [\"0.0.0.0:2100\"]\nupstream = \"192.0.2.20:21\"\n\
+             server_data = \"sideways\"\nnat64_prefix = \"64:ff9b::/96\"\n\
+             advertise = [ { clients = \"nowhere\", address = \"192.0.2.1\", colour = 1 }, { clients = \"10.0.0.0/8\" } ]\n\
+             [[listener]]\nmode = \"transparent\"\nbind = [\"[::]:2121\"]\ninterfaces = [\"br-in\"]\n\
+             nat64_prefix = \"64:ff9b::/64\"\nserver_data = \"active\"\n[data]\nplane = \"kernel\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "`listener[0].server_data` = \"sideways\"",
+            "`listener[0].nat64_prefix` is only for transparent mode",
+            "`listener[0].advertise[0].clients`: \"nowhere\"",
+            "unknown key `listener[0].advertise[0].colour`",
+            "`listener[0].advertise[1].address` is required",
+            "`listener[1].nat64_prefix` = \"64:ff9b::/64\"",
+            "`listener[1].server_data` = \"active\" needs `data.plane` = \"proxy\"",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+        let ok = Config::parse(
+            "[[listener]]\nmode = \"transparent\"\nbind = [\"[::]:2121\"]\ninterfaces = [\"br-in\"]\n\
+             nat64_prefix = \"64:ff9b::/96\"\nserver_data = \"passive\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ok.listeners[0].server_data, ServerData::Passive);
+        assert_eq!(
+            ok.session_config_for(Some(&ok.listeners[0])).server_data,
+            ServerData::Passive
+        );
+    }
+
+    #[test]
     fn mapped_fxp_networks_become_ipv4() {
         assert_eq!(
             parse_net("::ffff:198.51.100.0/120"),

@@ -1,0 +1,311 @@
+//! Scenario vectors for the core's data-mode conversion (`server_data`):
+//! a client's PORT/EPRT carried out as PASV/EPSV toward the server, a
+//! client's PASV/EPSV carried out as PORT/EPRT, and the mapping of the
+//! server's refusals to the refusal the client's own command expects.
+//!
+//! Lab addresses as in `tests/proto_vectors.rs`: client 192.0.2.10,
+//! gateway 192.0.2.1 inside and 198.51.100.1 outside, server
+//! 198.51.100.20; the driver opens pinhole `id` on port `50000 + id`.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ftpgate::proto::driver::{Driver, Transcript, lab_endpoints, pinhole};
+use ftpgate::proto::{
+    DataMode, DataVerb, DataVerdict, Denial, DenyReason, Event, PinholeClose, PinholeRequest,
+    RewriteKind, ServerData, SessionConfig, Shape, Side,
+};
+
+const CLIENT: &str = "192.0.2.10";
+const GATEWAY_INSIDE: &str = "192.0.2.1";
+const GATEWAY_OUTSIDE: &str = "198.51.100.1";
+const SERVER: &str = "198.51.100.20";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn assert_wire(t: &Transcript, to_client: &str, to_server: &str) {
+    assert_eq!(text(&t.to_client), to_client, "bytes to the client");
+    assert_eq!(text(&t.to_server), to_server, "bytes to the server");
+}
+
+fn denials(t: &Transcript) -> Vec<&Denial> {
+    t.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Deny(d) => Some(d),
+            _ => None,
+        })
+        .collect()
+}
+
+fn opened(t: &Transcript) -> Vec<&PinholeRequest> {
+    t.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::OpenPinhole(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+fn rewrites(t: &Transcript) -> Vec<&'static str> {
+    t.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Rewrite { kind, .. } => Some(kind.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn session(server_data: ServerData) -> Driver {
+    let cfg = SessionConfig {
+        server_data,
+        ..SessionConfig::default()
+    };
+    let mut d = Driver::new(cfg, lab_endpoints());
+    d.login();
+    d
+}
+
+// ---- server_data = "passive": PORT/EPRT become PASV/EPSV -------------------------
+
+#[test]
+fn port_becomes_pasv_and_the_gateway_dials_both_ends_before_the_client_gets_200() {
+    let mut d = session(ServerData::Passive);
+    d.input(Side::Client, b"PORT 192,0,2,10,25,46\r\n");
+    // Nothing for the client until the server's passive reply.
+    assert_wire(&d.transcript, "", "PASV\r\n");
+    assert!(opened(&d.transcript).is_empty());
+    // A NATed server's private 227 address is still replaced by its
+    // control address.
+    d.input(
+        Side::Server,
+        b"227 Entering Passive Mode (10,0,0,5,200,10).\r\n",
+    );
+    assert_wire(
+        &d.transcript,
+        "200 PORT command successful.\r\n",
+        "PASV\r\n",
+    );
+    assert_eq!(
+        opened(&d.transcript),
+        vec![&PinholeRequest {
+            id: pinhole(1),
+            mode: DataMode::Active,
+            listen_ip: ip(GATEWAY_INSIDE),
+            expected_peer: ip(SERVER),
+            connect_to: sa("192.0.2.10:6446"),
+            connect_from: ip(GATEWAY_INSIDE),
+            shape: Shape::DialBoth {
+                dial: sa("198.51.100.20:51210"),
+                dial_from: ip(GATEWAY_OUTSIDE),
+            },
+        }]
+    );
+    assert_eq!(rewrites(&d.transcript), ["port_to_pasv"]);
+    // The dialled server leg is judged like any data connection.
+    assert_eq!(
+        d.connect_from(1, sa("198.51.100.20:51210")),
+        DataVerdict::Accept
+    );
+    d.transcript = Transcript::default();
+    d.input(Side::Client, b"RETR f\r\n");
+    d.input(Side::Server, b"150 go\r\n226 done\r\n");
+    assert_wire(&d.transcript, "150 go\r\n226 done\r\n", "RETR f\r\n");
+}
+
+#[test]
+fn eprt_becomes_pasv_toward_an_ipv4_server_and_gets_200() {
+    let mut d = session(ServerData::Passive);
+    d.input(Side::Client, b"EPRT |1|192.0.2.10|6446|\r\n");
+    d.input(Side::Server, b"227 ok (198,51,100,20,200,10)\r\n");
+    assert_wire(
+        &d.transcript,
+        "200 EPRT command successful.\r\n",
+        "PASV\r\n",
+    );
+    assert_eq!(rewrites(&d.transcript), ["eprt_to_pasv"]);
+}
+
+#[test]
+fn a_bounce_port_is_refused_before_any_conversion() {
+    let mut d = session(ServerData::Passive);
+    d.input(Side::Client, b"PORT 192,0,2,99,25,46\r\n");
+    assert_wire(
+        &d.transcript,
+        "504 Data connection target refused by policy.\r\n",
+        "",
+    );
+    assert_eq!(denials(&d.transcript)[0].reason, DenyReason::Bounce);
+}
+
+#[test]
+fn a_refused_pasv_reaches_the_client_as_the_refusal_of_its_port() {
+    for (server, client) in [
+        ("502 PASV not allowed.", "502"),
+        ("500 Unknown command.", "502"),
+        ("501 Nope.", "502"),
+        ("425 Cannot open passive connection.", "425"),
+        ("530 Not logged in.", "530"),
+    ] {
+        let mut d = session(ServerData::Passive);
+        d.input(Side::Client, b"PORT 192,0,2,10,25,46\r\n");
+        d.input(Side::Server, format!("{server}\r\n").as_bytes());
+        let code = &server[..3];
+        assert_wire(
+            &d.transcript,
+            &format!(
+                "{client} Can't open data connection: the server refused PASV (ftpgate sent it for PORT) with {code}.\r\n"
+            ),
+            "PASV\r\n",
+        );
+        let all = denials(&d.transcript);
+        assert_eq!(all.len(), 1, "{server}");
+        assert_eq!(all[0].reason, DenyReason::TranslationRefused);
+        assert_eq!(all[0].rule.as_deref(), Some("port_to_pasv"));
+        assert_eq!(all[0].verb.as_deref(), Some("PORT"));
+        assert!(opened(&d.transcript).is_empty());
+    }
+}
+
+#[test]
+fn a_multi_line_passive_reply_never_reaches_a_converted_client() {
+    let mut d = session(ServerData::Passive);
+    d.input(Side::Client, b"PORT 192,0,2,10,25,46\r\n");
+    d.input(
+        Side::Server,
+        b"227-Entering Passive Mode (10,0,0,5,1,1)\r\n227 (198,51,100,20,200,10)\r\n",
+    );
+    assert_wire(
+        &d.transcript,
+        "200 PORT command successful.\r\n",
+        "PASV\r\n",
+    );
+}
+
+// ---- server_data = "active": PASV/EPSV become PORT/EPRT --------------------------
+
+#[test]
+fn pasv_becomes_port_and_the_client_gets_227_only_after_the_server_accepted_it() {
+    let mut d = session(ServerData::Active);
+    d.input(Side::Client, b"PASV\r\n");
+    assert_eq!(
+        opened(&d.transcript),
+        vec![&PinholeRequest {
+            id: pinhole(1),
+            mode: DataMode::Passive,
+            listen_ip: ip(GATEWAY_INSIDE),
+            expected_peer: ip(CLIENT),
+            connect_to: sa("198.51.100.20:0"),
+            connect_from: ip(GATEWAY_OUTSIDE),
+            shape: Shape::AcceptBoth {
+                server_listen: ip(GATEWAY_OUTSIDE),
+                server: ip(SERVER),
+            },
+        }]
+    );
+    // The server is told the gateway's outside address, same port.
+    assert_wire(&d.transcript, "", "PORT 198,51,100,1,195,81\r\n");
+    d.input(Side::Server, b"200 PORT command successful.\r\n");
+    assert_wire(
+        &d.transcript,
+        "227 Entering Passive Mode (192,0,2,1,195,81).\r\n",
+        "PORT 198,51,100,1,195,81\r\n",
+    );
+    assert_eq!(rewrites(&d.transcript), ["pasv_to_port"]);
+    // Both ends connect in; anyone else is a thief.
+    assert_eq!(
+        d.connect_from(1, sa("192.0.2.10:40100")),
+        DataVerdict::Accept
+    );
+    assert_eq!(
+        d.connect_from(1, sa("192.0.2.11:40100")),
+        DataVerdict::Refuse
+    );
+    assert_eq!(denials(&d.transcript)[0].reason, DenyReason::PasvTheft);
+    assert_eq!(
+        d.connect_from(1, sa("198.51.100.20:20")),
+        DataVerdict::Accept
+    );
+    // One connection each: a second from the client is refused.
+    assert_eq!(
+        d.connect_from(1, sa("192.0.2.10:40101")),
+        DataVerdict::Refuse
+    );
+}
+
+#[test]
+fn epsv_becomes_port_and_the_client_gets_229() {
+    let mut d = session(ServerData::Active);
+    d.input(Side::Client, b"EPSV\r\n");
+    d.input(Side::Server, b"200 ok\r\n");
+    assert_wire(
+        &d.transcript,
+        "229 Entering Extended Passive Mode (|||50001|)\r\n",
+        "PORT 198,51,100,1,195,81\r\n",
+    );
+    assert_eq!(rewrites(&d.transcript), ["epsv_to_port"]);
+}
+
+#[test]
+fn a_refused_port_reaches_the_client_as_the_refusal_of_its_pasv_and_the_pinhole_goes() {
+    for (server, client) in [
+        ("500 Illegal PORT command.", "502"),
+        ("425 Security: Bad IP connecting.", "425"),
+    ] {
+        let mut d = session(ServerData::Active);
+        d.input(Side::Client, b"PASV\r\n");
+        d.input(Side::Server, format!("{server}\r\n").as_bytes());
+        let code = &server[..3];
+        assert_wire(
+            &d.transcript,
+            &format!(
+                "{client} Can't open data connection: the server refused PORT (ftpgate sent it for PASV) with {code}.\r\n"
+            ),
+            "PORT 198,51,100,1,195,81\r\n",
+        );
+        assert!(d.transcript.events.contains(&Event::ClosePinhole {
+            id: pinhole(1),
+            cause: PinholeClose::ServerRefused,
+        }));
+        let all = denials(&d.transcript);
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].reason, DenyReason::TranslationRefused);
+        assert_eq!(all[0].rule.as_deref(), Some("pasv_to_port"));
+        // Nothing waits there any more.
+        assert_eq!(
+            d.connect_from(1, sa("192.0.2.10:40100")),
+            DataVerdict::Refuse
+        );
+    }
+}
+
+#[test]
+fn epsv_all_is_answered_by_the_gateway_when_it_converts() {
+    let mut d = session(ServerData::Active);
+    d.input(Side::Client, b"EPSV ALL\r\n");
+    assert_wire(&d.transcript, "200 EPSV ALL command successful.\r\n", "");
+    d.transcript = Transcript::default();
+    d.input(Side::Client, b"EPSV\r\n");
+    assert_wire(&d.transcript, "", "PORT 198,51,100,1,195,81\r\n");
+}
+
+#[test]
+fn as_client_keeps_the_clients_own_mode() {
+    let mut d = session(ServerData::AsClient);
+    d.input(Side::Client, b"PORT 192,0,2,10,25,46\r\n");
+    assert_wire(&d.transcript, "", "PORT 198,51,100,1,195,81\r\n");
+    assert_eq!(opened(&d.transcript)[0].shape, Shape::Relay);
+    let kind = RewriteKind::for_verbs(DataVerb::Port, DataVerb::Port);
+    assert_eq!(kind, RewriteKind::Port);
+}
