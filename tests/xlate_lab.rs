@@ -37,6 +37,15 @@ struct Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.out("ftpgate.stderr")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("ftpgate stderr (last 40 lines, newest first):");
+            for l in tail {
+                eprintln!("  {l}");
+            }
+            eprintln!("deny log: {:#?}", self.denials());
+        }
         if let Some(mut g) = self.gateway.take() {
             let _ = g.kill();
             let _ = g.wait();

@@ -228,7 +228,10 @@ impl Pinhole {
                     continue;
                 }
             }
-            if let (Some(c), Some(s)) = (client.take(), server.take()) {
+            if client.is_some()
+                && server.is_some()
+                && let (Some(c), Some(s)) = (client.take(), server.take())
+            {
                 break (c, s);
             }
         };
