@@ -239,8 +239,41 @@ bind = "127.0.0.1:9121"
     path
 }
 
-fn start_gateway(lab: &mut Lab) {
-    let config = gateway_config(lab.dir.path());
+/// On the kernel plane: the passive conversion (carried in userland) and
+/// the IPv6 client of the IPv4 server (legs of two families: userland too).
+fn kernel_config(dir: &Path) -> PathBuf {
+    let text = format!(
+        r#"
+[[listener]]
+mode = "reverse"
+bind = ["{GW_IN}:2101"]
+upstream = "{SRV1}:21"
+server_data = "passive"
+
+[[listener]]
+mode = "reverse"
+bind = ["[{GW_IN6}]:2104"]
+upstream = "{SRV1}:21"
+
+[data]
+plane = "kernel"
+ports = "50000-50999"
+accept_timeout = "5s"
+
+[deny_log]
+path = "{}/deny.jsonl"
+
+[admin]
+bind = "127.0.0.1:9121"
+"#,
+        dir.display()
+    );
+    let path = dir.join("ftpgate-kernel.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start_gateway(lab: &mut Lab, config: PathBuf) {
     let check = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
         .args(["check-config", "--config"])
         .arg(&config)
@@ -254,6 +287,9 @@ fn start_gateway(lab: &mut Lab) {
         .unwrap();
     assert!(rules.status.success(), "{}", text(&rules));
     lab.nft("gw", &String::from_utf8_lossy(&rules.stdout), "rules.nft");
+    if lab.gateway.is_some() {
+        return start_daemon(lab, &config);
+    }
     // The NAT in front of split horizon's public address.
     lab.nft(
         "gw",
@@ -263,12 +299,26 @@ fn start_gateway(lab: &mut Lab) {
         ),
         "public.nft",
     );
-    let log = std::fs::File::create(lab.out("ftpgate.stderr")).unwrap();
+    start_daemon(lab, &config);
+}
+
+/// Starts (or restarts) ftpgate in the gateway namespace; ready when
+/// /readyz answers.
+fn start_daemon(lab: &mut Lab, config: &Path) {
+    if let Some(mut old) = lab.gateway.take() {
+        let _ = old.kill();
+        let _ = old.wait();
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(lab.out("ftpgate.stderr"))
+        .unwrap();
     let child = Command::new("ip")
         .args(["netns", "exec", &format!("{}gw", lab.prefix)])
         .arg(env!("CARGO_BIN_EXE_ftpgate"))
         .args(["--log-level", "debug", "run", "--config"])
-        .arg(&config)
+        .arg(config)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -446,7 +496,8 @@ fn translation_lab_converts_data_modes_crosses_families_and_splits_the_horizon()
     let servers = lab.lab(&["start-servers"]);
     assert!(servers.status.success(), "{}", text(&servers));
     start_active_only_vsftpd(&lab);
-    start_gateway(&mut lab);
+    let config = gateway_config(lab.dir.path());
+    start_gateway(&mut lab, config);
 
     eprintln!(
         "server_data = \"passive\" (srv1 refuses every new connection but 21 and its passive range):"
@@ -662,4 +713,32 @@ fn translation_lab_converts_data_modes_crosses_families_and_splits_the_horizon()
     );
     assert!(outside.contains("(203,0,113,7,"), "{outside}");
     eprintln!("  inside got {GW_IN}, outside got {PUBLIC} in their 227 replies");
+
+    eprintln!("kernel plane: translated pinholes carried in userland:");
+    let config = kernel_config(lab.dir.path());
+    start_gateway(&mut lab, config);
+    lab.nft("srv1", SERVER_FIREWALL, "server-firewall.nft");
+    let before = lab.metric("ftpgate_rewrites_total{kind=\"port_to_pasv\"}");
+    lftp(
+        &lab,
+        "kernel: lftp active (PORT) -> PASV",
+        "in1",
+        "set ftp:passive-mode off; set ftp:prefer-epsv no",
+        2101,
+        GW_IN,
+    );
+    let tn = lab.out("kernel-tnftp-active.bin");
+    let url = format!("ftp://ftptest:ftptest@{GW_IN}:2101/data.bin");
+    lab.ok(
+        "in1",
+        &["tnftp", "-A", "-V", "-o", tn.to_str().unwrap(), &url],
+    );
+    lab.assert_download("kernel: tnftp -A (EPRT) -> PASV", &tn);
+    lab.ok("srv1", &["nft", "delete", "table", "inet", "xlfw"]);
+    let url = format!("ftp://ftptest:ftptest@[{GW_IN6}]:2104/data.bin");
+    curl(&lab, "kernel: v6 curl EPSV -> PASV", "in1", &["-6"], &url);
+    assert!(lab.metric("ftpgate_rewrites_total{kind=\"port_to_pasv\"}") > before);
+    let plane = lab
+        .metric("ftpgate_data_bytes_total{direction=\"download\",mode=\"active\",plane=\"proxy\"}");
+    assert!(plane >= 2.0 * 3145728.0, "userland relay bytes: {plane}");
 }
