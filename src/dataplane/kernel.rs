@@ -660,9 +660,13 @@ async fn fall_through(
         let Some(port) = crate::sockets::original_dst(&stream).map(|a| a.port()) else {
             continue;
         };
+        let found = registry.at_port(port);
+        // A translated pinhole that dials out takes no connection in:
+        // only the one the gateway made itself is its data connection.
+        let found = found.filter(|f| !matches!(f.request.shape, Shape::DialBoth { .. }));
         let Some(Found {
             id, owner, request, ..
-        }) = registry.at_port(port)
+        }) = found
         else {
             // No pinhole holds this port (used, expired, never opened):
             // nobody's session to judge it, so it is counted and closed.

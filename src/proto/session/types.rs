@@ -164,16 +164,6 @@ pub enum Shape {
     DialBoth { dial: SocketAddr, dial_from: IpAddr },
 }
 
-impl PinholeRequest {
-    /// The peers whose connections the pinhole carries, each once.
-    pub fn peers(&self) -> Vec<IpAddr> {
-        match self.shape {
-            Shape::AcceptBoth { server, .. } => vec![self.expected_peer, server],
-            Shape::Relay | Shape::DialBoth { .. } => vec![self.expected_peer],
-        }
-    }
-}
-
 /// The endpoint behind a pinhole of the gateway, found by [`Event::Resolve`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resolved {
