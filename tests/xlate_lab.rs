@@ -27,6 +27,10 @@ const GW_OUT: &str = "198.51.100.1";
 const PUBLIC: &str = "203.0.113.7";
 /// The second vsftpd on srv1, with passive mode turned off.
 const NO_PASV_PORT: u16 = 2121;
+/// A vsftpd on srv1 that listens on IPv4 only.
+const V4_ONLY_PORT: u16 = 2122;
+/// A vsftpd on srv1 that listens on its IPv6 address only.
+const V6_ONLY_PORT: u16 = 2123;
 
 struct Lab {
     prefix: String,
@@ -185,17 +189,17 @@ bind = ["{GW_IN}:2103"]
 upstream = "{SRV1}:{NO_PASV_PORT}"
 server_data = "active"
 
-# The IPv4 server published on IPv6.
+# The IPv4-only server published on IPv6.
 [[listener]]
 mode = "reverse"
 bind = ["[{GW_IN6}]:2104"]
-upstream = "{SRV1}:21"
+upstream = "{SRV1}:{V4_ONLY_PORT}"
 
-# The server's IPv6 side published on IPv4.
+# The IPv6-only server published on IPv4.
 [[listener]]
 mode = "reverse"
 bind = ["{GW_IN}:2105"]
-upstream = "[{SRV1_V6}]:21"
+upstream = "[{SRV1_V6}]:{V6_ONLY_PORT}"
 
 # Split horizon: one listener, an address per client network.
 [[listener]]
@@ -214,11 +218,13 @@ bind = ["{GW_IN}:2107"]
 upstream = "{SRV1}:{NO_PASV_PORT}"
 server_data = "passive"
 
-# NAT64: IPv6 clients reach IPv4 servers at 64:ff9b::/96.
+# NAT64: IPv6 clients reach IPv4 servers at 64:ff9b::/96 (here the
+# IPv4-only vsftpd's port is the intercepted one).
 [[listener]]
 mode = "transparent"
 bind = ["[::]:2121"]
 interfaces = ["br-in"]
+intercept_port = {V4_ONLY_PORT}
 nat64_prefix = "64:ff9b::/96"
 
 [data]
@@ -253,7 +259,7 @@ server_data = "passive"
 [[listener]]
 mode = "reverse"
 bind = ["[{GW_IN6}]:2104"]
-upstream = "{SRV1}:21"
+upstream = "{SRV1}:{V4_ONLY_PORT}"
 
 [data]
 plane = "kernel"
@@ -341,26 +347,29 @@ fn start_daemon(lab: &mut Lab, config: &Path) {
     );
 }
 
-/// A second vsftpd on srv1 with `pasv_enable=NO` (active mode only).
-fn start_active_only_vsftpd(lab: &Lab) {
+/// Another vsftpd on srv1 (same root, same files) on `port`, with the
+/// lab's configuration changed by `keys` (`key=value` lines replaced or
+/// added).
+fn start_vsftpd(lab: &Lab, name: &str, port: u16, keys: &[(&str, &str)]) {
     let conf = std::fs::read_to_string(lab.state.join("srv1/vsftpd.conf")).unwrap();
-    let conf: String = conf
+    let log = lab.dir.path().display().to_string();
+    let mut set: Vec<(String, String)> = vec![
+        ("listen_port".into(), port.to_string()),
+        ("vsftpd_log_file".into(), format!("{log}/{name}.log")),
+        ("xferlog_file".into(), format!("{log}/{name}.xferlog")),
+    ];
+    set.extend(keys.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut lines: Vec<String> = conf
         .lines()
-        .map(|l| match l.split_once('=').map(|(k, _)| k) {
-            Some("listen_port") => format!("listen_port={NO_PASV_PORT}"),
-            Some("pasv_enable") => "pasv_enable=NO".into(),
-            Some("vsftpd_log_file") => {
-                format!("vsftpd_log_file={}/nopasv.log", lab.dir.path().display())
-            }
-            Some("xferlog_file") => {
-                format!("xferlog_file={}/nopasv.xferlog", lab.dir.path().display())
-            }
-            _ => l.to_string(),
+        .filter(|l| {
+            !set.iter()
+                .any(|(k, _)| l.split_once('=').is_some_and(|(lk, _)| lk == k))
         })
-        .map(|l| l + "\n")
+        .map(str::to_string)
         .collect();
-    let path = lab.out("vsftpd-nopasv.conf");
-    std::fs::write(&path, conf).unwrap();
+    lines.extend(set.iter().map(|(k, v)| format!("{k}={v}")));
+    let path = lab.out(&format!("vsftpd-{name}.conf"));
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
     // Detached; `lab.sh down` kills every process in the namespace.
     lab.ok(
         "srv1",
@@ -374,15 +383,19 @@ fn start_active_only_vsftpd(lab: &Lab) {
         ],
     );
     let until = Instant::now() + Duration::from_secs(10);
-    let sport = format!("sport = :{NO_PASV_PORT}");
+    let sport = format!("sport = :{port}");
     while Instant::now() < until {
         let o = lab.exec("srv1", &["ss", "-Hltn", &sport]);
         if !o.stdout.is_empty() {
+            eprintln!(
+                "  vsftpd {name} on port {port}: {}",
+                String::from_utf8_lossy(&o.stdout).trim()
+            );
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("vsftpd with pasv_enable=NO did not start");
+    panic!("vsftpd {name} did not start on port {port}");
 }
 
 /// srv1 accepts new TCP connections only to its control port and its
@@ -495,7 +508,25 @@ fn translation_lab_converts_data_modes_crosses_families_and_splits_the_horizon()
     assert!(up.status.success(), "lab up failed:\n{}", text(&up));
     let servers = lab.lab(&["start-servers"]);
     assert!(servers.status.success(), "{}", text(&servers));
-    start_active_only_vsftpd(&lab);
+    start_vsftpd(&lab, "nopasv", NO_PASV_PORT, &[("pasv_enable", "NO")]);
+    start_vsftpd(
+        &lab,
+        "ipv4only",
+        V4_ONLY_PORT,
+        &[
+            ("listen", "YES"),
+            ("listen_ipv6", "NO"),
+            ("listen_address", SRV1),
+        ],
+    );
+    start_vsftpd(
+        &lab,
+        "ipv6only",
+        V6_ONLY_PORT,
+        &[("listen_address6", SRV1_V6)],
+    );
+    // in2 becomes an IPv6-only client.
+    lab.ok("in2", &["ip", "-4", "addr", "flush", "dev", "eth0"]);
     let config = gateway_config(lab.dir.path());
     start_gateway(&mut lab, config);
 
@@ -617,53 +648,55 @@ fn translation_lab_converts_data_modes_crosses_families_and_splits_the_horizon()
         "  PASV refused by the server                                     client PORT refused, deny {deny}"
     );
 
-    eprintln!("IPv6 client, IPv4 server (reverse, [{GW_IN6}]:2104):");
+    eprintln!("IPv6-only client (in2), IPv4-only vsftpd (reverse, [{GW_IN6}]:2104):");
     let url = format!("ftp://ftptest:ftptest@[{GW_IN6}]:2104/data.bin");
-    curl(&lab, "v6 curl EPSV", "in1", &["-6"], &url);
+    curl(&lab, "v6 curl EPSV", "in2", &["-6"], &url);
     curl(
         &lab,
         "v6 curl --disable-epsv",
-        "in1",
+        "in2",
         &["-6", "--disable-epsv"],
         &url,
     );
-    curl(&lab, "v6 curl EPRT", "in1", &["-6", "-P", "-"], &url);
+    curl(&lab, "v6 curl EPRT", "in2", &["-6", "-P", "-"], &url);
     lftp(
         &lab,
         "v6 lftp",
-        "in1",
+        "in2",
         "set ftp:passive-mode on",
         2104,
         GW_IN6,
     );
-    ftplib(&lab, "v6 ftplib", "in1", GW_IN6, 2104, "");
+    ftplib(&lab, "v6 ftplib", "in2", GW_IN6, 2104, "");
     lab.assert_rewrites("epsv_to_pasv", 3.0);
     lab.assert_rewrites("eprt_to_port", 1.0);
 
-    eprintln!("IPv6 client, IPv4 server through NAT64 ({SRV1_NAT64}):");
-    let url = format!("ftp://ftptest:ftptest@[{SRV1_NAT64}]/data.bin");
-    curl(&lab, "nat64 curl EPSV", "in1", &[], &url);
+    eprintln!(
+        "IPv6-only client (in2), IPv4-only vsftpd through NAT64 ([{SRV1_NAT64}]:{V4_ONLY_PORT}):"
+    );
+    let url = format!("ftp://ftptest:ftptest@[{SRV1_NAT64}]:{V4_ONLY_PORT}/data.bin");
+    curl(&lab, "nat64 curl EPSV", "in2", &[], &url);
     curl(
         &lab,
         "nat64 curl --disable-epsv",
-        "in1",
+        "in2",
         &["--disable-epsv"],
         &url,
     );
     lftp(
         &lab,
         "nat64 lftp",
-        "in1",
+        "in2",
         "set ftp:passive-mode on",
-        21,
+        V4_ONLY_PORT,
         SRV1_NAT64,
     );
     let said = ftplib(
         &lab,
         "nat64 ftplib (ALGS)",
-        "in1",
+        "in2",
         SRV1_NAT64,
-        21,
+        V4_ONLY_PORT,
         "print(f.sendcmd('ALGS STATUS64'))\nprint(f.sendcmd('ALGS DISABLE64'))\nprint(f.sendcmd('ALGS ENABLE64'))",
     );
     assert!(
@@ -671,7 +704,7 @@ fn translation_lab_converts_data_modes_crosses_families_and_splits_the_horizon()
         "{said}"
     );
 
-    eprintln!("IPv4 client, the server's IPv6 side (reverse, {GW_IN}:2105):");
+    eprintln!("IPv4 client (in1), IPv6-only vsftpd (reverse, {GW_IN}:2105):");
     let url = format!("ftp://ftptest:ftptest@{GW_IN}:2105/data.bin");
     curl(
         &lab,
@@ -736,7 +769,7 @@ fn translation_lab_converts_data_modes_crosses_families_and_splits_the_horizon()
     lab.assert_download("kernel: tnftp -A (EPRT) -> PASV", &tn);
     lab.ok("srv1", &["nft", "delete", "table", "inet", "xlfw"]);
     let url = format!("ftp://ftptest:ftptest@[{GW_IN6}]:2104/data.bin");
-    curl(&lab, "kernel: v6 curl EPSV -> PASV", "in1", &["-6"], &url);
+    curl(&lab, "kernel: v6 curl EPSV -> PASV", "in2", &["-6"], &url);
     assert!(lab.metric("ftpgate_rewrites_total{kind=\"port_to_pasv\"}") > before);
     let plane = lab
         .metric("ftpgate_data_bytes_total{direction=\"download\",mode=\"active\",plane=\"proxy\"}");
