@@ -309,3 +309,61 @@ fn as_client_keeps_the_clients_own_mode() {
     let kind = RewriteKind::for_verbs(DataVerb::Port, DataVerb::Port);
     assert_eq!(kind, RewriteKind::Port);
 }
+
+// ---- framing does not change a conversion -------------------------------------------
+
+/// Each side's bytes fed whole or one byte at a time give the same
+/// transcript (DESIGN.md: the result never depends on TCP segmentation).
+#[test]
+fn converted_sessions_do_not_depend_on_how_the_bytes_were_cut() {
+    let conversations: [(ServerData, &[(Side, &[u8])]); 2] = [
+        (
+            ServerData::Passive,
+            &[
+                (
+                    Side::Client,
+                    b"PORT 192,0,2,10,25,46\r\nEPRT |1|192.0.2.10|6447|\r\n",
+                ),
+                (
+                    Side::Server,
+                    b"227-Entering\r\n227 (10,0,0,5,200,10)\r\n502 no\r\n",
+                ),
+                (Side::Client, b"RETR f\r\n"),
+                (Side::Server, b"150 go\r\n226 done\r\n"),
+            ],
+        ),
+        (
+            ServerData::Active,
+            &[
+                (Side::Client, b"EPSV\r\n"),
+                (Side::Server, b"200-ok\r\n200 ok\r\n"),
+                (Side::Client, b"PASV\r\nSTOR f\r\n"),
+                (Side::Server, b"425 nope\r\n150 go\r\n226 done\r\n"),
+            ],
+        ),
+    ];
+    for (server_data, steps) in conversations {
+        let mut whole = session(server_data);
+        let mut bytewise = session(server_data);
+        for (side, bytes) in steps {
+            whole.input(*side, bytes);
+            for b in bytes.iter() {
+                bytewise.input(*side, std::slice::from_ref(b));
+            }
+        }
+        assert_eq!(
+            text(&whole.transcript.to_client),
+            text(&bytewise.transcript.to_client),
+            "{server_data:?}"
+        );
+        assert_eq!(
+            text(&whole.transcript.to_server),
+            text(&bytewise.transcript.to_server),
+            "{server_data:?}"
+        );
+        assert_eq!(
+            whole.transcript.events, bytewise.transcript.events,
+            "{server_data:?}"
+        );
+    }
+}
