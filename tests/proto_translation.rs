@@ -367,3 +367,21 @@ fn converted_sessions_do_not_depend_on_how_the_bytes_were_cut() {
         );
     }
 }
+
+#[test]
+fn a_port_the_server_accepts_after_its_pinhole_expired_gets_425() {
+    let mut d = session(ServerData::Active);
+    d.input(Side::Client, b"PASV\r\n");
+    d.advance(std::time::Duration::from_secs(31));
+    d.transcript = Transcript::default();
+    d.input(Side::Server, b"200 ok\r\n");
+    assert_wire(
+        &d.transcript,
+        "425 Can't open data connection: no pinhole available.\r\n",
+        "",
+    );
+    assert_eq!(
+        denials(&d.transcript)[0].reason,
+        DenyReason::PinholeUnavailable
+    );
+}

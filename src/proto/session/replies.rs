@@ -370,7 +370,16 @@ impl Session {
     fn on_to_active_reply(&mut self, plan: ToActive, code: Code) {
         self.passive = PassiveLines::default();
         let waiting = self.slots.iter().any(|s| s.id == plan.id);
-        if code.0 / 100 != 2 || !waiting {
+        if code.0 / 100 == 2 && !waiting {
+            // The server took the PORT, but the pinhole it names is gone
+            // (expired while the server was slow, or superseded).
+            return self.refuse(
+                Denial::new(DenyReason::PinholeUnavailable, Side::Client),
+                "425 Can't open data connection: no pinhole available.",
+                Route::InPlace,
+            );
+        }
+        if code.0 / 100 != 2 {
             if waiting {
                 self.slots.retain(|s| s.id != plan.id);
                 self.events.push_back(Event::ClosePinhole {
