@@ -312,11 +312,14 @@ fn as_client_keeps_the_clients_own_mode() {
 
 // ---- framing does not change a conversion -------------------------------------------
 
+/// Bytes from either side, in order.
+type Conversation<'a> = &'a [(Side, &'a [u8])];
+
 /// Each side's bytes fed whole or one byte at a time give the same
 /// transcript (DESIGN.md: the result never depends on TCP segmentation).
 #[test]
 fn converted_sessions_do_not_depend_on_how_the_bytes_were_cut() {
-    let conversations: [(ServerData, &[(Side, &[u8])]); 2] = [
+    let conversations: [(ServerData, Conversation); 2] = [
         (
             ServerData::Passive,
             &[
