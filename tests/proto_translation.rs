@@ -174,6 +174,7 @@ fn a_refused_pasv_reaches_the_client_as_the_refusal_of_its_port() {
         assert_eq!(all[0].reason, DenyReason::TranslationRefused);
         assert_eq!(all[0].rule.as_deref(), Some("port_to_pasv"));
         assert_eq!(all[0].verb.as_deref(), Some("PORT"));
+        assert_eq!(all[0].argument.as_deref(), Some("192,0,2,10,25,46"));
         assert!(opened(&d.transcript).is_empty());
     }
 }

@@ -324,11 +324,13 @@ impl Session {
     fn on_to_passive_reply(&mut self, plan: ToPassive, code: Code, line: Vec<u8>, malformed: bool) {
         self.passive = PassiveLines::default();
         if code != Code(227) && code != Code(229) {
+            let arg = Some(plan.arg.as_str()).filter(|a| !a.is_empty());
             return self.translation_refused(
                 code,
                 plan.client,
                 plan.upstream.verb(),
                 &plan.verb_text,
+                arg,
             );
         }
         let Some(announced) = self.announced(plan.upstream, code, &line, malformed) else {
@@ -392,6 +394,7 @@ impl Session {
                 plan.client.verb(),
                 plan.upstream,
                 &plan.verb_text,
+                None,
             );
         }
         self.send_passive_line(plan.client, plan.port);
@@ -411,6 +414,7 @@ impl Session {
         client: DataVerb,
         server: DataVerb,
         verb_text: &str,
+        argument: Option<&str>,
     ) {
         let mapped = match code.0 {
             421 | 530 => code.0,
@@ -426,6 +430,7 @@ impl Session {
         let mut denial = Denial::new(DenyReason::TranslationRefused, Side::Server)
             .rule(RewriteKind::for_verbs(client, server).as_str());
         denial.verb = Some(verb_text.to_string());
+        denial.argument = argument.map(str::to_string);
         self.refuse(denial, &reply, Route::InPlace);
     }
 
