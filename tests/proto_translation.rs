@@ -14,6 +14,7 @@ use ftpgate::proto::{
     DataMode, DataVerb, DataVerdict, Denial, DenyReason, Event, PinholeClose, PinholeRequest,
     RewriteKind, ServerData, SessionConfig, Shape, Side,
 };
+use proptest::prelude::*;
 
 const CLIENT: &str = "192.0.2.10";
 const GATEWAY_INSIDE: &str = "192.0.2.1";
@@ -387,5 +388,195 @@ fn a_port_the_server_accepts_after_its_pinhole_expired_gets_425() {
     assert_eq!(
         denials(&d.transcript)[0].reason,
         DenyReason::PinholeUnavailable
+    );
+}
+
+// ---- properties -------------------------------------------------------------------
+
+/// One thing that happens in a converted session.
+#[derive(Debug, Clone)]
+enum Move {
+    Client(&'static str),
+    Server(&'static str),
+    /// Pinhole `seq` gets a connection from `peer`.
+    Connect(u64, &'static str),
+    Advance(u64),
+}
+
+fn a_move() -> impl Strategy<Value = Move> {
+    prop_oneof![
+        prop::sample::select(vec![
+            "PORT 192,0,2,10,25,46",
+            "PORT 192,0,2,99,25,46",
+            "PORT 192,0,2,1,195,81",
+            "PORT 192,0,2,10,0,25",
+            "EPRT |1|192.0.2.10|6446|",
+            "EPRT |2|2001:db8::1|6446|",
+            "PASV",
+            "EPSV",
+            "EPSV 1",
+            "EPSV ALL",
+            "RETR f",
+            "STOR f",
+            "ALGS STATUS64",
+            "NOOP",
+        ])
+        .prop_map(Move::Client),
+        prop::sample::select(vec![
+            "227 Entering Passive Mode (10,0,0,5,200,10).",
+            "227 (198,51,100,20,0,21)",
+            "227 (192,0,2,99,200,10)",
+            "227-x\r\n227 (198,51,100,20,200,10)",
+            "229 Entering Extended Passive Mode (|||6446|)",
+            "229 garbage",
+            "200 PORT command successful.",
+            "200-ok\r\n229 (|||1|)\r\n200 ok",
+            "500 no",
+            "425 no",
+            "530 no",
+            "150 go",
+            "226 done",
+        ])
+        .prop_map(Move::Server),
+        (
+            1u64..6,
+            prop::sample::select(vec![
+                "192.0.2.10:40100",
+                "198.51.100.20:20",
+                "192.0.2.66:1234",
+            ])
+        )
+            .prop_map(|(seq, peer)| Move::Connect(seq, peer)),
+        (1u64..40).prop_map(Move::Advance),
+    ]
+}
+
+fn server_data() -> impl Strategy<Value = ServerData> {
+    prop::sample::select(vec![ServerData::Passive, ServerData::Active])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever either side does, a converted session keeps the rules:
+    /// every pinhole leads only to the client and the server (the data
+    /// peer is the control peer), a third host is never accepted, and the
+    /// only 227/229 lines the client sees are the gateway's own.
+    #[test]
+    fn converted_sessions_keep_every_data_leg_on_the_control_peers(
+        mode in server_data(),
+        moves in prop::collection::vec(a_move(), 1..40),
+    ) {
+        let mut d = session(mode);
+        for m in &moves {
+            match m {
+                Move::Client(line) => d.input(Side::Client, format!("{line}\r\n").as_bytes()),
+                Move::Server(line) => d.input(Side::Server, format!("{line}\r\n").as_bytes()),
+                Move::Connect(seq, peer) => {
+                    let verdict = d.connect_from(*seq, sa(peer));
+                    if peer.starts_with("192.0.2.66") {
+                        prop_assert_eq!(verdict, DataVerdict::Refuse);
+                    }
+                }
+                Move::Advance(secs) => d.advance(std::time::Duration::from_secs(*secs)),
+            }
+        }
+        for req in opened(&d.transcript) {
+            match req.shape {
+                Shape::DialBoth { dial, dial_from } => {
+                    prop_assert_eq!(mode, ServerData::Passive);
+                    prop_assert_eq!(dial.ip(), ip(SERVER));
+                    prop_assert_eq!(dial_from, ip(GATEWAY_OUTSIDE));
+                    prop_assert_eq!(req.connect_to.ip(), ip(CLIENT));
+                    prop_assert!(req.connect_to.port() >= 1024);
+                    prop_assert_eq!(req.expected_peer, ip(SERVER));
+                }
+                Shape::AcceptBoth { server_listen, server } => {
+                    prop_assert_eq!(mode, ServerData::Active);
+                    prop_assert_eq!(server, ip(SERVER));
+                    prop_assert_eq!(server_listen, ip(GATEWAY_OUTSIDE));
+                    prop_assert_eq!(req.listen_ip, ip(GATEWAY_INSIDE));
+                    prop_assert_eq!(req.expected_peer, ip(CLIENT));
+                }
+                // The mode the gateway does not convert: the client's own
+                // PASV/EPSV ("passive") or PORT/EPRT ("active").
+                Shape::Relay if req.mode == DataMode::Passive => {
+                    prop_assert_eq!(mode, ServerData::Passive);
+                    prop_assert_eq!(req.expected_peer, ip(CLIENT));
+                    prop_assert_eq!(req.connect_to.ip(), ip(SERVER));
+                }
+                Shape::Relay => {
+                    prop_assert_eq!(mode, ServerData::Active);
+                    prop_assert_eq!(req.expected_peer, ip(SERVER));
+                    prop_assert_eq!(req.connect_to.ip(), ip(CLIENT));
+                }
+            }
+        }
+        for line in text(&d.transcript.to_client).lines() {
+            if line.starts_with("227") || line.starts_with("229") {
+                prop_assert!(
+                    line.starts_with("227 Entering Passive Mode (192,0,2,1,")
+                        || line.starts_with("229 Entering Extended Passive Mode (|||"),
+                    "{line}"
+                );
+            }
+        }
+        // The server only ever hears of the gateway's own addresses.
+        for line in text(&d.transcript.to_server).lines() {
+            if line.starts_with("PORT") {
+                prop_assert!(line.starts_with("PORT 198,51,100,1,"), "{line}");
+            }
+            if line.starts_with("EPRT") {
+                prop_assert!(line.starts_with("EPRT |1|198.51.100.1|"), "{line}");
+            }
+        }
+    }
+}
+
+// ---- conversion across address families ------------------------------------------
+
+#[test]
+fn an_ipv6_clients_eprt_becomes_pasv_toward_an_ipv4_server() {
+    let ep = ftpgate::proto::Endpoints {
+        client: sa("[2001:db8:1::10]:40000"),
+        client_local: sa("[2001:db8:1::1]:2121"),
+        ..lab_endpoints()
+    };
+    let cfg = SessionConfig {
+        server_data: ServerData::Passive,
+        ..SessionConfig::default()
+    };
+    let mut d = Driver::new(cfg, ep);
+    d.login();
+    d.input(Side::Client, b"EPRT |2|2001:db8:1::10|6446|\r\n");
+    d.input(Side::Server, b"227 ok (198,51,100,20,200,10)\r\n");
+    assert_wire(
+        &d.transcript,
+        "200 EPRT command successful.\r\n",
+        "PASV\r\n",
+    );
+    let req = opened(&d.transcript)[0].clone();
+    assert_eq!(req.connect_to, sa("[2001:db8:1::10]:6446"));
+    assert_eq!(req.connect_from, ip("2001:db8:1::1"));
+    assert_eq!(
+        req.shape,
+        Shape::DialBoth {
+            dial: sa("198.51.100.20:51210"),
+            dial_from: ip(GATEWAY_OUTSIDE),
+        }
+    );
+    // And "active": the IPv6 client's EPSV becomes PORT for the IPv4 server.
+    let cfg = SessionConfig {
+        server_data: ServerData::Active,
+        ..SessionConfig::default()
+    };
+    let mut d = Driver::new(cfg, ep);
+    d.login();
+    d.input(Side::Client, b"EPSV\r\n");
+    d.input(Side::Server, b"200 ok\r\n");
+    assert_wire(
+        &d.transcript,
+        "229 Entering Extended Passive Mode (|||50001|)\r\n",
+        "PORT 198,51,100,1,195,81\r\n",
     );
 }
