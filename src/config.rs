@@ -662,17 +662,6 @@ impl RawConfig {
             ));
         }
         let ports = port_range(&d.ports, problems);
-        if plane == Plane::Kernel {
-            for (i, l) in listeners.iter().enumerate() {
-                if l.server_data == ServerData::Active {
-                    problems.push(format!(
-                        "`listener[{i}].server_data` = \"active\" needs `data.plane` = \"proxy\": \
-                         the kernel plane's data range falls through to one listener, which cannot \
-                         pair the server's connection with the client's"
-                    ));
-                }
-            }
-        }
         if plane == Plane::Kernel && ports.0 == ports.1 {
             problems.push(
                 "`data.ports`: the kernel plane needs at least two ports (the first is the fall-through listener)".into(),
@@ -1096,7 +1085,6 @@ mod tests {
             "unknown key `listener[0].advertise[0].colour`",
             "`listener[0].advertise[1].address` is required",
             "`listener[1].nat64_prefix` = \"64:ff9b::/64\"",
-            "`listener[1].server_data` = \"active\" needs `data.plane` = \"proxy\"",
         ] {
             assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
         }

@@ -138,6 +138,19 @@ impl Lab {
             .sum()
     }
 
+    /// Waits (10 s at most) until `name_and_labels` reaches `min`.
+    fn wait_metric(&self, name_and_labels: &str, min: f64) {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = self.metric(name_and_labels);
+            if n >= min {
+                return;
+            }
+            assert!(Instant::now() < until, "{name_and_labels}: {n} < {min}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// At least `min` rewrites of `kind` so far.
     fn assert_rewrites(&self, kind: &str, min: f64) {
         let n = self.metric(&format!("ftpgate_rewrites_total{{kind=\"{kind}\"}}"));
@@ -245,8 +258,8 @@ bind = "127.0.0.1:9121"
     path
 }
 
-/// On the kernel plane: the passive conversion (carried in userland) and
-/// the IPv6 client of the IPv4 server (legs of two families: userland too).
+/// On the kernel plane: both conversions (carried in userland) and the
+/// IPv6 client of the IPv4 server (legs of two families: userland too).
 fn kernel_config(dir: &Path) -> PathBuf {
     let text = format!(
         r#"
@@ -260,6 +273,12 @@ server_data = "passive"
 mode = "reverse"
 bind = ["[{GW_IN6}]:2104"]
 upstream = "{SRV1}:{V4_ONLY_PORT}"
+
+[[listener]]
+mode = "reverse"
+bind = ["{GW_IN}:2103"]
+upstream = "{SRV1}:{NO_PASV_PORT}"
+server_data = "active"
 
 [data]
 plane = "kernel"
@@ -771,7 +790,24 @@ fn translation_lab_converts_data_modes_crosses_families_and_splits_the_horizon()
     let url = format!("ftp://ftptest:ftptest@[{GW_IN6}]:2104/data.bin");
     curl(&lab, "kernel: v6 curl EPSV -> PASV", "in2", &["-6"], &url);
     assert!(lab.metric("ftpgate_rewrites_total{kind=\"port_to_pasv\"}") > before);
-    let plane = lab
-        .metric("ftpgate_data_bytes_total{direction=\"download\",mode=\"active\",plane=\"proxy\"}");
-    assert!(plane >= 2.0 * 3145728.0, "userland relay bytes: {plane}");
+    let url = format!("ftp://ftptest:ftptest@{GW_IN}:2103/data.bin");
+    curl(&lab, "kernel: curl EPSV -> PORT", "in1", &[], &url);
+    lftp(
+        &lab,
+        "kernel: lftp passive -> PORT",
+        "in1",
+        "set ftp:passive-mode on",
+        2103,
+        GW_IN,
+    );
+    lab.assert_rewrites("epsv_to_port", 1.0);
+    // Every one of these went through the userland relay (a relay's
+    // bytes are counted when it ends, just after the client has its file).
+    let bytes = |mode: &str| {
+        format!(
+            "ftpgate_data_bytes_total{{direction=\"download\",mode=\"{mode}\",plane=\"proxy\"}}"
+        )
+    };
+    lab.wait_metric(&bytes("active"), 2.0 * 3145728.0);
+    lab.wait_metric(&bytes("passive"), 3.0 * 3145728.0);
 }

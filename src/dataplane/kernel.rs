@@ -229,9 +229,13 @@ impl KernelPlane {
                 return proxy::open_dial(&self.registry, &self.tasks, request, apparent, owner);
             }
             Shape::AcceptBoth { .. } => {
-                return Err(OpenError::Io(io::Error::other(
-                    "server_data = \"active\" needs data.plane = \"proxy\"",
-                )));
+                return proxy::open_pair_handoff(
+                    &self.registry,
+                    &self.tasks,
+                    request,
+                    apparent,
+                    owner,
+                );
             }
         }
         let reservation = self.registry.reserve(owner)?;
@@ -269,6 +273,7 @@ impl KernelPlane {
             // Its first connection may have matched just before the
             // elements went: conntrack then reports it after this.
             let found = Found {
+                handoff: None,
                 id: entry.id,
                 owner: entry.owner.clone(),
                 request: entry.request.clone(),
@@ -304,6 +309,10 @@ fn elements(
     tag: u32,
     timeout: Option<Duration>,
 ) -> Vec<ElemOp> {
+    if request.shape != Shape::Relay {
+        // Translated: carried in userland, never in the kernel.
+        return Vec::new();
+    }
     let peer = canonical_ip(request.expected_peer);
     let to = Endpoint(canonical(request.connect_to));
     let from = SnatSource(canonical_ip(request.connect_from));
@@ -556,6 +565,7 @@ impl Watcher {
             owner,
             request,
             opened,
+            ..
         }) = found
         else {
             return;
@@ -665,7 +675,11 @@ async fn fall_through(
         // only the one the gateway made itself is its data connection.
         let found = found.filter(|f| !matches!(f.request.shape, Shape::DialBoth { .. }));
         let Some(Found {
-            id, owner, request, ..
+            id,
+            owner,
+            request,
+            handoff,
+            ..
         }) = found
         else {
             // No pinhole holds this port (used, expired, never opened):
@@ -677,6 +691,13 @@ async fn fall_through(
         let reaper = reaper.clone();
         tasks.spawn(async move {
             match owner.ask(id, peer, proxy::VERDICT_TIMEOUT).await {
+                DataVerdict::Accept if handoff.is_some() => {
+                    // One leg of a two-leg pinhole: its own task pairs
+                    // it with the other.
+                    if let Some(handoff) = handoff {
+                        let _ = handoff.send((stream, peer)).await;
+                    }
+                }
                 DataVerdict::Accept => {
                     let Some((_, mut entry)) = reaper.withdraw(id) else {
                         // Withdrawn in the meantime: its session has ended.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::registry::{Entry, Registry, Reservation};
 use super::{OpenError, Owner, PlaneEvent, directions, mode_label};
@@ -198,7 +198,7 @@ impl Pinhole {
     ) {
         let started = Instant::now();
         let mut errors = crate::server::AcceptErrors::new("pinhole");
-        let (mut client, mut server) = (None, None);
+        let mut legs = Legs::new(self.request.expected_peer);
         let (client, server) = loop {
             let accepted = tokio::select! {
                 _ = &mut cancel => return,
@@ -214,36 +214,131 @@ impl Pinhole {
             };
             match self.owner.ask(self.request.id, peer, VERDICT_TIMEOUT).await {
                 DataVerdict::Accept => {
-                    // By address; when client and server share one, the
-                    // client comes first (it connects on the 227/229, the
-                    // server only after the transfer command).
-                    if canonical_ip(peer.ip()) == self.request.expected_peer && client.is_none() {
-                        client = Some(stream);
-                    } else {
-                        server = Some(stream);
+                    if let Some(pair) = legs.put(stream, peer) {
+                        break pair;
                     }
                 }
-                DataVerdict::Refuse => {
-                    m::pinhole_refused();
-                    continue;
-                }
-            }
-            if client.is_some()
-                && server.is_some()
-                && let (Some(c), Some(s)) = (client.take(), server.take())
-            {
-                break (c, s);
+                DataVerdict::Refuse => m::pinhole_refused(),
             }
         };
         drop((client_side, server_side));
-        let Some((_, mut entry)) = self.registry.remove(self.request.id) else {
+        relay_pair(
+            &self.registry,
+            client,
+            server,
+            &self.request,
+            &self.owner,
+            started,
+        )
+        .await;
+    }
+}
+
+/// The two legs of a two-leg pinhole as they arrive.
+struct Legs {
+    client_ip: IpAddr,
+    client: Option<TcpStream>,
+    server: Option<TcpStream>,
+}
+
+impl Legs {
+    fn new(client_ip: IpAddr) -> Legs {
+        Legs {
+            client_ip,
+            client: None,
+            server: None,
+        }
+    }
+
+    /// Takes a leg the core accepted; both legs once both are there. By
+    /// address; when client and server share one, the client comes first
+    /// (it connects on the 227/229, the server only after the transfer
+    /// command).
+    fn put(&mut self, stream: TcpStream, peer: SocketAddr) -> Option<(TcpStream, TcpStream)> {
+        if canonical_ip(peer.ip()) == self.client_ip && self.client.is_none() {
+            self.client = Some(stream);
+        } else {
+            self.server = Some(stream);
+        }
+        if self.client.is_some() && self.server.is_some() {
+            return self.client.take().zip(self.server.take());
+        }
+        None
+    }
+}
+
+/// Both legs are there: the pinhole is used up; relay them.
+async fn relay_pair(
+    registry: &Registry,
+    client: TcpStream,
+    server: TcpStream,
+    request: &PinholeRequest,
+    owner: &Owner,
+    started: Instant,
+) {
+    let Some((_, mut entry)) = registry.remove(request.id) else {
+        return;
+    };
+    m::pinhole_wait(started.elapsed());
+    let _slot = entry.reservation.take().map(Reservation::into_connection);
+    let _active = m::DataConnectionActive::start();
+    relay_and_report(client, server, request, owner).await;
+}
+
+/// Kernel plane, `server_data = "active"`: a two-leg pinhole whose
+/// connections reach ftpgate's fall-through listener, which hands each
+/// leg the core accepted to the task this starts. Nothing of it is in the
+/// kernel: its port is only its place in the registry.
+pub fn open_pair_handoff(
+    registry: &Arc<Registry>,
+    tasks: &Tasks,
+    request: &PinholeRequest,
+    apparent: Vec<IpAddr>,
+    owner: &Owner,
+) -> Result<SocketAddr, OpenError> {
+    let reservation = registry.reserve(owner)?;
+    let (tx, rx) = oneshot::channel();
+    let (legs_tx, legs_rx) = mpsc::channel(2);
+    let (port, ()) = registry.claim(
+        |_| Ok(Some(())),
+        |_| {
+            let mut entry = Entry::new(request, apparent, owner, Some(tx), Some(reservation));
+            entry.handoff = Some(legs_tx);
+            entry
+        },
+    )?;
+    tasks.spawn(pair_handed_legs(
+        Arc::clone(registry),
+        request.clone(),
+        owner.clone(),
+        legs_rx,
+        rx,
+    ));
+    Ok(SocketAddr::new(request.listen_ip, port))
+}
+
+async fn pair_handed_legs(
+    registry: Arc<Registry>,
+    request: PinholeRequest,
+    owner: Owner,
+    mut handed: mpsc::Receiver<(TcpStream, SocketAddr)>,
+    mut cancel: oneshot::Receiver<()>,
+) {
+    let started = Instant::now();
+    let mut legs = Legs::new(request.expected_peer);
+    let (client, server) = loop {
+        let leg = tokio::select! {
+            _ = &mut cancel => return,
+            leg = handed.recv() => leg,
+        };
+        let Some((stream, peer)) = leg else {
             return;
         };
-        m::pinhole_wait(started.elapsed());
-        let _slot = entry.reservation.take().map(Reservation::into_connection);
-        let _active = m::DataConnectionActive::start();
-        relay_and_report(client, server, &self.request, &self.owner).await;
-    }
+        if let Some(pair) = legs.put(stream, peer) {
+            break pair;
+        }
+    };
+    relay_pair(&registry, client, server, &request, &owner, started).await;
 }
 
 async fn accept_opt(listener: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
