@@ -35,7 +35,7 @@ use super::policy::{ControlPeers, canonical, canonical_ip};
 use super::reply::Code;
 use abuse::DenyTally;
 use commands::{HeldCommand, with_command};
-use output::{IDLE_TIMED_OUT, LOGIN_TIMED_OUT, Route, SHUTTING_DOWN};
+use output::{IDLE_TIMED_OUT, LOGIN_TIMED_OUT, NO_PINHOLE, Route, SHUTTING_DOWN};
 use pending::{MAX_PENDING, Pending};
 use pinholes::{Slot, SlotState};
 use replies::{HeldReply, PassiveLines};
@@ -229,21 +229,24 @@ impl Session {
         self.tick(now);
         self.slots.retain(|s| s.id != id);
         let refusal = Denial::new(DenyReason::PinholeUnavailable, Side::Client);
-        const REPLY: &str = "425 Can't open data connection: no pinhole available.";
         match self.held_command.take() {
             Some(HeldCommand::Opening(held_id, cmd)) if held_id == id => {
-                self.refuse(with_command(refusal.clone(), &cmd), REPLY, Route::Queued);
+                self.refuse(
+                    with_command(refusal.clone(), &cmd),
+                    NO_PINHOLE,
+                    Route::Queued,
+                );
             }
             Some(HeldCommand::OpeningBoth(held_id, ask)) if held_id == id => {
                 let mut refusal = refusal.clone();
                 refusal.verb = Some(ask.verb_text().to_string());
-                self.refuse(refusal, REPLY, Route::Queued);
+                self.refuse(refusal, NO_PINHOLE, Route::Queued);
             }
             other => self.held_command = other,
         }
         if self.held_reply.as_ref().is_some_and(|h| h.id == id) {
             self.held_reply = None;
-            self.refuse(refusal, REPLY, Route::InPlace);
+            self.refuse(refusal, NO_PINHOLE, Route::InPlace);
             self.flush_local_replies();
         }
         self.drain(now);

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use super::Session;
-use super::output::{Route, TOO_MANY_DATA_CONNECTIONS};
+use super::output::{NO_PINHOLE, Route, TOO_MANY_DATA_CONNECTIONS};
 use super::pending::{Expect, LoginEnd, PassivePlan, Pending, Style, ToActive, ToPassive};
 use super::types::{
     CloseReason, DataMode, DataVerb, Event, PinholeClose, PinholeId, PinholeRequest, RewriteKind,
@@ -377,7 +377,7 @@ impl Session {
             // (expired while the server was slow, or superseded).
             return self.refuse(
                 Denial::new(DenyReason::PinholeUnavailable, Side::Client),
-                "425 Can't open data connection: no pinhole available.",
+                NO_PINHOLE,
                 Route::InPlace,
             );
         }
