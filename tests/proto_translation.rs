@@ -580,3 +580,21 @@ fn an_ipv6_clients_eprt_becomes_pasv_toward_an_ipv4_server() {
         "PORT 198,51,100,1,195,81\r\n",
     );
 }
+
+#[test]
+fn an_active_conversion_whose_server_never_connects_expires_naming_the_server() {
+    let mut d = session(ServerData::Active);
+    d.input(Side::Client, b"PASV\r\n");
+    d.input(Side::Server, b"200 ok\r\n");
+    assert_eq!(
+        d.connect_from(1, sa("192.0.2.10:40100")),
+        DataVerdict::Accept
+    );
+    d.transcript = Transcript::default();
+    d.advance(std::time::Duration::from_secs(31));
+    let all = denials(&d.transcript);
+    assert_eq!(all.len(), 1, "{:#?}", d.transcript.events);
+    assert_eq!(all[0].reason, DenyReason::PinholeExpired);
+    assert_eq!(all[0].side, Side::Server);
+    assert_eq!(all[0].expected_peer, Some(ip(SERVER)));
+}

@@ -7,6 +7,7 @@ use std::time::Instant;
 use super::Session;
 use super::output::Route;
 use super::types::{DataMode, DataVerdict, Event, PinholeClose, PinholeId};
+use crate::proto::Side;
 use crate::proto::deny::{Denial, DenyReason};
 use crate::proto::policy::canonical_ip;
 
@@ -162,9 +163,16 @@ impl Session {
                 id: slot.id,
                 cause: PinholeClose::Expired,
             });
-            let denial = Denial::new(DenyReason::PinholeExpired, slot.mode.connecting_side())
+            // A two-leg pinhole names the leg that never came.
+            let (side, missing) = match slot.awaiting.as_slice() {
+                [only] if slot.peers.len() > 1 && *only != slot.expected_peer => {
+                    (Side::Server, *only)
+                }
+                _ => (slot.mode.connecting_side(), slot.expected_peer),
+            };
+            let denial = Denial::new(DenyReason::PinholeExpired, side)
                 .target(listen)
-                .expected_peer(slot.expected_peer);
+                .expected_peer(missing);
             self.refuse(denial, "", Route::Silent);
         }
     }
