@@ -318,7 +318,7 @@ fn as_client_keeps_the_clients_own_mode() {
 type Conversation<'a> = &'a [(Side, &'a [u8])];
 
 /// Each side's bytes fed whole or one byte at a time give the same
-/// transcript (DESIGN.md: the result never depends on TCP segmentation).
+/// transcript: the result never depends on TCP segmentation.
 #[test]
 fn converted_sessions_do_not_depend_on_how_the_bytes_were_cut() {
     let conversations: [(ServerData, Conversation); 2] = [
