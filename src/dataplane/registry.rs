@@ -320,6 +320,7 @@ mod tests {
                 pinholes: caps,
                 connections: caps,
             },
+            proxied: None,
         }
     }
 

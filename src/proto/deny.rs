@@ -75,10 +75,13 @@ pub enum DenyReason {
     /// The session kept sending refused input past its budget
     /// (`limits.max_refused_commands`) and was closed.
     RefusalBudget,
+    /// A listener that takes the PROXY protocol got a connection from a
+    /// source outside `trusted_proxies`, or no valid PROXY header in time.
+    ProxyHeader,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 28] = [
+    pub const ALL: [DenyReason; 29] = [
         DenyReason::MalformedLine,
         DenyReason::LineTooLong,
         DenyReason::MalformedCommand,
@@ -107,6 +110,7 @@ impl DenyReason {
         DenyReason::ClientSessionLimit,
         DenyReason::UpstreamUnreachable,
         DenyReason::RefusalBudget,
+        DenyReason::ProxyHeader,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -139,6 +143,7 @@ impl DenyReason {
             DenyReason::ClientSessionLimit => "client_session_limit",
             DenyReason::UpstreamUnreachable => "upstream_unreachable",
             DenyReason::RefusalBudget => "refusal_budget",
+            DenyReason::ProxyHeader => "proxy_header",
         }
     }
 }
