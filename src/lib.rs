@@ -8,6 +8,7 @@
 //! client's address from a trusted load balancer.
 
 pub mod admin;
+pub mod balancer;
 pub mod clients;
 pub mod config;
 pub mod control;
