@@ -156,7 +156,8 @@ impl Layout {
             out,
             r#"
 global
-    maxconn 20000
+    # two descriptors per connection: raise with the open-file limit
+    maxconn 4096
 
 defaults
     mode tcp
