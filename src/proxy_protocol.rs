@@ -56,6 +56,10 @@ impl TrustedProxies {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    pub fn nets(&self) -> &[IpNet] {
+        &self.0
+    }
 }
 
 /// What a header said.
