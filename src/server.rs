@@ -125,7 +125,7 @@ impl Gateway {
                     balancer_vip = proxied.destination.map(|d| d.ip());
                 }
                 Err(e) => {
-                    tracing::info!(session = id, %peer, "refused: {e}");
+                    tracing::debug!(session = id, %peer, "refused: {e}");
                     let rule = match e {
                         HeaderError::Untrusted(_) => "trusted_proxies",
                         _ => "proxy_protocol",

@@ -162,7 +162,7 @@ impl Pinhole {
         match read {
             Ok(proxied) => Some(proxied.client),
             Err(e) => {
-                tracing::info!(session = self.owner.info.id, %peer, "data connection refused: {e}");
+                tracing::debug!(session = self.owner.info.id, %peer, "data connection refused: {e}");
                 let rule = match e {
                     HeaderError::Untrusted(_) => "trusted_proxies",
                     _ => "proxy_protocol",
