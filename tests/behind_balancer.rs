@@ -447,6 +447,35 @@ fn shipped_balancer_examples_are_the_generators_output() {
         .status()
         .unwrap();
     assert!(sh.success());
+    // The nftables part of the IPVS script (this kernel may have no IPVS
+    // to run the rest): `nft -c` checks it without loading anything.
+    let ipvs = std::fs::read_to_string(root.join("deploy/ipvs/ipvs.sh")).unwrap();
+    let rules: String = ipvs
+        .lines()
+        .skip_while(|l| !l.starts_with("nft -f - <<'EOF'"))
+        .skip(1)
+        .take_while(|l| *l != "EOF")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(rules.contains("meta mark set"), "{rules}");
+    if common::is_root() && common::have("nft") {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ipvs.nft");
+        std::fs::write(&file, &rules).unwrap();
+        let o = Command::new("nft")
+            .arg("-c")
+            .arg("-f")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{}\n{rules}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    } else {
+        skip("nft -c on deploy/ipvs/ipvs.sh", "needs root and nftables");
+    }
     if common::have("haproxy") {
         let o = Command::new("haproxy")
             .args(["-c", "-f"])

@@ -145,9 +145,7 @@ impl Pinhole {
         let slot = entry.reservation.take().map(Reservation::into_connection);
         carry(inbound, &self.request, &self.owner, slot).await;
     }
-}
 
-impl Pinhole {
     /// The peer the core judges: the socket's, or behind a balancer the
     /// PROXY header's source (passive pinholes only: active ones are
     /// reached by the server, not through the balancer). `None`: refused
