@@ -1,9 +1,10 @@
 //! The NAT lab: network namespaces with an inside client, an inside
 //! attacker, the gateway (forwarding dropped, so data can only pass through
-//! ftpgate's pinholes), vsftpd and proftpd outside, and a bounce target.
-//! ftpgate runs in transparent mode with the nftables rules it prints itself.
+//! ftpgate's pinholes), vsftpd, proftpd and pure-ftpd outside, and a bounce
+//! target. ftpgate runs in transparent mode with the nftables rules it
+//! prints itself.
 //!
-//! Needs root, iproute2, nftables, vsftpd, proftpd, curl and lftp, which
+//! Needs root, iproute2, nftables, vsftpd, proftpd, pure-ftpd, curl and lftp, which
 //! `scripts/install-test-deps` installs; skipped (and says so) otherwise.
 
 mod classic;
@@ -28,6 +29,8 @@ const SRV1: &str = "198.51.100.20";
 const SRV2: &str = "198.51.100.21";
 const SRV1_V6: &str = "2001:db8:2::20";
 const SRV2_V6: &str = "2001:db8:2::21";
+const SRV3: &str = "198.51.100.22";
+const SRV3_V6: &str = "2001:db8:2::22";
 const OUT3: &str = "198.51.100.30";
 /// The gateway's inside address, where the reverse listener publishes srv1.
 const GW_IN: &str = "192.0.2.1";
@@ -476,9 +479,13 @@ fn data_connection_ends_with_its_session(dir: &Path, plane: &str) {
 /// the signal), so it reads ABOR when the transfer ends: a 1 MiB file, and
 /// ABOR must still be answered after the transfer's reply (the clients
 /// then take about 10 s to show their prompt, without the gateway too).
+/// pure-ftpd watches its control connection during a transfer and stops at
+/// an ABOR whether or not it came urgent: from a 1 GiB file, at once.
 fn classic_clients_abort(dir: &Path) {
     let mut failures = Vec::new();
-    // vsftpd logs commands and replies, proftpd one line per command.
+    // vsftpd logs commands and replies, proftpd one line per command;
+    // pure-ftpd (syslog, `-d -d`) logs no command line for an ABOR it
+    // reads during a transfer, only its reply "426 ABORT".
     let servers = [
         (
             "srv1",
@@ -495,6 +502,14 @@ fn classic_clients_abort(dir: &Path) {
             ("commands.log", ""),
             1 << 20,
             classic::Expect::Finished,
+        ),
+        (
+            "srv3",
+            "pure-ftpd",
+            SRV3,
+            ("syslog.log", "426 ABORT"),
+            1 << 30,
+            classic::Expect::Aborted,
         ),
     ];
     let aborts_logged = |server: &str, (log, kind): (&str, &str)| {
@@ -583,6 +598,7 @@ fn matrix(out: &Path) -> Vec<Cell> {
     let servers = [
         ("srv1", "vsftpd", SRV1, SRV1_V6),
         ("srv2", "proftpd", SRV2, SRV2_V6),
+        ("srv3", "pure-ftpd", SRV3, SRV3_V6),
     ];
     for (server, make, v4, v6) in servers {
         let url = format!("ftp://ftptest:ftptest@{v4}/data.bin");

@@ -5,8 +5,8 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-/// `None` when the lab can run: root, the given tools, and the lab's copy of
-/// proftpd (`scripts/install-test-deps` installs them all).
+/// `None` when the lab can run: root, the given tools, and the lab's copies
+/// of proftpd and pure-ftpd (`scripts/install-test-deps` installs them all).
 pub fn lab_missing(tools: &[&str]) -> Option<String> {
     let uid = Command::new("id")
         .arg("-u")
@@ -31,6 +31,9 @@ pub fn lab_missing(tools: &[&str]) -> Option<String> {
     }
     if !Path::new("/opt/ftpgate-lab/proftpd/usr/sbin/proftpd").exists() {
         return Some("proftpd (lab copy) is not installed".into());
+    }
+    if !Path::new("/opt/ftpgate-lab/pure-ftpd/usr/sbin/pure-ftpd").exists() {
+        return Some("pure-ftpd (lab copy) is not installed".into());
     }
     None
 }
