@@ -516,17 +516,6 @@ write_pureftpd_users() {
     >"$dir/pure-pw.log" 2>&1 || { cat "$dir/pure-pw.log" >&2; die "pure-pw mkdb failed"; }
 }
 
-# pure-ftpd logs only through syslog(3), i.e. to /dev/log. The lab has no
-# syslog daemon, and /dev/log is one path for the whole machine: pure-ftpd
-# runs in a mount namespace of its own (`ip netns exec` makes one, a slave
-# of the root one, so nothing mounted in it shows outside) whose /dev is a
-# small tmpfs with the character devices a daemon opens and a /dev/log that
-# leads to tests/lab/syslog.py's socket in the state dir.
-PUREFTPD_DEV='mount -t tmpfs -o size=64k,mode=755 fglab-dev /dev &&
-mknod -m 666 /dev/null c 1 3 && mknod -m 666 /dev/zero c 1 5 &&
-mknod -m 666 /dev/random c 1 8 && mknod -m 666 /dev/urandom c 1 9 &&
-ln -s "$0" /dev/log && exec "$@"'
-
 cmd_start_servers() {
   need_root
   require_up
@@ -576,9 +565,11 @@ cmd_start_servers() {
   start_daemon "${P}srv3" "$dir/syslog.pid" "$dir/syslog.stderr" \
     "$PYTHON" "$HERE/syslog.py" --socket "$dir/log.sock" --log "$dir/syslog.log"
   wait_file "$dir/log.sock" "the syslog receiver"
+  # It logs only through syslog(3): with-devlog.sh gives it a /dev/log of
+  # its own in the mount namespace `ip netns exec` makes.
   log "starting pure-ftpd in ${P}srv3 (commands and replies in $dir/syslog.log)"
   start_daemon "${P}srv3" "$dir/pure-ftpd.run.pid" "$dir/pure-ftpd.stderr" \
-    sh -c "$PUREFTPD_DEV" "$dir/log.sock" \
+    "$HERE/with-devlog.sh" "$dir/log.sock" \
     "$pureftpd_root/usr/sbin/pure-ftpd" -l "puredb:$dir/pureftpd.pdb" -E -A \
     -p "$PASV_MIN:$PASV_MAX" -w -H -d -d -I 5 -g "$dir/pure-ftpd.pid" \
     -O "xferlog:$dir/xferlog"
