@@ -24,6 +24,8 @@ mod common;
 mod lab;
 #[path = "lab/prereq.rs"]
 mod prereq;
+#[path = "lab/rules.rs"]
+mod rules;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -182,10 +184,6 @@ bind = "127.0.0.1:0"
             .unwrap_or(usize::MAX)
     }
 
-    fn cpu_ticks(&self) -> u64 {
-        cpu_ticks(self.pid)
-    }
-
     async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric(&scrape(self.admin).await, name, labels)
     }
@@ -246,27 +244,11 @@ bind = "127.0.0.1:0"
     }
 
     fn denials(&self) -> Vec<serde_json::Value> {
-        // A line cut short would be a bug of its own: every line must parse.
-        std::fs::read_to_string(&self.deny_log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
-            .collect()
+        denials(&self.deny_log)
     }
 
     async fn wait_denial(&self, reason: &str) -> serde_json::Value {
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(v) = self.denials().into_iter().find(|v| v["reason"] == reason) {
-                return v;
-            }
-            assert!(
-                Instant::now() < until,
-                "no {reason} deny line: {:?}",
-                self.denials()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_denial(&self.deny_log, reason).await
     }
 
     /// curl downloads `name` through the gateway (EPSV); the bytes must be
@@ -309,6 +291,63 @@ fn cpu_ticks(pid: u32) -> u64 {
     let after = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = after.split_whitespace().collect();
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Sends the gateway `pid` SIGHUP and waits (bounded) until it says, on
+/// the standard error `log` reads, that it reloaded.
+fn reload(pid: u32, log: impl Fn() -> String) {
+    let hup = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let until = Instant::now() + Duration::from_secs(10);
+    while !log().contains("configuration reloaded") {
+        assert!(Instant::now() < until, "no reload:\n{}", tail(&log(), 20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The gateway `pid` under RLIMIT_NOFILE `limit`, with connections queued
+/// until accept fails with EMFILE: waits (bounded) for that, then checks
+/// that the descriptors below the limit are (nearly) all taken (one the
+/// test runner passed down, e.g. a jobserver pipe at 251, sits above it
+/// and is not the gateway's doing), and that for 2 s the accept loop backs
+/// off instead of spinning and says nothing more: one "accept failed" line
+/// in all. `log` reads the gateway's standard error.
+fn backs_off_at_the_limit(pid: u32, limit: usize, log: impl Fn() -> String) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !log().contains("accept failed: Too many open files") {
+        assert!(Instant::now() < until, "no EMFILE:\n{}", tail(&log(), 20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let below = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<usize>().ok())
+        .filter(|fd| *fd < limit)
+        .count();
+    assert!(
+        below + 4 >= limit,
+        "{below} fds below {limit}:\n{}\n{}",
+        fd_listing(pid),
+        tail(&log(), 5)
+    );
+    let ticks = cpu_ticks(pid);
+    let warned = log().matches("accept failed").count();
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(pid) - ticks;
+    let warnings = log().matches("accept failed").count() - warned;
+    eprintln!(
+        "  at the limit: {below} fds below {limit}, {spent} CPU ticks in 2 s, {warnings} 'accept failed' lines in 2 s"
+    );
+    // 100 ticks per second: 20 ticks is 10% of one CPU.
+    assert!(
+        spent < 20,
+        "the gateway spins at the fd limit: {spent} ticks in 2 s"
+    );
+    // Said once (at most every 10 s), not 20 times a second.
+    assert_eq!(warnings, 0, "{}", tail(&log(), 10));
+    assert_eq!(log().matches("accept failed").count(), 1);
 }
 
 fn fd_listing(pid: u32) -> String {
@@ -776,20 +815,7 @@ async fn full_deny_log_disk_is_reported_once_the_gateway_keeps_serving_and_hup_r
 
     // Space again, SIGHUP: lines are written again, the loss is reported.
     std::fs::remove_file(fs.path().join("filler")).unwrap();
-    let hup = Command::new("kill")
-        .args(["-HUP", &gw.pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
-    let until = Instant::now() + Duration::from_secs(10);
-    while !gw.log().contains("configuration reloaded") {
-        assert!(
-            Instant::now() < until,
-            "no reload:\n{}",
-            tail(&gw.log(), 20)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tokio::task::block_in_place(|| reload(gw.pid, || gw.log()));
     bounces(gw.addr, IpAddr::from([127, 0, 0, 99]), 1).await;
     let until = Instant::now() + Duration::from_secs(10);
     loop {
@@ -846,49 +872,8 @@ async fn open_file_limit_reached_backs_off_without_spinning_and_serves_again() {
     for _ in 0..LIMIT {
         held.push(TcpStream::connect(gw.addr).await.unwrap());
     }
-    let until = Instant::now() + Duration::from_secs(10);
-    while !gw.log().contains("accept failed: Too many open files") {
-        assert!(
-            Instant::now() < until,
-            "no EMFILE:\n{}",
-            tail(&gw.log(), 20)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // At the limit: the descriptors below it are (nearly) all taken. A
-    // descriptor the test runner passed down (e.g. a jobserver pipe at
-    // 251) sits above it and is not the gateway's doing.
-    let below: Vec<usize> = std::fs::read_dir(format!("/proc/{}/fd", gw.pid))
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd < LIMIT)
-        .collect();
-    assert!(
-        gw.alive() && below.len() + 4 >= LIMIT,
-        "{} fds below {LIMIT}, alive {}:\n{}\n{}",
-        below.len(),
-        gw.alive(),
-        fd_listing(gw.pid),
-        tail(&gw.log(), 5)
-    );
-    // Stuck at the limit: the accept loop backs off instead of spinning.
-    let ticks = gw.cpu_ticks();
-    let warned = gw.log().matches("accept failed").count();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let spent = gw.cpu_ticks() - ticks;
-    let warnings = gw.log().matches("accept failed").count() - warned;
-    eprintln!(
-        "  at the limit: {} fds, {spent} CPU ticks in 2 s, {warnings} 'accept failed' lines in 2 s",
-        gw.open_fds()
-    );
-    // 100 ticks per second: 20 ticks is 10% of one CPU.
-    assert!(
-        spent < 20,
-        "the gateway spins at the fd limit: {spent} ticks in 2 s"
-    );
-    // Said once (at most every 10 s), not 20 times a second.
-    assert_eq!(warnings, 0, "{}", tail(&gw.log(), 10));
-    assert_eq!(gw.log().matches("accept failed").count(), 1);
+    tokio::task::block_in_place(|| backs_off_at_the_limit(gw.pid, LIMIT, || gw.log()));
+    assert!(gw.alive(), "the gateway died at the fd limit");
     // Sessions that got in were served: a greeting, or a clear 421 when
     // the upstream connection found no descriptor.
     let mut greeted = 0;
@@ -1128,20 +1113,7 @@ fn kernel_plane_full_deny_log_disk(lab: &mut KernelLab) {
 
     // Space again, SIGHUP: lines are written again, the loss is reported.
     std::fs::remove_file(fs.path().join("filler")).unwrap();
-    let hup = Command::new("kill")
-        .args(["-HUP", &lab.pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
-    let until = Instant::now() + Duration::from_secs(10);
-    while !lab.log().contains("configuration reloaded") {
-        assert!(
-            Instant::now() < until,
-            "no reload:\n{}",
-            tail(&lab.log(), 20)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    reload(lab.pid, || lab.log());
     // From in2, which had no refusal before.
     lab.bounces("in2", 1, 1);
     lab.wait_denial("bounce from in2 after the HUP", |v| {
@@ -1265,45 +1237,9 @@ fn kernel_plane_open_file_limit(lab: &mut KernelLab) {
     );
     let held = first_line(&mut flood);
     assert_eq!(held.trim(), format!("HELD {LIMIT}"));
-    let until = Instant::now() + Duration::from_secs(10);
-    while !lab.log().contains("accept failed: Too many open files") {
-        assert!(
-            Instant::now() < until,
-            "no EMFILE:\n{}",
-            tail(&lab.log(), 20)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // At the limit: the descriptors below it are (nearly) all taken.
-    let below = std::fs::read_dir(format!("/proc/{}/fd", lab.pid))
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<usize>().ok())
-        .filter(|fd| *fd < LIMIT)
-        .count();
-    assert!(
-        lab.alive() && below + 4 >= LIMIT,
-        "{below} fds below {LIMIT}:\n{}\n{}",
-        fd_listing(lab.pid),
-        tail(&lab.log(), 5)
-    );
-    // Stuck at the limit: the accept loop backs off instead of spinning.
-    // (No metrics scrape here: the admin listener is at the limit too.)
-    let ticks = lab.cpu_ticks();
-    let warned = lab.log().matches("accept failed").count();
-    std::thread::sleep(Duration::from_secs(2));
-    let spent = lab.cpu_ticks() - ticks;
-    let warnings = lab.log().matches("accept failed").count() - warned;
-    eprintln!(
-        "  (f) at the limit: {} fds, {spent} CPU ticks in 2 s, {warnings} 'accept failed' lines in 2 s",
-        lab.open_fds()
-    );
-    // 100 ticks per second: 20 ticks is 10% of one CPU.
-    assert!(
-        spent < 20,
-        "the gateway spins at the fd limit: {spent} ticks in 2 s"
-    );
-    assert_eq!(warnings, 0, "{}", tail(&lab.log(), 10));
-    assert_eq!(lab.log().matches("accept failed").count(), 1);
+    // (No metrics scrape at the limit: the admin listener is at it too.)
+    backs_off_at_the_limit(lab.pid, LIMIT, || lab.log());
+    assert!(lab.alive(), "the gateway died at the fd limit");
 
     // The session that was in downloads through a kernel pinhole, at the
     // limit: neither its pinhole nor its data connection needs a

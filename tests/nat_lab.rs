@@ -10,6 +10,8 @@
 mod classic;
 #[path = "lab/prereq.rs"]
 mod prereq;
+#[path = "lab/rules.rs"]
+mod rules;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -752,19 +754,7 @@ fn run_lab(lab_prefix: &'static str, plane: &str) {
         eprintln!("SKIPPED nat_lab ({plane} plane): {why} (run scripts/test as root)");
         return;
     }
-    // FG_LAB_TAG (letters and digits) makes the namespace names unique to
-    // one checkout, so labs of several checkouts can run side by side.
-    let tag: String = std::env::var("FG_LAB_TAG")
-        .unwrap_or_default()
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(8)
-        .collect();
-    let lab_prefix: &'static str = if tag.is_empty() {
-        lab_prefix
-    } else {
-        Box::leak(format!("{lab_prefix}{tag}-").into_boxed_str())
-    };
+    let lab_prefix: &'static str = Box::leak(prereq::lab_prefix(lab_prefix).into_boxed_str());
     PREFIX.with(|p| p.set(lab_prefix));
     let up = lab(&["up"]);
     assert!(up.status.success(), "lab up failed:\n{}", text(&up));
@@ -798,31 +788,7 @@ fn run_lab(lab_prefix: &'static str, plane: &str) {
 
     // The rules ftpgate prints are the rules the lab runs with.
     let config = gateway_config(dir.path(), false, plane);
-    let rules = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
-        .args(["nft-rules", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(rules.status.success(), "{}", text(&rules));
-    let rules_file = dir.path().join("rules.nft");
-    std::fs::write(&rules_file, &rules.stdout).unwrap();
-    let load = exec("gw", &["nft", "-f", rules_file.to_str().unwrap()]);
-    assert!(load.status.success(), "nft -f failed:\n{}", text(&load));
-    if plane == "kernel" {
-        // The one line the printed rules ask of the operator's own forward
-        // chain (the lab's policy stays drop for everything else).
-        let printed = String::from_utf8_lossy(&rules.stdout);
-        let line = printed
-            .lines()
-            .find_map(|l| l.strip_prefix("#   ct mark "))
-            .expect("nft-rules names the forward accept line");
-        let rule = format!("ct mark {line}");
-        let add = exec(
-            "gw",
-            &["nft", "add", "rule", "inet", "fglab", "forward", &rule],
-        );
-        assert!(add.status.success(), "{}", text(&add));
-    }
+    rules::load_printed_rules(&config, dir.path(), &format!("{}gw", prefix()), plane);
     guard.gateway = Some(start_gateway(&config, dir.path()));
 
     // ---- the transfer matrix -------------------------------------------

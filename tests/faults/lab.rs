@@ -76,17 +76,7 @@ impl KernelLab {
     /// Builds the lab, loads the rules `ftpgate nft-rules` prints and
     /// starts the gateway with the defaults of [`LabGateway`].
     pub fn up(plane: &str) -> KernelLab {
-        let tag: String = std::env::var("FG_LAB_TAG")
-            .unwrap_or_default()
-            .chars()
-            .filter(char::is_ascii_alphanumeric)
-            .take(8)
-            .collect();
-        let prefix = if tag.is_empty() {
-            "fgf-".to_string()
-        } else {
-            format!("fgf-{tag}-")
-        };
+        let prefix = super::prereq::lab_prefix("fgf-");
         let dir = tempfile::tempdir().unwrap();
         let mut lab = KernelLab {
             prefix,
@@ -110,29 +100,8 @@ impl KernelLab {
         )
         .unwrap();
         let config = lab.write_config();
-        let rules = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
-            .args(["nft-rules", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        assert!(rules.status.success(), "{}", out_text(&rules));
-        let rules_file = lab.dir.path().join("rules.nft");
-        std::fs::write(&rules_file, &rules.stdout).unwrap();
-        let load = lab.exec("gw", &["nft", "-f", rules_file.to_str().unwrap()]);
-        assert!(load.status.success(), "{}", out_text(&load));
-        if plane == "kernel" {
-            let printed = String::from_utf8_lossy(&rules.stdout);
-            let line = printed
-                .lines()
-                .find_map(|l| l.strip_prefix("#   ct mark "))
-                .expect("nft-rules names the forward accept line");
-            let rule = format!("ct mark {line}");
-            let add = lab.exec(
-                "gw",
-                &["nft", "add", "rule", "inet", "fglab", "forward", &rule],
-            );
-            assert!(add.status.success(), "{}", out_text(&add));
-        }
+        let gw = format!("{}gw", lab.prefix);
+        super::rules::load_printed_rules(&config, lab.dir.path(), &gw, plane);
         lab.start_gateway(LabGateway::default());
         lab
     }
@@ -258,11 +227,6 @@ bind = "127.0.0.1:9121"
         std::fs::read_dir(format!("/proc/{}/fd", self.pid)).map_or(usize::MAX, |d| d.count())
     }
 
-    /// CPU time (user + system) in clock ticks, from /proc/<pid>/stat.
-    pub fn cpu_ticks(&self) -> u64 {
-        super::cpu_ticks(self.pid)
-    }
-
     pub fn idle(&self) -> (Idle, usize) {
         let m = self.metrics();
         let idle = Idle {
@@ -325,14 +289,9 @@ bind = "127.0.0.1:9121"
         }
     }
 
-    /// Deny-log lines, parsed (every line must parse: a line cut short by
-    /// a full disk would be a bug of its own).
+    /// Deny-log lines, parsed.
     pub fn denials(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.deny_log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
-            .collect()
+        super::common::denials(&self.deny_log)
     }
 
     /// Waits (bounded) for a deny line for which `pred` holds.

@@ -1,6 +1,6 @@
 //! What the namespace lab needs, shared by the tests that build it
 //! (`tests/nat_lab.rs`, `tests/faults.rs`): why the lab cannot run here, if
-//! it cannot.
+//! it cannot, and the namespace prefix of a lab.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -36,4 +36,21 @@ pub fn lab_missing(tools: &[&str]) -> Option<String> {
         return Some("pure-ftpd (lab copy) is not installed".into());
     }
     None
+}
+
+/// The namespace prefix of a lab: `base` (e.g. "fgt-") plus FG_LAB_TAG
+/// (letters and digits, at most 8), which makes the names unique to one
+/// checkout, so labs of several checkouts can run side by side.
+pub fn lab_prefix(base: &str) -> String {
+    let tag: String = std::env::var("FG_LAB_TAG")
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect();
+    if tag.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}{tag}-")
+    }
 }
