@@ -924,8 +924,9 @@ fn lab_missing() -> Option<String> {
 /// the kernel plane holds. Its data connections hold no descriptor of the
 /// gateway (conntrack carries them), so at the open-file limit a session
 /// that was already in still gets a pinhole (over the netlink socket it
-/// has open) and a transfer, which the proxy plane, needing a listener and
-/// two relay sockets per data connection, cannot offer.
+/// has open) and a transfer; the test checks that (the proxy plane needs a
+/// pinhole listener and two relay sockets for each data connection, so its
+/// loopback test does not ask it).
 #[test]
 fn kernel_plane_faults_in_the_lab_leave_no_pinholes_flows_or_fds_behind() {
     const TEST: &str = "kernel_plane_faults_in_the_lab";
