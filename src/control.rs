@@ -13,7 +13,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::{DataCaps, Mode};
-use crate::dataplane::{DataTimeouts, OpenError, Owner, Plane, PlaneEvent, apparent_addresses};
+use crate::dataplane::{
+    DataProxy, DataTimeouts, OpenError, Owner, Plane, PlaneEvent, apparent_addresses,
+};
 use crate::denylog::{DenyLog, SessionInfo};
 use crate::localaddrs::LocalAddrs;
 use crate::metrics as m;
@@ -21,6 +23,7 @@ use crate::proto::{
     Chunk, CloseReason, Denial, DenyReason, Endpoints, Event, PinholeClose, PinholeRequest,
     Resolution, Session, SessionConfig, SessionId, Side, Transmit,
 };
+use crate::proxy_protocol::TrustedProxies;
 
 const READ_BUFFER: usize = 16 * 1024;
 
@@ -54,6 +57,9 @@ pub struct SessionSettings {
     pub core: Arc<SessionConfig>,
     pub mode: Mode,
     pub advertise: Option<IpAddr>,
+    /// Passive data connections carry a PROXY header from these sources
+    /// (`[data] proxy_protocol`, a session from a PROXY listener).
+    pub data_proxy: Option<TrustedProxies>,
     pub connect_timeout: Duration,
     pub data: DataTimeouts,
     pub data_caps: DataCaps,
@@ -126,6 +132,12 @@ pub async fn serve(
             info: Arc::clone(&info),
             timeouts: settings.data,
             caps: settings.data_caps,
+            proxied: settings.data_proxy.clone().map(|trusted| {
+                Arc::new(DataProxy {
+                    trusted,
+                    deny: shared.deny.clone(),
+                })
+            }),
         },
         _pinholes: SessionPinholes {
             shared: Arc::clone(&shared),

@@ -77,6 +77,18 @@ pub struct Owner {
     pub timeouts: DataTimeouts,
     /// The caps its pinholes and data connections are counted against.
     pub caps: DataCaps,
+    /// Set when its passive data connections come through a balancer
+    /// with a PROXY header.
+    pub proxied: Option<Arc<DataProxy>>,
+}
+
+/// Passive data connections that arrive through a balancer: the PROXY
+/// header's source is the peer the core checks; a connection from
+/// elsewhere, or without a valid header, is refused and logged.
+#[derive(Debug)]
+pub struct DataProxy {
+    pub trusted: crate::proxy_protocol::TrustedProxies,
+    pub deny: crate::denylog::DenyLog,
 }
 
 impl Owner {

@@ -21,7 +21,10 @@ use super::{OpenError, Owner, PlaneEvent, directions, mode_label};
 use crate::clients::Claim;
 use crate::metrics as m;
 use crate::proto::policy::canonical_ip;
-use crate::proto::{DataVerdict, PinholeId, PinholeRequest, Shape};
+use crate::proto::{
+    DataMode, DataVerdict, Denial, DenyReason, PinholeId, PinholeRequest, Shape, Side,
+};
+use crate::proxy_protocol::{self, HEADER_TIMEOUT, HeaderError};
 use crate::relay;
 use crate::tasks::Tasks;
 
@@ -79,6 +82,7 @@ impl ProxyPlane {
         )?;
         let task = Pinhole {
             registry: Arc::clone(&self.registry),
+            port,
             request: request.clone(),
             owner: owner.clone(),
         };
@@ -117,6 +121,7 @@ impl ProxyPlane {
         )?;
         let task = Pinhole {
             registry: Arc::clone(&self.registry),
+            port,
             request: request.clone(),
             owner: owner.clone(),
         };
@@ -149,6 +154,7 @@ fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 /// One pinhole's listener task.
 struct Pinhole {
     registry: Arc<Registry>,
+    port: u16,
     request: PinholeRequest,
     owner: Owner,
 }
@@ -163,7 +169,11 @@ impl Pinhole {
                 accepted = listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, peer)) => {
+                Ok((mut stream, peer)) => {
+                    let Some(peer) = self.proxied_peer(&mut stream, peer).await else {
+                        m::pinhole_refused();
+                        continue;
+                    };
                     let verdict = self.owner.ask(self.request.id, peer, VERDICT_TIMEOUT).await;
                     match verdict {
                         DataVerdict::Accept => break stream,
@@ -186,11 +196,39 @@ impl Pinhole {
         let slot = entry.reservation.take().map(Reservation::into_connection);
         carry(inbound, &self.request, &self.owner, slot).await;
     }
-}
 
-impl Pinhole {
+    /// The peer the core judges: the socket's, or behind a balancer the
+    /// PROXY header's source (passive pinholes only: active ones are
+    /// reached by the server, not through the balancer). `None`: refused
+    /// here (untrusted source, no valid header) and logged as
+    /// `proxy_header`.
+    async fn proxied_peer(&self, stream: &mut TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+        let proxy = match &self.owner.proxied {
+            Some(p) if self.request.mode == DataMode::Passive => p,
+            _ => return Some(peer),
+        };
+        let read = proxy_protocol::accept(stream, peer, &proxy.trusted, HEADER_TIMEOUT).await;
+        match read {
+            Ok(proxied) => Some(proxied.client),
+            Err(e) => {
+                tracing::debug!(session = self.owner.info.id, %peer, "data connection refused: {e}");
+                let rule = match e {
+                    HeaderError::Untrusted(_) => "trusted_proxies",
+                    _ => "proxy_protocol",
+                };
+                let denial = Denial::new(DenyReason::ProxyHeader, Side::Client)
+                    .target(SocketAddr::new(self.request.listen_ip, self.port))
+                    .peer(peer)
+                    .rule(rule);
+                proxy.deny.record(&self.owner.info, &denial);
+                None
+            }
+        }
+    }
+
     /// Accepts the client's and the server's connections, each judged by
-    /// the core, and relays them to each other.
+    /// the core, and relays them to each other. Behind a balancer, the
+    /// client's leg carries a PROXY header (the server's never does).
     async fn run_pair(
         self,
         (client_side, server_side): (TcpListener, Option<TcpListener>),
@@ -200,17 +238,27 @@ impl Pinhole {
         let mut errors = crate::server::AcceptErrors::new("pinhole");
         let mut legs = Legs::new(self.request.expected_peer);
         let (client, server) = loop {
-            let accepted = tokio::select! {
+            let (accepted, on_client_side) = tokio::select! {
                 _ = &mut cancel => return,
-                accepted = client_side.accept() => accepted,
-                accepted = accept_opt(server_side.as_ref()) => accepted,
+                accepted = client_side.accept() => (accepted, true),
+                accepted = accept_opt(server_side.as_ref()) => (accepted, false),
             };
-            let (stream, peer) = match accepted {
+            let (mut stream, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     errors.failed(&e).await;
                     continue;
                 }
+            };
+            let peer = match on_client_side {
+                true => match self.proxied_peer(&mut stream, peer).await {
+                    Some(peer) => peer,
+                    None => {
+                        m::pinhole_refused();
+                        continue;
+                    }
+                },
+                false => peer,
             };
             match self.owner.ask(self.request.id, peer, VERDICT_TIMEOUT).await {
                 DataVerdict::Accept => {

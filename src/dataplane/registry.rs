@@ -333,6 +333,7 @@ mod tests {
                 pinholes: caps,
                 connections: caps,
             },
+            proxied: None,
         }
     }
 

@@ -79,10 +79,13 @@ pub enum DenyReason {
     /// into (`server_data` conversion, RFC 6384 family translation): the
     /// client got the matching refusal of its own command.
     TranslationRefused,
+    /// A listener that takes the PROXY protocol got a connection from a
+    /// source outside `trusted_proxies`, or no valid PROXY header in time.
+    ProxyHeader,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 29] = [
+    pub const ALL: [DenyReason; 30] = [
         DenyReason::MalformedLine,
         DenyReason::LineTooLong,
         DenyReason::MalformedCommand,
@@ -112,6 +115,7 @@ impl DenyReason {
         DenyReason::UpstreamUnreachable,
         DenyReason::RefusalBudget,
         DenyReason::TranslationRefused,
+        DenyReason::ProxyHeader,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -145,6 +149,7 @@ impl DenyReason {
             DenyReason::UpstreamUnreachable => "upstream_unreachable",
             DenyReason::RefusalBudget => "refusal_budget",
             DenyReason::TranslationRefused => "translation_refused",
+            DenyReason::ProxyHeader => "proxy_header",
         }
     }
 }
