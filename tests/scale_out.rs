@@ -305,17 +305,7 @@ fn lab_missing() -> Option<String> {
 }
 
 fn build() -> Lab {
-    let tag: String = std::env::var("FG_LAB_TAG")
-        .unwrap_or_default()
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(8)
-        .collect();
-    let prefix = if tag.is_empty() {
-        "fgo-".to_string()
-    } else {
-        format!("fgo-{tag}-")
-    };
+    let prefix = prereq::lab_prefix("fgo-");
     let mut lab = Lab {
         prefix,
         sha: sha256_hex(&common::pseudo_random(64 * 1024)),
