@@ -11,8 +11,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use ftpgate::proto::driver::{Driver, Transcript, lab_endpoints, pinhole};
 use ftpgate::proto::{
-    DataMode, DataVerb, DataVerdict, Denial, DenyReason, Event, PinholeClose, PinholeRequest,
-    RewriteKind, ServerData, SessionConfig, Shape, Side,
+    DataMode, DataVerb, DataVerdict, DenyReason, Event, PinholeClose, PinholeRequest, RewriteKind,
+    ServerData, SessionConfig, Shape, Side,
 };
 use proptest::prelude::*;
 
@@ -36,26 +36,6 @@ fn text(bytes: &[u8]) -> String {
 fn assert_wire(t: &Transcript, to_client: &str, to_server: &str) {
     assert_eq!(text(&t.to_client), to_client, "bytes to the client");
     assert_eq!(text(&t.to_server), to_server, "bytes to the server");
-}
-
-fn denials(t: &Transcript) -> Vec<&Denial> {
-    t.events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Deny(d) => Some(d),
-            _ => None,
-        })
-        .collect()
-}
-
-fn opened(t: &Transcript) -> Vec<&PinholeRequest> {
-    t.events
-        .iter()
-        .filter_map(|e| match e {
-            Event::OpenPinhole(r) => Some(r),
-            _ => None,
-        })
-        .collect()
 }
 
 fn rewrites(t: &Transcript) -> Vec<&'static str> {
@@ -86,7 +66,7 @@ fn port_becomes_pasv_and_the_gateway_dials_both_ends_before_the_client_gets_200(
     d.input(Side::Client, b"PORT 192,0,2,10,25,46\r\n");
     // Nothing for the client until the server's passive reply.
     assert_wire(&d.transcript, "", "PASV\r\n");
-    assert!(opened(&d.transcript).is_empty());
+    assert!(d.transcript.pinhole_requests().is_empty());
     // A NATed server's private 227 address is still replaced by its
     // control address.
     d.input(
@@ -99,7 +79,7 @@ fn port_becomes_pasv_and_the_gateway_dials_both_ends_before_the_client_gets_200(
         "PASV\r\n",
     );
     assert_eq!(
-        opened(&d.transcript),
+        d.transcript.pinhole_requests(),
         vec![&PinholeRequest {
             id: pinhole(1),
             mode: DataMode::Active,
@@ -147,7 +127,7 @@ fn a_bounce_port_is_refused_before_any_conversion() {
         "504 Data connection target refused by policy.\r\n",
         "",
     );
-    assert_eq!(denials(&d.transcript)[0].reason, DenyReason::Bounce);
+    assert_eq!(d.transcript.denials()[0].reason, DenyReason::Bounce);
 }
 
 #[test]
@@ -170,13 +150,13 @@ fn a_refused_pasv_reaches_the_client_as_the_refusal_of_its_port() {
             ),
             "PASV\r\n",
         );
-        let all = denials(&d.transcript);
+        let all = d.transcript.denials();
         assert_eq!(all.len(), 1, "{server}");
         assert_eq!(all[0].reason, DenyReason::TranslationRefused);
         assert_eq!(all[0].rule.as_deref(), Some("port_to_pasv"));
         assert_eq!(all[0].verb.as_deref(), Some("PORT"));
         assert_eq!(all[0].argument.as_deref(), Some("192,0,2,10,25,46"));
-        assert!(opened(&d.transcript).is_empty());
+        assert!(d.transcript.pinhole_requests().is_empty());
     }
 }
 
@@ -202,7 +182,7 @@ fn pasv_becomes_port_and_the_client_gets_227_only_after_the_server_accepted_it()
     let mut d = session(ServerData::Active);
     d.input(Side::Client, b"PASV\r\n");
     assert_eq!(
-        opened(&d.transcript),
+        d.transcript.pinhole_requests(),
         vec![&PinholeRequest {
             id: pinhole(1),
             mode: DataMode::Passive,
@@ -234,7 +214,7 @@ fn pasv_becomes_port_and_the_client_gets_227_only_after_the_server_accepted_it()
         d.connect_from(1, sa("192.0.2.11:40100")),
         DataVerdict::Refuse
     );
-    assert_eq!(denials(&d.transcript)[0].reason, DenyReason::PasvTheft);
+    assert_eq!(d.transcript.denials()[0].reason, DenyReason::PasvTheft);
     assert_eq!(
         d.connect_from(1, sa("198.51.100.20:20")),
         DataVerdict::Accept
@@ -280,7 +260,7 @@ fn a_refused_port_reaches_the_client_as_the_refusal_of_its_pasv_and_the_pinhole_
             id: pinhole(1),
             cause: PinholeClose::ServerRefused,
         }));
-        let all = denials(&d.transcript);
+        let all = d.transcript.denials();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].reason, DenyReason::TranslationRefused);
         assert_eq!(all[0].rule.as_deref(), Some("pasv_to_port"));
@@ -307,7 +287,7 @@ fn as_client_keeps_the_clients_own_mode() {
     let mut d = session(ServerData::AsClient);
     d.input(Side::Client, b"PORT 192,0,2,10,25,46\r\n");
     assert_wire(&d.transcript, "", "PORT 198,51,100,1,195,81\r\n");
-    assert_eq!(opened(&d.transcript)[0].shape, Shape::Relay);
+    assert_eq!(d.transcript.pinhole_requests()[0].shape, Shape::Relay);
     let kind = RewriteKind::for_verbs(DataVerb::Port, DataVerb::Port);
     assert_eq!(kind, RewriteKind::Port);
 }
@@ -386,7 +366,7 @@ fn a_port_the_server_accepts_after_its_pinhole_expired_gets_425() {
         "",
     );
     assert_eq!(
-        denials(&d.transcript)[0].reason,
+        d.transcript.denials()[0].reason,
         DenyReason::PinholeUnavailable
     );
 }
@@ -481,7 +461,7 @@ proptest! {
                 Move::Advance(secs) => d.advance(std::time::Duration::from_secs(*secs)),
             }
         }
-        for req in opened(&d.transcript) {
+        for req in d.transcript.pinhole_requests() {
             match req.shape {
                 Shape::DialBoth { dial, dial_from } => {
                     prop_assert_eq!(mode, ServerData::Passive);
@@ -555,7 +535,7 @@ fn an_ipv6_clients_eprt_becomes_pasv_toward_an_ipv4_server() {
         "200 EPRT command successful.\r\n",
         "PASV\r\n",
     );
-    let req = opened(&d.transcript)[0].clone();
+    let req = d.transcript.pinhole_requests()[0].clone();
     assert_eq!(req.connect_to, sa("[2001:db8:1::10]:6446"));
     assert_eq!(req.connect_from, ip("2001:db8:1::1"));
     assert_eq!(
@@ -592,7 +572,7 @@ fn an_active_conversion_whose_server_never_connects_expires_naming_the_server() 
     );
     d.transcript = Transcript::default();
     d.advance(std::time::Duration::from_secs(31));
-    let all = denials(&d.transcript);
+    let all = d.transcript.denials();
     assert_eq!(all.len(), 1, "{:#?}", d.transcript.events);
     assert_eq!(all[0].reason, DenyReason::PinholeExpired);
     assert_eq!(all[0].side, Side::Server);

@@ -1821,7 +1821,7 @@ fn ipv6_client_pasv_and_port_are_refused_with_522_epsv_works() {
         "PASV\r\n",
     );
     assert_eq!(
-        opened(&d.transcript)[0].connect_to,
+        d.transcript.pinhole_requests()[0].connect_to,
         sa("198.51.100.20:6446")
     );
     assert!(d.transcript.events.contains(&Event::Rewrite {
@@ -1867,7 +1867,7 @@ fn algs_reports_and_switches_the_rfc_6384_translation_per_session() {
     assert_wire(&d.transcript, enabled, "PASV\r\n");
     // A session within one family has no ALG translation: ALGS is the
     // server's business.
-    let mut same = logged_in();
+    let mut same = Driver::logged_in();
     same.input(Side::Client, b"ALGS STATUS64\r\n");
     assert_wire(&same.transcript, "", "ALGS STATUS64\r\n");
 }

@@ -10,6 +10,8 @@
 
 #[path = "lab/prereq.rs"]
 mod prereq;
+#[path = "lab/rules.rs"]
+mod rules;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -298,20 +300,15 @@ bind = "127.0.0.1:9121"
     path
 }
 
-fn start_gateway(lab: &mut Lab, config: PathBuf) {
+fn start_gateway(lab: &mut Lab, config: PathBuf, plane: &str) {
     let check = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
         .args(["check-config", "--config"])
         .arg(&config)
         .output()
         .unwrap();
     assert!(check.status.success(), "check-config: {}", text(&check));
-    let rules = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
-        .args(["nft-rules", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(rules.status.success(), "{}", text(&rules));
-    lab.nft("gw", &String::from_utf8_lossy(&rules.stdout), "rules.nft");
+    let gw = format!("{}gw", lab.prefix);
+    rules::load_printed_rules(&config, lab.dir.path(), &gw, plane);
     if lab.gateway.is_some() {
         return start_daemon(lab, &config);
     }
@@ -506,17 +503,7 @@ fn translation_lab_converts_data_modes_crosses_families_and_splits_the_horizon()
         eprintln!("SKIPPED xlate_lab: {why} (run scripts/test as root)");
         return;
     }
-    let tag: String = std::env::var("FG_LAB_TAG")
-        .unwrap_or_default()
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(8)
-        .collect();
-    let prefix = if tag.is_empty() {
-        "fgx-".to_string()
-    } else {
-        format!("fgx-{tag}-")
-    };
+    let prefix = prereq::lab_prefix("fgx-");
     let mut lab = Lab {
         state: PathBuf::from(format!("/tmp/fglab-{prefix}")),
         prefix,
@@ -547,7 +534,7 @@ fn translation_lab_converts_data_modes_crosses_families_and_splits_the_horizon()
     // in2 becomes an IPv6-only client.
     lab.ok("in2", &["ip", "-4", "addr", "flush", "dev", "eth0"]);
     let config = gateway_config(lab.dir.path());
-    start_gateway(&mut lab, config);
+    start_gateway(&mut lab, config, "proxy");
 
     eprintln!(
         "server_data = \"passive\" (srv1 refuses every new connection but 21 and its passive range):"
@@ -768,7 +755,7 @@ fn translation_lab_converts_data_modes_crosses_families_and_splits_the_horizon()
 
     eprintln!("kernel plane: translated pinholes carried in userland:");
     let config = kernel_config(lab.dir.path());
-    start_gateway(&mut lab, config);
+    start_gateway(&mut lab, config, "kernel");
     lab.nft("srv1", SERVER_FIREWALL, "server-firewall.nft");
     let before = lab.metric("ftpgate_rewrites_total{kind=\"port_to_pasv\"}");
     lftp(
