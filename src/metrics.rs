@@ -33,6 +33,7 @@ pub const CONFIG_RELOADS: &str = "ftpgate_config_reloads_total";
 pub const COMMANDS: &str = "ftpgate_commands_total";
 pub const ACCEPT_FAILURES: &str = "ftpgate_accept_failures_total";
 pub const CONNTRACK_OVERRUNS: &str = "ftpgate_conntrack_event_overruns_total";
+pub const KERNEL_FLOWS_RETRIED: &str = "ftpgate_kernel_flows_retried_total";
 
 /// Histogram buckets, in seconds, for waits from milliseconds to minutes.
 pub const WAIT_BUCKETS: &[f64] = &[
@@ -121,6 +122,10 @@ pub fn accept_failed(listener: &'static str) {
 
 pub fn conntrack_overrun() {
     counter!(CONNTRACK_OVERRUNS).increment(1);
+}
+
+pub fn kernel_flow_retried() {
+    counter!(KERNEL_FLOWS_RETRIED).increment(1);
 }
 
 pub fn pinhole_refused() {

@@ -82,6 +82,9 @@ struct Flow {
     _active: m::DataConnectionActive,
     /// Its counted data-connection slot.
     _slot: Option<Claim>,
+    /// Ended before it was established: its byte counts, while it waits
+    /// out RETRY_WINDOW for its client's retry (see `fall_through`).
+    died: Option<(u64, u64)>,
 }
 
 /// The low 16 bits of a flow's conntrack mark: the pinhole port. The high
@@ -98,6 +101,12 @@ pub fn pinhole_mark(tag: u32, port: u16) -> u32 {
 /// its flow late (the first connection raced its withdrawal): its flow is
 /// then still accounted and ended with its session.
 const RECENT: Duration = Duration::from_secs(10);
+
+/// How long after a pinhole's kernel flow appeared a connection from the
+/// same client socket to the same address is taken as that client's retry
+/// (see `fall_through`): TCP's first SYN retransmissions come after 1 s
+/// and 3 s (RFC 6298), a retry after a reset at once.
+const RETRY_WINDOW: Duration = Duration::from_secs(3);
 
 /// Pinholes withdrawn in the last [`RECENT`], by port.
 type Recent = Arc<Mutex<HashMap<u16, (Found, Instant)>>>;
@@ -171,6 +180,7 @@ impl KernelPlane {
             reaper: reaper.clone(),
             flows: Arc::clone(&flows),
             recent: Arc::clone(&recent),
+            tasks: tasks.clone(),
             filter,
         };
         let stopping = tasks.stopping();
@@ -181,7 +191,13 @@ impl KernelPlane {
             }
         });
         for trap in std::iter::once(trap4).chain(trap6) {
-            let serve = fall_through(trap, Arc::clone(&registry), reaper.clone(), tasks.clone());
+            let serve = fall_through(
+                trap,
+                Arc::clone(&registry),
+                reaper.clone(),
+                Arc::clone(&flows),
+                tasks.clone(),
+            );
             let stopping = tasks.stopping();
             tasks.spawn(async move {
                 tokio::select! {
@@ -269,9 +285,11 @@ impl KernelPlane {
     }
 
     pub fn cancel(&self, id: PinholeId) {
-        if let Some((port, entry)) = self.reaper.withdraw(id) {
-            // Its first connection may have matched just before the
-            // elements went: conntrack then reports it after this.
+        // Its first connection may have matched just before the elements
+        // went: conntrack then reports it after this, by the port in its
+        // mark. Until it does (or RECENT has passed) the port is not handed
+        // out again, so that report cannot find another pinhole there.
+        if let Some((port, entry)) = self.reaper.withdraw(id, Some(Instant::now() + RECENT)) {
             let found = Found {
                 handoff: None,
                 id: entry.id,
@@ -410,11 +428,16 @@ impl Reaper {
     }
 
     /// Takes pinhole `id` out of the registry and queues its elements for
-    /// deletion; its port returns to the pool once they are gone.
-    fn withdraw(&self, id: PinholeId) -> Option<(u16, Entry)> {
-        let (port, entry) = self.registry.remove_quarantined(id)?;
+    /// deletion; its port returns to the pool once they are gone (and, with
+    /// `flow_until`, once its flow was seen or that instant has passed).
+    fn withdraw(&self, id: PinholeId, flow_until: Option<Instant>) -> Option<(u16, Entry)> {
+        let (port, entry) = self.registry.remove_quarantined(id, flow_until)?;
         let ops = elements(&entry.request, &entry.apparent, port, self.tag, None);
-        if ops.is_empty() || self.tx.send(Reap::Elements(ops, port)).is_err() {
+        if ops.is_empty() {
+            // Nothing in the kernel, so no flow of it can be reported.
+            self.registry.flow_seen(port);
+            self.registry.release(&[port]);
+        } else if self.tx.send(Reap::Elements(ops, port)).is_err() {
             self.registry.release(&[port]);
         }
         Some((port, entry))
@@ -503,6 +526,7 @@ struct Watcher {
     reaper: Reaper,
     flows: Flows,
     recent: Recent,
+    tasks: Tasks,
     /// ftpgate's flows: the tag in the high 16 bits of the mark.
     filter: MarkFilter,
 }
@@ -536,10 +560,26 @@ impl Watcher {
         match event.kind {
             EventKind::New => self.established(tuple, flow.mark).await,
             EventKind::Destroy => {
-                let ours = self.lock_flows().remove(&tuple);
+                let bytes = |c: Option<conntrack::Counters>| c.map_or(0, |c| c.bytes);
+                let counts = (bytes(flow.orig_counters), bytes(flow.reply_counters));
+                let ours = {
+                    let mut flows = self.lock_flows();
+                    match flows.get_mut(&tuple) {
+                        // Never established, and young: its client may
+                        // still retry from the same socket.
+                        Some(ours) if !flow.assured() && ours.began.elapsed() < RETRY_WINDOW => {
+                            ours.died = Some(counts);
+                            let wait = RETRY_WINDOW.saturating_sub(ours.began.elapsed());
+                            drop(flows);
+                            self.end_unless_retried(tuple, wait);
+                            return;
+                        }
+                        Some(_) => flows.remove(&tuple),
+                        None => None,
+                    }
+                };
                 if let Some(ours) = ours {
-                    let bytes = |c: Option<conntrack::Counters>| c.map_or(0, |c| c.bytes);
-                    ended(ours, bytes(flow.orig_counters), bytes(flow.reply_counters)).await;
+                    ended(ours, counts.0, counts.1).await;
                 }
             }
         }
@@ -549,17 +589,43 @@ impl Watcher {
         lock_flows(&self.flows)
     }
 
+    /// Ends the dead flow `tuple` after `wait` unless its client's retry
+    /// took it over in the meantime.
+    fn end_unless_retried(&self, tuple: (SocketAddr, SocketAddr), wait: Duration) {
+        let flows = Arc::clone(&self.flows);
+        let stopping = self.tasks.stopping();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = stopping => {}
+            }
+            let dead = {
+                let mut flows = lock_flows(&flows);
+                match flows.get(&tuple).and_then(|f| f.died) {
+                    Some(counts) => flows.remove(&tuple).map(|f| (f, counts)),
+                    None => None,
+                }
+            };
+            if let Some((flow, (from_peer, to_peer))) = dead {
+                ended(flow, from_peer, to_peer).await;
+            }
+        });
+    }
+
     /// A marked flow appeared: the pinhole its mark names is used (or was
     /// withdrawn just after its connection matched).
     async fn established(&self, (src, dst): (SocketAddr, SocketAddr), mark: u32) {
         let port = (mark & PORT_BITS) as u16;
-        let found = self.registry.at_port(port).or_else(|| {
-            let mut recent = lock_recent(&self.recent);
-            recent
-                .remove(&port)
-                .filter(|(_, at)| at.elapsed() < RECENT)
-                .map(|(found, _)| found)
-        });
+        // A pinhole withdrawn before its flow was seen holds its port until
+        // that flow is reported: first look there, then at the live ones.
+        let withdrawn = lock_recent(&self.recent)
+            .remove(&port)
+            .filter(|(_, at)| at.elapsed() < RECENT)
+            .map(|(found, _)| found);
+        if withdrawn.is_some() {
+            self.registry.flow_seen(port);
+        }
+        let found = withdrawn.or_else(|| self.registry.at_port(port));
         let Some(Found {
             id,
             owner,
@@ -576,7 +642,7 @@ impl Watcher {
             return;
         }
         let mut slot = None;
-        if let Some((_, mut entry)) = self.reaper.withdraw(id) {
+        if let Some((_, mut entry)) = self.reaper.withdraw(id, None) {
             slot = entry.reservation.take().map(Reservation::into_connection);
         }
         m::pinhole_wait(opened.elapsed());
@@ -587,6 +653,7 @@ impl Watcher {
             began: Instant::now(),
             _active: m::DataConnectionActive::start(),
             _slot: slot,
+            died: None,
         };
         self.lock_flows().insert((src, dst), flow);
         if owner.events.is_closed() {
@@ -655,6 +722,7 @@ async fn fall_through(
     listener: TcpListener,
     registry: Arc<Registry>,
     reaper: Reaper,
+    flows: Flows,
     tasks: Tasks,
 ) {
     let mut errors = crate::server::AcceptErrors::new("fall_through");
@@ -667,9 +735,52 @@ async fn fall_through(
             }
         };
         let peer = canonical(peer);
-        let Some(port) = crate::sockets::original_dst(&stream).map(|a| a.port()) else {
+        let Some(original) = crate::sockets::original_dst(&stream).map(canonical) else {
             continue;
         };
+        let port = original.port();
+        let retry = {
+            let mut flows = lock_flows(&flows);
+            let fresh = flows
+                .get(&(peer, original))
+                .is_some_and(|f| f.began.elapsed() < RETRY_WINDOW);
+            if fresh {
+                flows.remove(&(peer, original))
+            } else {
+                None
+            }
+        };
+        if let Some(flow) = retry {
+            // The very client socket whose first SYN used this pinhole: its
+            // kernel flow died before it was established, and the client
+            // tried again. That happens when the server still holds the
+            // same address pair in TIME_WAIT from an earlier connection
+            // (the SNAT source is the gateway's for every client, and the
+            // client's port is kept): the client's initial sequence number,
+            // chosen for its own address pair, is then often below what the
+            // server last saw, the server answers with an ACK, the client
+            // resets (RFC 793 3.4) and retries. This retry is the pinhole's
+            // one connection: carry it in userland, where the gateway's own
+            // connection to the server gets a sequence number that server
+            // accepts. Only within RETRY_WINDOW of the first SYN, and once.
+            tracing::debug!(
+                session = flow.owner.info.id,
+                %peer,
+                port,
+                "kernel flow of a pinhole died before it was established; carrying the retry"
+            );
+            m::kernel_flow_retried();
+            let Flow {
+                owner,
+                request,
+                _slot,
+                ..
+            } = flow;
+            tasks.spawn(async move {
+                proxy::carry(stream, &request, &owner, _slot).await;
+            });
+            continue;
+        }
         let found = registry.at_port(port);
         // A translated pinhole that dials out takes no connection in:
         // only the one the gateway made itself is its data connection.
@@ -699,7 +810,7 @@ async fn fall_through(
                     }
                 }
                 DataVerdict::Accept => {
-                    let Some((_, mut entry)) = reaper.withdraw(id) else {
+                    let Some((_, mut entry)) = reaper.withdraw(id, None) else {
                         // Withdrawn in the meantime: its session has ended.
                         return;
                     };

@@ -6,7 +6,7 @@
 //! facts fixed at open time that a plane or another session needs to find a
 //! pinhole by port: who may connect, where it leads, who may name it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, MutexGuard};
@@ -100,9 +100,33 @@ pub struct Found {
 struct Inner {
     by_port: HashMap<u16, Entry>,
     by_id: HashMap<PinholeId, u16>,
-    /// Ports whose pinhole is gone but whose kernel elements are still
-    /// being deleted: not handed out again until they are.
-    quarantined: HashSet<u16>,
+    /// Ports whose pinhole is gone but that are not handed out again yet.
+    quarantined: HashMap<u16, Hold>,
+}
+
+/// Why a port whose pinhole is gone stays out of use (kernel plane).
+#[derive(Debug, Clone, Copy, Default)]
+struct Hold {
+    /// Its kernel elements are still being deleted.
+    elements: bool,
+    /// It was withdrawn before its flow was seen: a conntrack event for a
+    /// connection that matched it just before may still be on its way, and
+    /// must not find another pinhole at this port (the mark names the
+    /// port). Until this instant, or until that event comes.
+    flow_until: Option<Instant>,
+}
+
+impl Hold {
+    fn holds(&self, now: Instant) -> bool {
+        self.elements || self.flow_until.is_some_and(|until| now < until)
+    }
+}
+
+impl Inner {
+    /// Ports held no longer go back to the pool.
+    fn sweep(&mut self, now: Instant) {
+        self.quarantined.retain(|_, hold| hold.holds(now));
+    }
 }
 
 pub struct Registry {
@@ -158,8 +182,21 @@ impl Registry {
 
     /// Ports of the range not held by a pinhole.
     pub fn free(&self) -> usize {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        inner.sweep(Instant::now());
         self.size() - inner.by_port.len() - inner.quarantined.len()
+    }
+
+    /// The flow `port` was held for has been seen.
+    pub fn flow_seen(&self, port: u16) {
+        let mut inner = self.lock();
+        if let Some(hold) = inner.quarantined.get_mut(&port) {
+            hold.flow_until = None;
+        }
+        inner.sweep(Instant::now());
+        let free = self.size() - inner.by_port.len() - inner.quarantined.len();
+        drop(inner);
+        m::port_pool_free(free);
     }
 
     /// Finds a free port, starting at a random one, for which `try_port`
@@ -173,9 +210,10 @@ impl Registry {
         let size = self.size();
         let start = rand::random_range(0..size);
         let mut inner = self.lock();
+        inner.sweep(Instant::now());
         for i in 0..size {
             let port = self.low + ((start + i) % size) as u16;
-            if inner.by_port.contains_key(&port) || inner.quarantined.contains(&port) {
+            if inner.by_port.contains_key(&port) || inner.quarantined.contains_key(&port) {
                 continue;
             }
             let Some(value) = try_port(port)? else {
@@ -185,7 +223,7 @@ impl Registry {
             let mode = super::mode_label(entry.request.mode);
             inner.by_id.insert(entry.id, port);
             inner.by_port.insert(port, entry);
-            let free = size - inner.by_port.len();
+            let free = size - inner.by_port.len() - inner.quarantined.len();
             drop(inner);
             m::port_pool_free(free);
             m::pinhole_opened(mode);
@@ -199,21 +237,33 @@ impl Registry {
 
     /// Removes pinhole `id` (used, cancelled or expired) and frees its port.
     pub fn remove(&self, id: PinholeId) -> Option<(u16, Entry)> {
-        self.take(id, false)
+        self.take(id, None)
     }
 
     /// Removes pinhole `id` but keeps its port out of use until
     /// [`Registry::release`]: its kernel elements are still to be deleted.
-    pub fn remove_quarantined(&self, id: PinholeId) -> Option<(u16, Entry)> {
-        self.take(id, true)
+    /// With `flow_until`, also until then or [`Registry::flow_seen`]
+    /// (it was withdrawn before its flow was seen).
+    pub fn remove_quarantined(
+        &self,
+        id: PinholeId,
+        flow_until: Option<Instant>,
+    ) -> Option<(u16, Entry)> {
+        self.take(
+            id,
+            Some(Hold {
+                elements: true,
+                flow_until,
+            }),
+        )
     }
 
-    fn take(&self, id: PinholeId, quarantine: bool) -> Option<(u16, Entry)> {
+    fn take(&self, id: PinholeId, hold: Option<Hold>) -> Option<(u16, Entry)> {
         let mut inner = self.lock();
         let port = inner.by_id.remove(&id)?;
         let entry = inner.by_port.remove(&port)?;
-        if quarantine {
-            inner.quarantined.insert(port);
+        if let Some(hold) = hold {
+            inner.quarantined.insert(port, hold);
         }
         let free = self.size() - inner.by_port.len() - inner.quarantined.len();
         drop(inner);
@@ -222,12 +272,16 @@ impl Registry {
         Some((port, entry))
     }
 
-    /// Ports whose elements are deleted: back in the pool.
+    /// Ports whose elements are deleted: back in the pool unless a flow
+    /// hold keeps them a little longer.
     pub fn release(&self, ports: &[u16]) {
         let mut inner = self.lock();
         for port in ports {
-            inner.quarantined.remove(port);
+            if let Some(hold) = inner.quarantined.get_mut(port) {
+                hold.elements = false;
+            }
         }
+        inner.sweep(Instant::now());
         let free = self.size() - inner.by_port.len() - inner.quarantined.len();
         drop(inner);
         m::port_pool_free(free);
@@ -386,6 +440,42 @@ mod tests {
         // Only the addresses the pinhole is reachable at name it.
         let elsewhere = SocketAddr::new(ip("198.51.100.1"), port);
         assert_eq!(registry.resolve(elsewhere, ip(OPENER)), None);
+    }
+
+    /// Kernel plane: conntrack reports a flow by the port in its mark. A
+    /// pinhole withdrawn before its flow was reported keeps its port out of
+    /// use until that report (or a deadline), even once its elements are
+    /// deleted, so a late report cannot find the next pinhole there and
+    /// withdraw it (seen in the session benchmark: the next client's data
+    /// connection then fell through and the session stalled).
+    #[test]
+    fn a_port_withdrawn_before_its_flow_was_seen_is_held_until_it_is() {
+        let registry = Registry::new(50000, 50000);
+        let owner = owner(1, OPENER);
+        let (id, port) = open(&registry, &owner, DataMode::Passive);
+        let later = Instant::now() + Duration::from_secs(60);
+        registry.remove_quarantined(id, Some(later)).unwrap();
+        registry.release(&[port]);
+        assert_eq!(registry.free(), 0, "held for its flow");
+        registry.flow_seen(port);
+        assert_eq!(registry.free(), 1);
+
+        // Without a report the hold ends at its deadline.
+        let (id, port) = open(&registry, &owner, DataMode::Passive);
+        registry
+            .remove_quarantined(id, Some(Instant::now() + Duration::from_millis(20)))
+            .unwrap();
+        registry.release(&[port]);
+        assert_eq!(registry.free(), 0);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(registry.free(), 1);
+
+        // A pinhole whose flow was seen waits only for its elements.
+        let (id, port) = open(&registry, &owner, DataMode::Passive);
+        registry.remove_quarantined(id, None).unwrap();
+        assert_eq!(registry.free(), 0, "elements still there");
+        registry.release(&[port]);
+        assert_eq!(registry.free(), 1);
     }
 
     #[test]

@@ -33,6 +33,7 @@ const IPCTNL_MSG_CT_DELETE: u8 = 2;
 // enum ctattr_type
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_STATUS: u16 = 3;
 const CTA_MARK: u16 = 8;
 const CTA_COUNTERS_ORIG: u16 = 9;
 const CTA_COUNTERS_REPLY: u16 = 10;
@@ -121,6 +122,19 @@ pub struct Flow {
     /// (see [`enable_accounting`]); events carry them on Destroy.
     pub orig_counters: Option<Counters>,
     pub reply_counters: Option<Counters>,
+    /// CTA_STATUS: the IPS_* bits (events carry it, Destroy included).
+    pub status: u32,
+}
+
+/// IPS_ASSURED: for TCP, the handshake completed.
+const IPS_ASSURED: u32 = 1 << 2;
+
+impl Flow {
+    /// Whether the connection got established (TCP: its handshake
+    /// completed), as the kernel's status says.
+    pub fn assured(&self) -> bool {
+        self.status & IPS_ASSURED != 0
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -484,12 +498,14 @@ fn parse_flow(m: &Msg<'_>) -> Option<Flow> {
         mark: 0,
         orig_counters: None,
         reply_counters: None,
+        status: 0,
     };
     for a in m.attrs() {
         match a.ty {
             CTA_TUPLE_ORIG => orig = parse_tuple(&a),
             CTA_TUPLE_REPLY => reply = parse_tuple(&a),
             CTA_MARK => flow.mark = a.be32().unwrap_or(0),
+            CTA_STATUS => flow.status = a.be32().unwrap_or(0),
             CTA_ID => flow.id = a.be32(),
             CTA_COUNTERS_ORIG => flow.orig_counters = parse_counters(&a),
             CTA_COUNTERS_REPLY => flow.reply_counters = parse_counters(&a),
