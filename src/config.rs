@@ -13,7 +13,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::clients::Caps;
-use crate::proto::{DEFAULT_MAX_REFUSALS, FxpRule, Policy, SessionConfig};
+use crate::proto::{
+    AuthTls, DEFAULT_MAX_REFUSALS, FxpRule, PassthroughRule, Policy, SessionConfig, TlsPolicy,
+};
+use crate::tls::{ListenerTls, UpstreamMode, UpstreamTls};
 
 /// All problems found in a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +54,10 @@ pub struct Listener {
     /// The published server (reverse).
     pub upstream: Option<SocketAddr>,
     pub advertise: Option<IpAddr>,
+    /// Client-facing TLS (reverse mode, `tls_cert` and `tls_key`).
+    pub tls: Option<Arc<ListenerTls>>,
+    /// TLS toward the upstream server (`upstream_tls`).
+    pub upstream_tls: Option<Arc<UpstreamTls>>,
 }
 
 /// Which data plane carries the bytes of data connections.
@@ -133,6 +140,23 @@ pub struct Config {
     pub limits: Limits,
     pub deny_log: DenyLogConfig,
     pub admin: Option<SocketAddr>,
+    pub tls: TlsSettings,
+}
+
+/// `[policy] auth_tls`, `require_tls` and `[[policy.tls_passthrough]]`.
+#[derive(Debug, Clone, Default)]
+pub struct TlsSettings {
+    /// `None`: "terminate" on listeners with a certificate, else "refuse".
+    pub auth_tls: Option<AuthTlsSetting>,
+    pub require_tls: bool,
+    pub passthrough: Vec<PassthroughRule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthTlsSetting {
+    Refuse,
+    Terminate,
+    Passthrough,
 }
 
 impl Config {
@@ -162,7 +186,27 @@ impl Config {
         }
     }
 
-    /// What one control session needs, derived once.
+    /// What one control session on `listener` needs, derived once.
+    pub fn session_config_for(&self, listener: &Listener) -> Arc<SessionConfig> {
+        let auth = match (self.tls.auth_tls, &listener.tls, listener.mode) {
+            (Some(AuthTlsSetting::Refuse), _, _) => AuthTls::Refuse,
+            (Some(AuthTlsSetting::Passthrough), _, Mode::Transparent) => {
+                AuthTls::Passthrough(self.tls.passthrough.clone())
+            }
+            (_, Some(tls), Mode::Reverse) => AuthTls::Terminate {
+                implicit: tls.implicit,
+            },
+            _ => AuthTls::Refuse,
+        };
+        let mut cfg = (*self.session_config()).clone();
+        cfg.tls = TlsPolicy {
+            auth,
+            require_tls: self.tls.require_tls,
+        };
+        Arc::new(cfg)
+    }
+
+    /// What one control session needs, derived once (no TLS).
     pub fn session_config(&self) -> Arc<SessionConfig> {
         Arc::new(SessionConfig {
             policy: self.policy.clone(),
@@ -173,6 +217,7 @@ impl Config {
             login_timeout: self.limits.login_timeout,
             idle_timeout: self.limits.idle_timeout,
             max_refusals: self.limits.max_refused_commands,
+            tls: TlsPolicy::default(),
         })
     }
 }
@@ -205,6 +250,13 @@ struct RawListener {
     intercept_port: u16,
     upstream: Option<String>,
     advertise: Option<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    #[serde(default)]
+    tls_implicit: bool,
+    upstream_tls: Option<String>,
+    upstream_tls_name: Option<String>,
+    upstream_ca: Option<String>,
 }
 
 fn default_intercept_port() -> u16 {
@@ -249,18 +301,30 @@ impl Default for RawData {
 #[serde(default)]
 struct RawPolicy {
     deny_ports: Vec<u16>,
-    auth_tls: String,
+    auth_tls: Option<String>,
+    require_tls: bool,
     fxp: Vec<RawFxp>,
+    tls_passthrough: Vec<RawPassthrough>,
 }
 
 impl Default for RawPolicy {
     fn default() -> Self {
         RawPolicy {
             deny_ports: vec![1433, 3306, 3389, 5432, 5900, 6379],
-            auth_tls: "refuse".into(),
+            auth_tls: None,
+            require_tls: false,
             fxp: Vec::new(),
+            tls_passthrough: Vec::new(),
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+struct RawPassthrough {
+    #[serde(default)]
+    name: Option<String>,
+    servers: Vec<String>,
+    data_ports: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -449,6 +513,8 @@ impl RawListener {
                 ));
             }
         }
+        let tls = self.client_tls(i, mode, problems);
+        let upstream_tls = self.upstream_tls(i, mode, upstream, problems);
         Listener {
             mode: mode.unwrap_or(Mode::Reverse),
             bind,
@@ -456,6 +522,124 @@ impl RawListener {
             intercept_port: self.intercept_port,
             upstream,
             advertise,
+            tls,
+            upstream_tls,
+        }
+    }
+
+    fn client_tls(
+        &self,
+        i: usize,
+        mode: Option<Mode>,
+        problems: &mut Vec<String>,
+    ) -> Option<Arc<ListenerTls>> {
+        let key = |k: &str| format!("listener[{i}].{k}");
+        let (cert, tls_key) = match (&self.tls_cert, &self.tls_key) {
+            (None, None) => {
+                if self.tls_implicit {
+                    problems.push(format!(
+                        "`{}` needs `{}` and `{}`",
+                        key("tls_implicit"),
+                        key("tls_cert"),
+                        key("tls_key")
+                    ));
+                }
+                return None;
+            }
+            (Some(c), Some(k)) => (PathBuf::from(c), PathBuf::from(k)),
+            _ => {
+                problems.push(format!(
+                    "`{}` and `{}` go together",
+                    key("tls_cert"),
+                    key("tls_key")
+                ));
+                return None;
+            }
+        };
+        if mode == Some(Mode::Transparent) {
+            // Terminating there would mean impersonating every server.
+            problems.push(format!(
+                "`{}` is only for reverse mode: transparent mode passes TLS through (policy.auth_tls = \"passthrough\")",
+                key("tls_cert")
+            ));
+            return None;
+        }
+        match crate::tls::server_config(&cert, &tls_key) {
+            Ok(config) => Some(Arc::new(ListenerTls {
+                cert,
+                key: tls_key,
+                implicit: self.tls_implicit,
+                acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            })),
+            Err(e) => {
+                problems.push(format!("`{}`: {e}", key("tls_cert")));
+                None
+            }
+        }
+    }
+
+    fn upstream_tls(
+        &self,
+        i: usize,
+        mode: Option<Mode>,
+        upstream: Option<SocketAddr>,
+        problems: &mut Vec<String>,
+    ) -> Option<Arc<UpstreamTls>> {
+        let key = |k: &str| format!("listener[{i}].{k}");
+        let upstream_mode = match self.upstream_tls.as_deref() {
+            None | Some("none") => {
+                for (k, set) in [
+                    ("upstream_tls_name", self.upstream_tls_name.is_some()),
+                    ("upstream_ca", self.upstream_ca.is_some()),
+                ] {
+                    if set {
+                        problems.push(format!(
+                            "`{}` needs `{}` = \"explicit\" or \"implicit\"",
+                            key(k),
+                            key("upstream_tls")
+                        ));
+                    }
+                }
+                return None;
+            }
+            Some("explicit") => UpstreamMode::Explicit,
+            Some("implicit") => UpstreamMode::Implicit,
+            Some(other) => {
+                problems.push(format!(
+                    "`{}` = {other:?}: write \"none\", \"explicit\" or \"implicit\"",
+                    key("upstream_tls")
+                ));
+                return None;
+            }
+        };
+        if mode != Some(Mode::Reverse) {
+            problems.push(format!(
+                "`{}` is only for reverse mode",
+                key("upstream_tls")
+            ));
+            return None;
+        }
+        let name = match (&self.upstream_tls_name, upstream) {
+            (Some(n), _) => match rustls::pki_types::ServerName::try_from(n.clone()) {
+                Ok(name) => name,
+                Err(_) => {
+                    problems.push(format!(
+                        "`{}` = {n:?}: no DNS name or IP address",
+                        key("upstream_tls_name")
+                    ));
+                    return None;
+                }
+            },
+            (None, Some(up)) => rustls::pki_types::ServerName::IpAddress(up.ip().into()),
+            (None, None) => return None,
+        };
+        let ca = self.upstream_ca.as_deref().map(Path::new);
+        match crate::tls::upstream_tls(upstream_mode, name, ca) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                problems.push(format!("`{}`: {e}", key("upstream_ca")));
+                None
+            }
         }
     }
 }
@@ -543,12 +727,7 @@ impl RawConfig {
         };
 
         let p = self.policy;
-        if p.auth_tls != "refuse" {
-            problems.push(format!(
-                "`policy.auth_tls` = {:?}: only \"refuse\" is supported",
-                p.auth_tls
-            ));
-        }
+        let tls = tls_settings(&p, &listeners, problems);
         let mut deny_ports = p.deny_ports;
         deny_ports.sort_unstable();
         deny_ports.dedup();
@@ -630,7 +809,83 @@ impl RawConfig {
             limits,
             deny_log,
             admin,
+            tls,
         }
+    }
+}
+
+fn tls_settings(p: &RawPolicy, listeners: &[Listener], problems: &mut Vec<String>) -> TlsSettings {
+    let auth_tls = match p.auth_tls.as_deref() {
+        None => None,
+        Some("refuse") => Some(AuthTlsSetting::Refuse),
+        Some("terminate") => Some(AuthTlsSetting::Terminate),
+        Some("passthrough") => Some(AuthTlsSetting::Passthrough),
+        Some(other) => {
+            problems.push(format!(
+                "`policy.auth_tls` = {other:?}: write \"refuse\", \"terminate\" or \"passthrough\""
+            ));
+            None
+        }
+    };
+    if auth_tls == Some(AuthTlsSetting::Terminate) {
+        for (i, l) in listeners.iter().enumerate() {
+            if l.mode == Mode::Reverse && l.tls.is_none() {
+                problems.push(format!(
+                    "`policy.auth_tls` = \"terminate\" needs `listener[{i}].tls_cert` and `tls_key`"
+                ));
+            }
+        }
+    }
+    let mut passthrough = Vec::new();
+    for (i, rule) in p.tls_passthrough.iter().enumerate() {
+        let mut servers = Vec::new();
+        for s in &rule.servers {
+            match parse_net(s) {
+                Some(net) => servers.push(net),
+                None => problems.push(format!(
+                    "`policy.tls_passthrough[{i}].servers`: {s:?} is no address or CIDR network"
+                )),
+            }
+        }
+        if rule.servers.is_empty() {
+            problems.push(format!(
+                "`policy.tls_passthrough[{i}].servers` must not be empty"
+            ));
+        }
+        let data_ports = rule
+            .data_ports
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
+            .filter(|(a, b)| *a >= 1024 && a <= b);
+        let Some(data_ports) = data_ports else {
+            problems.push(format!(
+                "`policy.tls_passthrough[{i}].data_ports` = {:?}: write the servers' passive range \"LOW-HIGH\", 1024 <= LOW <= HIGH",
+                rule.data_ports
+            ));
+            continue;
+        };
+        passthrough.push(PassthroughRule {
+            name: rule
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("tls_passthrough[{i}]")),
+            servers,
+            data_ports,
+        });
+    }
+    if !passthrough.is_empty() && auth_tls != Some(AuthTlsSetting::Passthrough) {
+        problems
+            .push("`policy.tls_passthrough` rules need `policy.auth_tls` = \"passthrough\"".into());
+    }
+    if auth_tls == Some(AuthTlsSetting::Passthrough) && passthrough.is_empty() {
+        problems.push(
+            "`policy.auth_tls` = \"passthrough\" needs at least one [[policy.tls_passthrough]] rule".into(),
+        );
+    }
+    TlsSettings {
+        auth_tls,
+        require_tls: p.require_tls,
+        passthrough,
     }
 }
 

@@ -147,7 +147,7 @@ impl Gateway {
             }
         };
         let settings = SessionSettings {
-            core: cfg.session_config(),
+            core: cfg.session_config_for(&listener),
             mode: listener.mode,
             advertise: listener.advertise,
             connect_timeout: cfg.limits.connect_timeout,
@@ -157,6 +157,8 @@ impl Gateway {
                 idle: cfg.data.idle_timeout,
             },
             data_caps: cfg.data.caps,
+            client_tls: listener.tls.clone(),
+            upstream_tls: listener.upstream_tls.clone(),
         };
         #[cfg(any(test, feature = "test-util"))]
         if self.panic_sessions.load(Ordering::Relaxed) {
@@ -282,6 +284,7 @@ mod tests {
             plane: Plane::Proxy(ProxyPlane::new(cfg.data.ports, crate::tasks::Tasks::new())),
             deny,
             local: crate::localaddrs::LocalAddrs::new(),
+            passthrough: crate::dataplane::passthrough::Grants::new(),
         });
         let (_config, config_rx) = watch::channel(Arc::new(cfg));
         let gateway = Gateway::new(shared, config_rx);

@@ -20,9 +20,10 @@ use super::registry::{Entry, Registry, Reservation};
 use super::{OpenError, Owner, PlaneEvent, directions, mode_label};
 use crate::clients::Claim;
 use crate::metrics as m;
-use crate::proto::{DataVerdict, PinholeId, PinholeRequest};
+use crate::proto::{DataMode, DataVerdict, PinholeId, PinholeRequest};
 use crate::relay;
 use crate::tasks::Tasks;
+use crate::tls::{DataLeg, DataTls};
 
 /// Pinhole listeners accept only one connection; a small backlog still lets
 /// a thief's connection be accepted, logged and closed.
@@ -163,6 +164,20 @@ pub async fn carry(
         )),
     };
     match connected {
+        Ok(outbound) if owner.needs_userland(request) => {
+            let began = Instant::now();
+            let Some(legs) = tls_legs(inbound, outbound, request, owner).await else {
+                owner.report(PlaneEvent::Closed { id: request.id }).await;
+                return;
+            };
+            let (counts, result) =
+                relay::relay_streams(legs.0, legs.1, timeouts.idle, owner.ended()).await;
+            let (down, up) = directions(request.mode, counts.a_to_b, counts.b_to_a);
+            m::data_connection("proxy", mode_label(request.mode), down, up, began.elapsed());
+            if let Err(e) = result {
+                tracing::debug!(session = owner.info.id, "TLS data relay ended: {e}");
+            }
+        }
         Ok(outbound) => {
             let began = Instant::now();
             let (counts, result) =
@@ -183,6 +198,58 @@ pub async fn carry(
         }
     }
     owner.report(PlaneEvent::Closed { id: request.id }).await;
+}
+
+/// Runs the TLS handshakes of a data connection's legs, both at once (a
+/// server may only start its handshake once the client has sent its
+/// transfer command, and the client may wait for the server). The gateway
+/// is the TLS server toward the client and the TLS client toward the
+/// server (RFC 4217 section 10.2: the FTP client is the TLS client,
+/// whoever connects). Returns (inbound, outbound) legs.
+async fn tls_legs(
+    inbound: TcpStream,
+    outbound: TcpStream,
+    request: &PinholeRequest,
+    owner: &Owner,
+) -> Option<(DataLeg, DataLeg)> {
+    let tls = owner.tls.clone().unwrap_or(DataTls {
+        acceptor: None,
+        upstream: None,
+    });
+    let (client, server) = match request.mode {
+        DataMode::Passive => (inbound, outbound),
+        DataMode::Active => (outbound, inbound),
+    };
+    let (client, server) = tokio::join!(
+        tls.client_leg(client, request.client_tls),
+        tls.server_leg(server)
+    );
+    let side = |r: &io::Result<DataLeg>| if r.is_ok() { "ok" } else { "failed" };
+    if request.client_tls {
+        m::tls_handshake("client_data", side(&client));
+    }
+    if tls.any() {
+        m::tls_handshake("server_data", side(&server));
+    }
+    let (client, server) = match (client, server) {
+        (Ok(c), Ok(s)) => (c, s),
+        (c, s) => {
+            let e = c
+                .err()
+                .or(s.err())
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            tracing::info!(
+                session = owner.info.id,
+                "data connection TLS handshake failed: {e}"
+            );
+            return None;
+        }
+    };
+    Some(match request.mode {
+        DataMode::Passive => (client, server),
+        DataMode::Active => (server, client),
+    })
 }
 
 /// Connects to `to` from the local address `from` (servers check that data

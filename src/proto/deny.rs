@@ -75,10 +75,21 @@ pub enum DenyReason {
     /// The session kept sending refused input past its budget
     /// (`limits.max_refused_commands`) and was closed.
     RefusalBudget,
+    /// The TLS handshake with the client failed (or timed out).
+    TlsHandshakeFailed,
+    /// `require_tls`: a login before AUTH TLS, or a data connection
+    /// without PROT P, on a terminating listener.
+    TlsRequired,
+    /// The upstream server's certificate did not verify (or its TLS
+    /// handshake failed): the session ends.
+    TlsUpstreamVerifyFailed,
+    /// Not a refusal: a session went opaque under a passthrough rule, with
+    /// the data ports its client may reach (logged once per session).
+    TlsPassthrough,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 28] = [
+    pub const ALL: [DenyReason; 32] = [
         DenyReason::MalformedLine,
         DenyReason::LineTooLong,
         DenyReason::MalformedCommand,
@@ -107,6 +118,10 @@ impl DenyReason {
         DenyReason::ClientSessionLimit,
         DenyReason::UpstreamUnreachable,
         DenyReason::RefusalBudget,
+        DenyReason::TlsHandshakeFailed,
+        DenyReason::TlsRequired,
+        DenyReason::TlsUpstreamVerifyFailed,
+        DenyReason::TlsPassthrough,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -139,6 +154,10 @@ impl DenyReason {
             DenyReason::ClientSessionLimit => "client_session_limit",
             DenyReason::UpstreamUnreachable => "upstream_unreachable",
             DenyReason::RefusalBudget => "refusal_budget",
+            DenyReason::TlsHandshakeFailed => "tls_handshake_failed",
+            DenyReason::TlsRequired => "tls_required",
+            DenyReason::TlsUpstreamVerifyFailed => "tls_upstream_verify_failed",
+            DenyReason::TlsPassthrough => "tls_passthrough",
         }
     }
 }

@@ -57,9 +57,9 @@ pub mod session;
 pub use deny::{Denial, DenyReason};
 pub use policy::{FxpRule, Policy};
 pub use session::{
-    Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerdict, Endpoints, Event,
-    PinholeClose, PinholeId, PinholeRequest, Resolution, ResolveId, Resolved, RewriteKind, Session,
-    SessionConfig, SessionId, Transmit,
+    AuthTls, Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerdict, Endpoints, Event,
+    PassthroughRule, PinholeClose, PinholeId, PinholeRequest, Resolution, ResolveId, Resolved,
+    RewriteKind, Session, SessionConfig, SessionId, TlsPolicy, Transmit,
 };
 
 /// One end of the control connection.

@@ -81,9 +81,13 @@ impl Session {
                 command_denial(DenyReason::UnsupportedCommand, &cmd),
                 "502 Command not implemented: use EPRT or EPSV.",
             ),
-            Verb::Auth | Verb::Protected => self.refuse_client(
-                command_denial(DenyReason::AuthRefused, &cmd).rule("auth_tls"),
-                "534 Request denied for policy reasons: the control channel must stay inspectable.",
+            Verb::Auth => self.on_auth(&cmd, command_denial(DenyReason::AuthRefused, &cmd)),
+            Verb::Protected => {
+                self.on_protection_command(&cmd, command_denial(DenyReason::AuthRefused, &cmd))
+            }
+            Verb::User | Verb::Pass | Verb::Acct if self.login_needs_tls() => self.refuse_client(
+                command_denial(DenyReason::TlsRequired, &cmd).rule("require_tls"),
+                super::tls::TLS_REQUIRED,
             ),
             Verb::User | Verb::Pass | Verb::Acct => {
                 let mut end = LoginEnd::NoLogin;
@@ -125,6 +129,9 @@ impl Session {
     fn data_command_allowed(&self, cmd: &Command) -> Result<(), (DenyReason, &'static str)> {
         if !self.logged_in {
             return Err((DenyReason::NotLoggedIn, "530 Please log in first."));
+        }
+        if self.data_needs_prot_p() && !is_epsv_all(cmd) {
+            return Err((DenyReason::TlsRequired, super::tls::PROT_P_REQUIRED));
         }
         if self.epsv_all && !(cmd.verb == Verb::Epsv) {
             return Err((
@@ -212,6 +219,7 @@ impl Session {
                     expected_peer: self.peers.server,
                     connect_to: endpoint,
                     connect_from: self.ep.client_local.ip(),
+                    client_tls: self.client_data_tls(),
                 }));
                 self.held_command = Some(HeldCommand::Opening(id, cmd));
             }
@@ -281,6 +289,10 @@ impl Session {
         };
         self.forward_line(verb, Expect::Passive(PassivePlan { client, upstream }));
     }
+}
+
+fn is_epsv_all(cmd: &Command) -> bool {
+    cmd.verb == Verb::Epsv && matches!(command::parse_epsv_arg(cmd.arg), Ok(EpsvArg::All))
 }
 
 fn request_endpoint(request: DataRequest) -> SocketAddr {

@@ -182,6 +182,10 @@ impl Session {
             Some(Pending::Command(Expect::Passive(plan))) => {
                 self.on_passive_reply(plan, code, line, malformed);
             }
+            Some(Pending::Command(Expect::AuthPassthrough(ports))) => {
+                self.relay_line(end, line);
+                self.on_auth_reply(code, ports);
+            }
             Some(local @ Pending::Local(_)) => {
                 // A reply nobody asked for while a local one waits.
                 self.pending.push_front(local);
@@ -246,6 +250,7 @@ impl Session {
                     expected_peer: self.peers.client,
                     connect_to: endpoint,
                     connect_from: self.ep.server_local.ip(),
+                    client_tls: self.client_data_tls(),
                 }));
                 self.held_reply = Some(HeldReply { id, plan, replaced });
             }
