@@ -113,6 +113,16 @@ impl Gateway {
             server: None,
             source: ClientKey::of(peer.ip(), cfg.limits.ipv6_client_prefix),
         };
+        if listener.mode == Mode::Transparent
+            && let Some(to) = original_dst(&stream)
+            && to.port() != listener.intercept_port
+            && cfg.tls.passthrough.iter().any(|r| {
+                (r.data_ports.0..=r.data_ports.1).contains(&to.port())
+                    && r.servers.iter().any(|n| n.contains(&canonical(to).ip()))
+            })
+        {
+            return self.passthrough_data(stream, peer, canonical(to)).await;
+        }
         let upstream = match self.upstream(&listener, &stream) {
             Ok(u) => u,
             Err(reason) => {
@@ -165,6 +175,35 @@ impl Gateway {
             panic!("test hook: session {id} panics");
         }
         control::serve(Arc::clone(&self.shared), settings, info, stream, stop).await;
+    }
+
+    /// A connection redirected to a TLS passthrough server's passive range:
+    /// relayed if a live passthrough session of this client holds a grant
+    /// for it, else closed.
+    async fn passthrough_data(&self, stream: TcpStream, peer: SocketAddr, to: SocketAddr) {
+        let Some(owner) = self.shared.passthrough.find(peer.ip(), to) else {
+            crate::metrics::pinhole_refused();
+            tracing::debug!(%peer, %to, "passthrough data connection without a grant refused");
+            return;
+        };
+        let timeouts = owner.timeouts;
+        let connected = tokio::time::timeout(timeouts.connect, TcpStream::connect(to)).await;
+        let Ok(Ok(outbound)) = connected else {
+            tracing::debug!(session = owner.info.id, %to, "passthrough data connection onward failed");
+            return;
+        };
+        let _ = outbound.set_nodelay(true);
+        let _active = crate::metrics::DataConnectionActive::start();
+        let began = std::time::Instant::now();
+        let (counts, _) =
+            crate::relay::relay_until(stream, outbound, timeouts.idle, owner.ended()).await;
+        crate::metrics::data_connection(
+            "proxy",
+            "passthrough",
+            counts.b_to_a,
+            counts.a_to_b,
+            began.elapsed(),
+        );
     }
 
     fn upstream(&self, listener: &Listener, stream: &TcpStream) -> Result<SocketAddr, DenyReason> {
