@@ -144,7 +144,7 @@ impl Session {
 
     fn on_active_command(&mut self, cmd: &Command) {
         if let Err((reason, reply)) = self.data_command_allowed(cmd) {
-            return self.refuse_client(command_denial(reason, cmd), reply);
+            return self.refuse_client(data_denial(reason, cmd), reply);
         }
         let arg = cmd.arg.unwrap_or_default();
         let parsed = match cmd.verb {
@@ -253,7 +253,7 @@ impl Session {
 
     fn on_passive_command(&mut self, cmd: &Command, line: &[u8]) {
         if let Err((reason, reply)) = self.data_command_allowed(cmd) {
-            return self.refuse_client(command_denial(reason, cmd), reply);
+            return self.refuse_client(data_denial(reason, cmd), reply);
         }
         let client_af = af_number(self.peers.client);
         let client = match cmd.verb {
@@ -323,6 +323,16 @@ fn loggable_arg(cmd: &Command) -> String {
             text.chars().take(MAX_LOGGED_ARG).collect()
         }
         None => String::new(),
+    }
+}
+
+/// The refusal of a data command, with the rule for `tls_required`.
+fn data_denial(reason: DenyReason, cmd: &Command) -> Denial {
+    let d = command_denial(reason, cmd);
+    if reason == DenyReason::TlsRequired {
+        d.rule("require_tls")
+    } else {
+        d
     }
 }
 
