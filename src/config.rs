@@ -1143,3 +1143,84 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text)
+    }
+
+    #[test]
+    fn tls_keys_are_checked_together_and_per_mode() {
+        let err = parse(
+            "[[listener]]\nmode = \"transparent\"\nbind = [\"0.0.0.0:2121\"]\ninterfaces = [\"br-in\"]\n\
+             tls_cert = \"/x.pem\"\ntls_key = \"/x.key\"\nupstream_tls = \"explicit\"\n\
+             [[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:2100\"]\nupstream = \"192.0.2.20:21\"\n\
+             tls_cert = \"/x.pem\"\ntls_implicit = true\nupstream_tls = \"sometimes\"\nupstream_ca = \"/ca.pem\"\n\
+             [policy]\nauth_tls = \"maybe\"\n\
+             [[policy.tls_passthrough]]\nservers = [\"nowhere\"]\ndata_ports = \"80-70\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "`listener[0].tls_cert` is only for reverse mode",
+            "`listener[0].upstream_tls` is only for reverse mode",
+            "`listener[1].tls_cert` and `listener[1].tls_key` go together",
+            "`listener[1].upstream_tls` = \"sometimes\"",
+            "`policy.auth_tls` = \"maybe\"",
+            "`policy.tls_passthrough[0].servers`",
+            "`policy.tls_passthrough[0].data_ports`",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn passthrough_needs_its_rules_and_its_setting() {
+        let base = "[[listener]]\nmode = \"transparent\"\nbind = [\"0.0.0.0:2121\"]\ninterfaces = [\"br-in\"]\n";
+        let err = parse(&format!("{base}[policy]\nauth_tls = \"passthrough\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("at least one [[policy.tls_passthrough]]"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{base}[[policy.tls_passthrough]]\nservers = [\"198.51.100.20\"]\ndata_ports = \"40000-40100\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("need `policy.auth_tls` = \"passthrough\""),
+            "{err}"
+        );
+        let cfg = parse(&format!(
+            "{base}[policy]\nauth_tls = \"passthrough\"\n\
+             [[policy.tls_passthrough]]\nservers = [\"198.51.100.20\"]\ndata_ports = \"40000-40100\"\n"
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let session = cfg.session_config_for(&cfg.listeners[0]);
+        assert!(
+            matches!(session.tls.auth, AuthTls::Passthrough(ref r) if r[0].data_ports == (40000, 40100))
+        );
+        let rules = crate::nft::ruleset(&cfg, "test");
+        assert!(
+            rules.contains("ip daddr { 198.51.100.20/32 } tcp dport 40000-40100 redirect to :2121"),
+            "{rules}"
+        );
+    }
+
+    #[test]
+    fn a_listener_without_a_certificate_refuses_auth_by_default() {
+        let cfg = parse(
+            "[[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:2100\"]\nupstream = \"192.0.2.20:21\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            cfg.session_config_for(&cfg.listeners[0]).tls.auth,
+            AuthTls::Refuse
+        );
+    }
+}
