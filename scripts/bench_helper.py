@@ -108,12 +108,19 @@ EPSV_RE = re.compile(r"\(\|\|\|(\d+)\|\)")
 PASV_RE = re.compile(r"(\d+),(\d+),(\d+),(\d+),(\d+),(\d+)")
 
 
-async def one_session(args):
-    """connect, login, TYPE I, EPSV/PASV, RETR, QUIT; returns the bytes received."""
+PHASES = ("login", "type", "passive", "data_connect", "retr_mark", "data", "final", "quit")
+
+
+async def one_session(args, marks):
+    """connect, login, TYPE I, EPSV/PASV, RETR, QUIT; returns the bytes received.
+
+    Appends the time at the end of each of PHASES to `marks`."""
     reader, writer = await login(args.host, args.port, args.user, args.password, args.timeout)
+    marks.append(time.perf_counter())
     data_writer = None
     try:
         await command(reader, writer, "TYPE I", (200,), args.timeout)
+        marks.append(time.perf_counter())
         if args.pasv:
             text = await command(reader, writer, "PASV", (227,), args.timeout)
             m = PASV_RE.search(text)
@@ -127,10 +134,13 @@ async def one_session(args):
             if not m:
                 raise FtpError(f"bad 229: {text[:80]}")
             data_host, data_port = args.host, int(m.group(1))
+        marks.append(time.perf_counter())
         data_reader, data_writer = await asyncio.wait_for(
             asyncio.open_connection(data_host, data_port), args.timeout
         )
+        marks.append(time.perf_counter())
         await command(reader, writer, f"RETR {args.file}", (125, 150), args.timeout)
+        marks.append(time.perf_counter())
         got = 0
         for _ in range(1_000_000):
             chunk = await asyncio.wait_for(data_reader.read(65536), args.timeout)
@@ -139,12 +149,15 @@ async def one_session(args):
             got += len(chunk)
         data_writer.close()
         data_writer = None
+        marks.append(time.perf_counter())
         code, text = await read_reply(reader, args.timeout)
         if code != 226:
             raise FtpError(f"after RETR: {text[:80]}")
         if args.expect_size is not None and got != args.expect_size:
             raise FtpError(f"RETR gave {got} bytes, expected {args.expect_size}")
+        marks.append(time.perf_counter())
         await command(reader, writer, "QUIT", (221,), args.timeout)
+        marks.append(time.perf_counter())
         return got
     finally:
         if data_writer is not None:
@@ -154,6 +167,7 @@ async def one_session(args):
 
 async def sessions_main(args):
     durations = []
+    phases = {name: [] for name in PHASES}
     errors = {}
     started = 0
     deadline = time.monotonic() + args.deadline
@@ -163,11 +177,16 @@ async def sessions_main(args):
         while started < args.count and time.monotonic() < deadline:
             started += 1
             t0 = time.perf_counter()
+            marks = [t0]
             try:
-                await asyncio.wait_for(one_session(args), args.timeout * 4)
+                await asyncio.wait_for(one_session(args, marks), args.timeout * 4)
                 durations.append(time.perf_counter() - t0)
+                for name, a, b in zip(PHASES, marks, marks[1:]):
+                    phases[name].append((b - a) * 1000)
             except (OSError, FtpError, asyncio.TimeoutError) as e:
-                key = f"{type(e).__name__}: {e}"[:120]
+                # the step it failed in: the first one without an end mark
+                step = PHASES[min(len(marks) - 1, len(PHASES) - 1)]
+                key = f"{type(e).__name__} in {step}: {e}"[:120]
                 errors[key] = errors.get(key, 0) + 1
 
     t0 = time.perf_counter()
@@ -194,6 +213,8 @@ async def sessions_main(args):
             # sessions that took a second or more: typically a lost SYN
             # retransmitted after the 1 s initial RTO (RFC 6298)
             over_1s=sum(1 for m in ms if m >= 1000),
+            # where a session's time goes: p50 ms of each step
+            phases_p50_ms={k: round(percentile(v, 50), 3) for k, v in phases.items() if v},
         )
     return result
 
@@ -312,7 +333,9 @@ async def idle_clients_main(args):
             try:
                 held.append(await login(args.host, args.port, args.user, args.password, args.timeout))
             except (OSError, FtpError, asyncio.TimeoutError) as e:
-                key = f"{type(e).__name__}: {e}"[:120]
+                # the step it failed in: the first one without an end mark
+                step = PHASES[min(len(marks) - 1, len(PHASES) - 1)]
+                key = f"{type(e).__name__} in {step}: {e}"[:120]
                 errors[key] = errors.get(key, 0) + 1
 
     t0 = time.perf_counter()

@@ -266,10 +266,12 @@ pub fn play_observed(
 
 impl Driver {
     /// The key of the `n`-th pinhole the session asked for (modulo how many
-    /// there are), or a key it has not used when there are none.
+    /// there are), or, when there are none, a key it never issues (counted
+    /// down from the top, so a later request cannot get it: a daemon cannot
+    /// report on a pinhole before the core has asked for it).
     fn nth_pinhole(&self, n: u8) -> PinholeId {
         match self.requests.len() {
-            0 => pinhole(u64::from(n)),
+            0 => pinhole(u64::MAX - u64::from(n)),
             len => self.requests[usize::from(n) % len].id,
         }
     }
