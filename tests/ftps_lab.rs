@@ -6,7 +6,8 @@
 //! Reverse listeners terminate TLS (the gateway's certificate, signed by
 //! the lab CA) with an explicit TLS leg upstream, verified against the lab
 //! CA; one listener verifies against another CA (a wrong certificate), one
-//! is implicit. The transparent listener passes AUTH TLS through to vsftpd
+//! is implicit toward the client, one speaks implicit TLS to vsftpd on port
+//! 990. The transparent listener passes AUTH TLS through to vsftpd
 //! only (`[[policy.tls_passthrough]]`). Clients: curl `--ssl-reqd` (EPSV
 //! and PASV), lftp `ftp:ssl-force` (passive and active), Python's
 //! `ftplib.FTP_TLS` with session reuse (passive and active). Every
@@ -134,9 +135,13 @@ fn gateway_config(lab: &Lab, plane: &str) -> PathBuf {
         lab.tls("other-ca.pem"),
     );
     let reverse = |port: u16, upstream: &str, ca: &str, extra: &str| {
+        let (upstream, tls) = match upstream.strip_suffix(":990") {
+            Some(host) => (format!("{host}:990"), "implicit"),
+            None => (format!("{upstream}:21"), "explicit"),
+        };
         format!(
-            "[[listener]]\nmode = \"reverse\"\nbind = [\"{GW_IN}:{port}\"]\nupstream = \"{upstream}:21\"\n\
-             tls_cert = \"{cert}\"\ntls_key = \"{key}\"\nupstream_tls = \"explicit\"\n\
+            "[[listener]]\nmode = \"reverse\"\nbind = [\"{GW_IN}:{port}\"]\nupstream = \"{upstream}\"\n\
+             tls_cert = \"{cert}\"\ntls_key = \"{key}\"\nupstream_tls = \"{tls}\"\n\
              upstream_ca = \"{ca}\"\n{extra}\n"
         )
     };
@@ -147,7 +152,7 @@ mode = "transparent"
 bind = ["0.0.0.0:2121", "[::]:2121"]
 interfaces = ["br-in"]
 
-{}{}{}{}
+{}{}{}{}{}
 [data]
 plane = "{plane}"
 ports = "50000-50999"
@@ -172,6 +177,7 @@ bind = "127.0.0.1:9121"
         reverse(2101, SRV2, &ca, ""),
         reverse(2102, SRV1, &other, ""),
         reverse(2103, SRV1, &ca, "tls_implicit = true"),
+        reverse(2104, &format!("{SRV1}:990"), &ca, ""),
         lab.state().display()
     );
     let path = lab.state().join("ftpgate.toml");
@@ -293,6 +299,22 @@ fn matrix(lab: &Lab, out: &Path) -> Vec<Cell> {
             "-o".into(),
             o.display().to_string(),
             format!("ftps://ftptest:ftptest@{GW_IN}:2103/data.bin"),
+        ],
+        o,
+    );
+    let o = out.join("curl-upstream-implicit");
+    add(
+        "curl --ssl-reqd, implicit TLS upstream (vsftpd :990)".into(),
+        "srv1",
+        vec![
+            "curl".into(),
+            "-sS".into(),
+            "--ssl-reqd".into(),
+            "--cacert".into(),
+            ca.clone(),
+            "-o".into(),
+            o.display().to_string(),
+            format!("ftp://ftptest:ftptest@{GW_IN}:2104/data.bin"),
         ],
         o,
     );

@@ -25,7 +25,8 @@
 #   FG_OUT3_PORT    port of the connection recorder on out3 (default 2525)
 #   FG_PASV_MIN / FG_PASV_MAX  servers' passive port range (40000-40100)
 #   FG_TLS=1        start-servers: FTPS only (vsftpd ssl_enable, require_ssl_reuse,
-#                   force_local_logins_ssl; proftpd mod_tls TLSRequired), with a
+#                   force_local_logins_ssl, and implicit FTPS on port 990; proftpd
+#                   mod_tls TLSRequired), with a
 #                   CA and certificates made in $FG_STATE/tls (see README.md)
 set -euo pipefail
 
@@ -553,6 +554,12 @@ cmd_start_servers() {
   write_vsftpd_conf "$dir"
   log "starting vsftpd in ${P}srv1 (config $dir/vsftpd.conf)"
   start_daemon "${P}srv1" "$dir/vsftpd.pid" "$dir/vsftpd.stderr" "$(command -v vsftpd)" "$dir/vsftpd.conf"
+  if [ "${FG_TLS:-0}" = 1 ]; then
+    # implicit FTPS (TLS from the first byte) on port 990, same root
+    sed -e 's/^listen_port=21$/listen_port=990/' -e 's/^ssl_enable=YES$/ssl_enable=YES\nimplicit_ssl=YES/' \
+      -e "s|^vsftpd_log_file=.*|vsftpd_log_file=$dir/vsftpd990.log|" "$dir/vsftpd.conf" >"$dir/vsftpd990.conf"
+    start_daemon "${P}srv1" "$dir/vsftpd990.pid" "$dir/vsftpd990.stderr" "$(command -v vsftpd)" "$dir/vsftpd990.conf"
+  fi
 
   # srv2: proftpd
   dir=$STATE/srv2
@@ -574,6 +581,7 @@ cmd_start_servers() {
     "$PYTHON" "$HERE/listener.py" --port "$OUT3_PORT" --log "$dir/connections.log"
 
   wait_listen "${P}srv1" 21 vsftpd
+  if [ "${FG_TLS:-0}" = 1 ]; then wait_listen "${P}srv1" 990 "vsftpd (implicit FTPS)"; fi
   wait_listen "${P}srv2" 21 proftpd
   wait_listen "${P}out3" "$OUT3_PORT" listener
   wait_banner "$NS_GW" 198.51.100.20
@@ -593,7 +601,7 @@ cmd_stop_servers() {
   for name in srv1 srv2 out3; do
     kill_ns_procs "$P$name"
   done
-  rm -f "$STATE/srv1/vsftpd.pid" "$STATE/srv2/proftpd.run.pid" "$STATE/srv2/proftpd.pid" \
+  rm -f "$STATE/srv1/vsftpd.pid" "$STATE/srv1/vsftpd990.pid" "$STATE/srv2/proftpd.run.pid" "$STATE/srv2/proftpd.pid" \
     "$STATE/out3/listener.pid" 2>/dev/null || true
 }
 
