@@ -302,6 +302,24 @@ fn matrix(lab: &Lab, out: &Path) -> Vec<Cell> {
         ],
         o,
     );
+    let o = out.join("curl-tls12");
+    add(
+        "curl --ssl-reqd --tls-max 1.2, vsftpd".into(),
+        "srv1",
+        vec![
+            "curl".into(),
+            "-sS".into(),
+            "--ssl-reqd".into(),
+            "--tls-max".into(),
+            "1.2".into(),
+            "--cacert".into(),
+            ca.clone(),
+            "-o".into(),
+            o.display().to_string(),
+            format!("ftp://ftptest:ftptest@{GW_IN}:2100/data.bin"),
+        ],
+        o,
+    );
     let o = out.join("curl-upstream-implicit");
     add(
         "curl --ssl-reqd, implicit TLS upstream (vsftpd :990)".into(),
