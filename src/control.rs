@@ -580,11 +580,28 @@ impl Running {
             ports,
             self.owner.clone(),
         );
-        let ended = async {
-            let _ = shutdown.changed().await;
-        };
+        // The control connection's idle clock stops while a data
+        // connection of this grant is relayed (see `idle_ended`).
+        use crate::dataplane::passthrough::{LastRead, Watched, idle_ended};
+        let last = LastRead::new();
         let idle = self.settings.core.idle_timeout;
-        let (_, result) = crate::relay::relay_streams(client, server, idle, ended).await;
+        let ended = async {
+            tokio::select! {
+                _ = shutdown.changed() => {}
+                () = idle_ended(&last, &grant, idle) => {}
+            }
+        };
+        let client = Watched {
+            inner: client,
+            last: last.clone(),
+        };
+        let server = Watched {
+            inner: server,
+            last: last.clone(),
+        };
+        // The relay's own idle clock would count only control bytes.
+        let never = Duration::from_secs(365 * 24 * 3600);
+        let (_, result) = crate::relay::relay_streams(client, server, never, ended).await;
         drop(grant);
         match result {
             Ok(()) => "passthrough_closed",

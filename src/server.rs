@@ -181,11 +181,12 @@ impl Gateway {
     /// relayed if a live passthrough session of this client holds a grant
     /// for it, else closed.
     async fn passthrough_data(&self, stream: TcpStream, peer: SocketAddr, to: SocketAddr) {
-        let Some(owner) = self.shared.passthrough.find(peer.ip(), to) else {
+        let Some(grant_use) = self.shared.passthrough.find(peer.ip(), to) else {
             crate::metrics::pinhole_refused();
             tracing::debug!(%peer, %to, "passthrough data connection without a grant refused");
             return;
         };
+        let owner = &grant_use.owner;
         let timeouts = owner.timeouts;
         let connected = tokio::time::timeout(timeouts.connect, TcpStream::connect(to)).await;
         let Ok(Ok(outbound)) = connected else {

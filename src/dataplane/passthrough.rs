@@ -17,8 +17,14 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
 use super::Owner;
 use crate::proto::policy::canonical_ip;
@@ -28,6 +34,8 @@ struct Grant {
     server: IpAddr,
     ports: (u16, u16),
     owner: Owner,
+    /// Its data connections being relayed now.
+    active: Arc<AtomicUsize>,
 }
 
 /// Every live grant, gateway-wide.
@@ -41,6 +49,26 @@ pub struct Grants {
 pub struct GrantGuard {
     grants: Arc<Grants>,
     id: u64,
+    active: Arc<AtomicUsize>,
+}
+
+impl GrantGuard {
+    /// Whether a data connection under this grant is being relayed.
+    pub fn carrying_data(&self) -> bool {
+        self.active.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// One data connection under a grant, counted while it lives.
+pub struct GrantUse {
+    pub owner: Owner,
+    active: Arc<AtomicUsize>,
+}
+
+impl Drop for GrantUse {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for GrantGuard {
@@ -67,11 +95,13 @@ impl Grants {
         owner: Owner,
     ) -> GrantGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let active = Arc::new(AtomicUsize::new(0));
         let grant = Grant {
             client: canonical_ip(client),
             server: canonical_ip(server),
             ports,
             owner,
+            active: Arc::clone(&active),
         };
         self.live
             .lock()
@@ -80,11 +110,13 @@ impl Grants {
         GrantGuard {
             grants: Arc::clone(self),
             id,
+            active,
         }
     }
 
-    /// The session whose grant lets `client` connect to `to`, if any.
-    pub fn find(&self, client: IpAddr, to: SocketAddr) -> Option<Owner> {
+    /// The session whose grant lets `client` connect to `to`, if any; the
+    /// connection counts as that grant's data until the use drops.
+    pub fn find(&self, client: IpAddr, to: SocketAddr) -> Option<GrantUse> {
         let (client, server) = (canonical_ip(client), canonical_ip(to.ip()));
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         live.values()
@@ -93,7 +125,13 @@ impl Grants {
                     && g.server == server
                     && (g.ports.0..=g.ports.1).contains(&to.port())
             })
-            .map(|g| g.owner.clone())
+            .map(|g| {
+                g.active.fetch_add(1, Ordering::Relaxed);
+                GrantUse {
+                    owner: g.owner.clone(),
+                    active: Arc::clone(&g.active),
+                }
+            })
     }
 
     pub fn len(&self) -> usize {
@@ -102,5 +140,153 @@ impl Grants {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The time of the last byte read on an opaque control connection.
+#[derive(Clone)]
+pub struct LastRead {
+    start: Instant,
+    ms: Arc<AtomicU64>,
+}
+
+impl LastRead {
+    pub fn new() -> LastRead {
+        LastRead {
+            start: Instant::now(),
+            ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn idle_for(&self) -> Duration {
+        let last = self.start + Duration::from_millis(self.ms.load(Ordering::Relaxed));
+        Instant::now().saturating_duration_since(last)
+    }
+}
+
+impl Default for LastRead {
+    fn default() -> Self {
+        LastRead::new()
+    }
+}
+
+/// Resolves when the opaque control connection has been silent for `idle`
+/// while no data connection of its grant was being relayed: a long
+/// transfer keeps its control connection, as in a session the gateway
+/// can read.
+pub async fn idle_ended(last: &LastRead, grant: &GrantGuard, idle: Duration) {
+    let step = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    loop {
+        tokio::time::sleep(step).await;
+        if last.idle_for() >= idle && !grant.carrying_data() {
+            return;
+        }
+    }
+}
+
+/// A stream whose reads move a [`LastRead`].
+pub struct Watched<S> {
+    pub inner: S,
+    pub last: LastRead,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.last.touch();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clients::{Caps, ClientKey};
+    use crate::config::{DataCaps, Mode};
+    use crate::dataplane::DataTimeouts;
+    use crate::denylog::SessionInfo;
+
+    fn owner() -> Owner {
+        let client: SocketAddr = "192.0.2.10:40000".parse().unwrap();
+        let caps = Caps {
+            total: 1,
+            per_client: 1,
+        };
+        Owner {
+            events: tokio::sync::mpsc::channel(1).0,
+            info: Arc::new(SessionInfo {
+                id: 1,
+                mode: Mode::Transparent,
+                client,
+                server: Some("198.51.100.20:21".parse().unwrap()),
+                source: ClientKey::of(client.ip(), 64),
+            }),
+            timeouts: DataTimeouts {
+                accept: Duration::from_secs(1),
+                connect: Duration::from_secs(1),
+                idle: Duration::from_secs(1),
+            },
+            caps: DataCaps {
+                pinholes: caps,
+                connections: caps,
+            },
+            tls: None,
+        }
+    }
+
+    #[test]
+    fn only_the_granted_client_reaches_only_the_granted_range_while_the_session_lives() {
+        let grants = Grants::new();
+        let client: IpAddr = "192.0.2.10".parse().unwrap();
+        let other: IpAddr = "192.0.2.11".parse().unwrap();
+        let server: IpAddr = "198.51.100.20".parse().unwrap();
+        let guard = grants.grant(client, server, (40000, 40100), owner());
+        let to = |port| SocketAddr::new(server, port);
+        assert!(grants.find(other, to(40050)).is_none());
+        assert!(grants.find(client, to(39999)).is_none());
+        assert!(
+            grants
+                .find(client, "198.51.100.21:40050".parse().unwrap())
+                .is_none()
+        );
+        let mapped: IpAddr = "::ffff:192.0.2.10".parse().unwrap();
+        let used = grants.find(mapped, to(40100)).expect("granted");
+        assert!(guard.carrying_data());
+        drop(used);
+        assert!(!guard.carrying_data());
+        drop(guard);
+        assert!(grants.find(client, to(40050)).is_none());
+        assert!(grants.is_empty());
     }
 }
