@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 const SRV1: &str = "198.51.100.20";
 const SRV2: &str = "198.51.100.21";
+const SRV1_V6: &str = "2001:db8:2::20";
 const GW_IN: &str = "192.0.2.1";
 const ATTACKER_TARGET: &str = "198.51.100.30:2525";
 
@@ -164,7 +165,7 @@ require_tls = true
 
 [[policy.tls_passthrough]]
 name = "lab-vsftpd"
-servers = ["{SRV1}/32"]
+servers = ["{SRV1}/32", "{SRV1_V6}/128"]
 data_ports = "40000-40100"
 
 [deny_log]
@@ -352,6 +353,22 @@ fn matrix(lab: &Lab, out: &Path) -> Vec<Cell> {
         ],
         o,
     );
+    let o = out.join("curl-passthrough-v6");
+    add(
+        "curl --ssl-reqd through transparent passthrough over IPv6, vsftpd".into(),
+        "srv1",
+        vec![
+            "curl".into(),
+            "-sS".into(),
+            "--ssl-reqd".into(),
+            "--cacert".into(),
+            ca.clone(),
+            "-o".into(),
+            o.display().to_string(),
+            format!("ftp://ftptest:ftptest@[{SRV1_V6}]/data.bin"),
+        ],
+        o,
+    );
     let o = out.join("lftp-passthrough");
     add(
         "lftp ssl-force through transparent passthrough, vsftpd".into(),
@@ -428,10 +445,15 @@ fn run_lab(base: &str, plane: &str) {
         .unwrap();
     assert!(rules.status.success(), "{}", text(&rules));
     let printed = String::from_utf8_lossy(&rules.stdout).to_string();
-    assert!(
-        printed.contains("ip daddr { 198.51.100.20/32 } tcp dport 40000-40100 redirect to :2121"),
-        "nft-rules prints no passthrough redirect:\n{printed}"
-    );
+    for redirect in [
+        "ip daddr { 198.51.100.20/32 } tcp dport 40000-40100 redirect to :2121",
+        "ip6 daddr { 2001:db8:2::20/128 } tcp dport 40000-40100 redirect to :2121",
+    ] {
+        assert!(
+            printed.contains(redirect),
+            "nft-rules prints no {redirect}:\n{printed}"
+        );
+    }
     let rules_file = lab.state().join("rules.nft");
     std::fs::write(&rules_file, &rules.stdout).unwrap();
     let load = lab.exec("gw", &["nft", "-f", rules_file.to_str().unwrap()]);
@@ -468,7 +490,7 @@ fn run_lab(base: &str, plane: &str) {
             );
         }
         report.push(format!(
-            "{:<60} {} ({:.2}s)",
+            "{:<66} {} ({:.2}s)",
             cell.name,
             if ok { "pass" } else { "FAIL" },
             started.elapsed().as_secs_f64()
@@ -499,6 +521,37 @@ fn run_lab(base: &str, plane: &str) {
         })
         .expect("a tls_passthrough line with the range granted");
     assert_eq!(passthrough["mode"], "transparent");
+
+    // ---- an upload through termination (STOR over PROT P) --------------
+    let upload = out.join("upload.bin");
+    let made = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c 2000000 /dev/urandom > {}",
+            upload.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let up = lab.exec(
+        "in1",
+        &[
+            "curl",
+            "-sS",
+            "--ssl-reqd",
+            "--cacert",
+            &lab.tls("ca.pem"),
+            "-T",
+            upload.to_str().unwrap(),
+            &format!("ftp://ftptest:ftptest@{GW_IN}:2100/upload.bin"),
+        ],
+    );
+    assert!(up.status.success(), "upload: {}", text(&up));
+    assert_eq!(
+        sha256_file(&lab.state().join("srv1/root/upload.bin")),
+        sha256_file(&upload),
+        "the uploaded file differs"
+    );
 
     // ---- refusals -------------------------------------------------------
     let ca = lab.tls("ca.pem");
