@@ -450,6 +450,7 @@ impl Running {
             self.session.endpoints().client.ip(),
             to,
             ports,
+            self.settings.core.max_pinholes,
             self.owner.clone(),
         );
         // The control connection's idle clock stops while a data

@@ -34,8 +34,9 @@ struct Grant {
     server: IpAddr,
     ports: (u16, u16),
     owner: Owner,
-    /// Its data connections being relayed now.
+    /// Its data connections being relayed now, at most `limit`.
     active: Arc<AtomicUsize>,
+    limit: usize,
 }
 
 /// Every live grant, gateway-wide.
@@ -86,12 +87,15 @@ impl Grants {
         Arc::new(Grants::default())
     }
 
-    /// Lets `client` reach `server` on `ports` until the guard drops.
+    /// Lets `client` reach `server` on `ports` until the guard drops, with
+    /// at most `limit` connections at once (the session's pinhole cap,
+    /// `data.max_pinholes_per_session`).
     pub fn grant(
         self: &Arc<Self>,
         client: IpAddr,
         server: IpAddr,
         ports: (u16, u16),
+        limit: usize,
         owner: Owner,
     ) -> GrantGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
@@ -102,6 +106,7 @@ impl Grants {
             ports,
             owner,
             active: Arc::clone(&active),
+            limit,
         };
         self.live
             .lock()
@@ -124,6 +129,7 @@ impl Grants {
                 g.client == client
                     && g.server == server
                     && (g.ports.0..=g.ports.1).contains(&to.port())
+                    && g.active.load(Ordering::Relaxed) < g.limit
             })
             .map(|g| {
                 g.active.fetch_add(1, Ordering::Relaxed);
@@ -271,7 +277,7 @@ mod tests {
         let client: IpAddr = "192.0.2.10".parse().unwrap();
         let other: IpAddr = "192.0.2.11".parse().unwrap();
         let server: IpAddr = "198.51.100.20".parse().unwrap();
-        let guard = grants.grant(client, server, (40000, 40100), owner());
+        let guard = grants.grant(client, server, (40000, 40100), 1, owner());
         let to = |port| SocketAddr::new(server, port);
         assert!(grants.find(other, to(40050)).is_none());
         assert!(grants.find(client, to(39999)).is_none());
@@ -283,6 +289,8 @@ mod tests {
         let mapped: IpAddr = "::ffff:192.0.2.10".parse().unwrap();
         let used = grants.find(mapped, to(40100)).expect("granted");
         assert!(guard.carrying_data());
+        // One at a time under a limit of one.
+        assert!(grants.find(client, to(40001)).is_none());
         drop(used);
         assert!(!guard.carrying_data());
         drop(guard);
