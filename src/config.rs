@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::clients::Caps;
 use crate::proto::{AuthTls, DEFAULT_MAX_REFUSALS, FxpRule, Policy, SessionConfig, TlsPolicy};
+use crate::proxy_protocol::TrustedProxies;
 use crate::tls::{ListenerTls, UpstreamTls};
 
 mod tls;
@@ -57,6 +58,10 @@ pub struct Listener {
     /// The published server (reverse).
     pub upstream: Option<SocketAddr>,
     pub advertise: Option<IpAddr>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2)
+    /// from one of `trusted_proxies`, whose source is the client.
+    pub proxy_protocol: bool,
+    pub trusted_proxies: TrustedProxies,
     /// Client-facing TLS (reverse mode, `tls_cert` and `tls_key`).
     pub tls: Option<Arc<ListenerTls>>,
     /// TLS toward the upstream server (`upstream_tls`).
@@ -96,6 +101,10 @@ pub struct Data {
     pub idle_timeout: Duration,
     pub max_pinholes_per_session: usize,
     pub caps: DataCaps,
+    /// Passive data connections of sessions that came through a PROXY
+    /// listener carry a PROXY header too (from that listener's trusted
+    /// proxies); its source is checked as the expected peer.
+    pub proxy_protocol: bool,
 }
 
 /// The data path's caps, per client and gateway-wide.
@@ -117,6 +126,10 @@ pub struct Limits {
     pub max_command_line: usize,
     pub max_reply_line: usize,
     pub shutdown_grace: Duration,
+    /// At SIGTERM `/readyz` turns 503 and the listeners keep accepting
+    /// this long (zero: they close at once), so a balancer that checks
+    /// `/readyz` stops sending sessions before the listeners close.
+    pub drain_delay: Duration,
     /// Core hardening (see the block at the end of this file).
     pub max_refused_commands: usize,
     /// IPv6 clients are counted per prefix of this length.
@@ -237,6 +250,10 @@ struct RawListener {
     intercept_port: u16,
     upstream: Option<String>,
     advertise: Option<String>,
+    #[serde(default)]
+    proxy_protocol: bool,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
     tls_cert: Option<String>,
     tls_key: Option<String>,
     #[serde(default)]
@@ -264,6 +281,7 @@ struct RawData {
     max_pinholes_per_client: usize,
     max_connections: usize,
     max_connections_per_client: usize,
+    proxy_protocol: bool,
 }
 
 impl Default for RawData {
@@ -280,6 +298,7 @@ impl Default for RawData {
             max_pinholes_per_client: 32,
             max_connections: 1000,
             max_connections_per_client: 32,
+            proxy_protocol: false,
         }
     }
 }
@@ -323,6 +342,7 @@ struct RawLimits {
     max_command_line: usize,
     max_reply_line: usize,
     shutdown_grace: String,
+    drain_delay: String,
     /// Core hardening (see the block at the end of this file).
     max_refused_commands: usize,
     ipv6_client_prefix: u8,
@@ -339,6 +359,7 @@ impl Default for RawLimits {
             max_command_line: 2048,
             max_reply_line: 8192,
             shutdown_grace: "30s".into(),
+            drain_delay: "0s".into(),
             max_refused_commands: DEFAULT_MAX_REFUSALS,
             ipv6_client_prefix: crate::clients::DEFAULT_IPV6_PREFIX,
         }
@@ -387,6 +408,15 @@ fn duration(key: &str, text: &str, problems: &mut Vec<String>) -> Duration {
             Duration::from_secs(1)
         }
     }
+}
+
+fn duration_or_zero(key: &str, text: &str, problems: &mut Vec<String>) -> Duration {
+    humantime::parse_duration(text).unwrap_or_else(|e| {
+        problems.push(format!(
+            "`{key}` = {text:?}: {e} (write e.g. \"0s\", \"2s\")"
+        ));
+        Duration::ZERO
+    })
 }
 
 fn positive(key: &str, value: usize, problems: &mut Vec<String>) -> usize {
@@ -492,6 +522,38 @@ impl RawListener {
                 ));
             }
         }
+        let mut trusted = Vec::new();
+        for t in &self.trusted_proxies {
+            match parse_net(t) {
+                Some(net) => trusted.push(net),
+                None => problems.push(format!(
+                    "`{}`: {t:?} is no address or CIDR network",
+                    key("trusted_proxies")
+                )),
+            }
+        }
+        if self.proxy_protocol && self.trusted_proxies.is_empty() {
+            problems.push(format!(
+                "`{}` must name the load balancers whose PROXY headers are believed \
+                 (`{}` = true): anyone else could claim any client address",
+                key("trusted_proxies"),
+                key("proxy_protocol")
+            ));
+        }
+        if !self.proxy_protocol && !self.trusted_proxies.is_empty() {
+            problems.push(format!(
+                "`{}` is only for `{}` = true",
+                key("trusted_proxies"),
+                key("proxy_protocol")
+            ));
+        }
+        if self.proxy_protocol && mode == Some(Mode::Transparent) {
+            problems.push(format!(
+                "`{}` is for reverse listeners: a transparent listener takes the server \
+                 from the redirected connection, which a balancer does not keep",
+                key("proxy_protocol")
+            ));
+        }
         let tls = self.client_tls(i, mode, problems);
         let upstream_tls = self.upstream_tls(i, mode, upstream, problems);
         Listener {
@@ -501,6 +563,8 @@ impl RawListener {
             intercept_port: self.intercept_port,
             upstream,
             advertise,
+            proxy_protocol: self.proxy_protocol,
+            trusted_proxies: TrustedProxies::new(trusted),
             tls,
             upstream_tls,
         }
@@ -557,8 +621,26 @@ impl RawConfig {
                 "`data.ports`: the kernel plane needs at least two ports (the first is the fall-through listener)".into(),
             );
         }
+        if d.proxy_protocol && plane == Plane::Kernel {
+            problems.push(
+                "`data.proxy_protocol` needs `data.plane` = \"proxy\": on the kernel plane \
+                 conntrack carries data connections and nothing reads a PROXY header (it \
+                 would reach the server as data), and the kernel's pinhole elements are \
+                 keyed by the peer the packets come from, the balancer; use the proxy plane, \
+                 or route data connections to the instance without PROXY headers"
+                    .into(),
+            );
+        }
+        if d.proxy_protocol && !listeners.iter().any(|l| l.proxy_protocol) {
+            problems.push(
+                "`data.proxy_protocol` needs a listener with `proxy_protocol` = true: its \
+                 `trusted_proxies` are the sources data connections' headers are believed from"
+                    .into(),
+            );
+        }
         let data = Data {
             plane,
+            proxy_protocol: d.proxy_protocol,
             kernel_mark: d.kernel_mark,
             ports,
             accept_timeout: duration("data.accept_timeout", &d.accept_timeout, problems),
@@ -641,6 +723,7 @@ impl RawConfig {
                 problems,
             ),
             shutdown_grace: duration("limits.shutdown_grace", &l.shutdown_grace, problems),
+            drain_delay: duration_or_zero("limits.drain_delay", &l.drain_delay, problems),
             max_refused_commands: refusal_budget(l.max_refused_commands, problems),
             ipv6_client_prefix: l.ipv6_client_prefix,
         };
@@ -929,5 +1012,85 @@ mod tests {
             parse_net("198.51.100.7"),
             Some("198.51.100.7/32".parse().unwrap())
         );
+    }
+}
+
+#[cfg(test)]
+mod scale_out_tests {
+    use super::*;
+
+    fn reverse(listener_keys: &str, rest: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!(
+            "[[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:0\"]\nupstream = \"192.0.2.20:21\"\n{listener_keys}\n{rest}"
+        ))
+    }
+
+    #[test]
+    fn proxy_protocol_needs_trusted_proxies_and_a_reverse_listener() {
+        let err = reverse("proxy_protocol = true", "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`listener[0].trusted_proxies` must name"),
+            "{err}"
+        );
+        let err = reverse("trusted_proxies = [\"10.0.0.2\"]", "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("only for `listener[0].proxy_protocol`"),
+            "{err}"
+        );
+        let err = reverse("proxy_protocol = true\ntrusted_proxies = [\"nowhere\"]", "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"nowhere\" is no address"), "{err}");
+        let err = Config::parse(
+            "[[listener]]\nmode = \"transparent\"\nbind = [\"0.0.0.0:2121\"]\ninterfaces = [\"br-in\"]\n\
+             proxy_protocol = true\ntrusted_proxies = [\"10.0.0.2\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("is for reverse listeners"), "{err}");
+        let cfg = reverse(
+            "proxy_protocol = true\ntrusted_proxies = [\"10.0.0.2\", \"::ffff:10.0.1.0/120\"]",
+            "[data]\nproxy_protocol = true\n[limits]\ndrain_delay = \"2s\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let l = &cfg.listeners[0];
+        assert!(l.proxy_protocol && cfg.data.proxy_protocol);
+        assert!(l.trusted_proxies.contains("10.0.1.7".parse().unwrap()));
+        assert!(!l.trusted_proxies.contains("10.0.0.3".parse().unwrap()));
+        assert_eq!(cfg.limits.drain_delay, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn data_proxy_protocol_is_refused_on_the_kernel_plane_and_without_a_proxy_listener() {
+        let err = reverse(
+            "proxy_protocol = true\ntrusted_proxies = [\"10.0.0.2\"]",
+            "[data]\nplane = \"kernel\"\nproxy_protocol = true\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`data.proxy_protocol` needs `data.plane` = \"proxy\""),
+            "{err}"
+        );
+        let err = reverse("", "[data]\nproxy_protocol = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("needs a listener with `proxy_protocol`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn drain_delay_defaults_to_zero_and_must_be_a_duration() {
+        assert_eq!(reverse("", "").unwrap().limits.drain_delay, Duration::ZERO);
+        let err = reverse("", "[limits]\ndrain_delay = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`limits.drain_delay`"), "{err}");
     }
 }

@@ -13,7 +13,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::config::{DataCaps, Mode};
-use crate::dataplane::{DataTimeouts, OpenError, Owner, Plane, PlaneEvent, apparent_addresses};
+use crate::dataplane::{
+    DataProxy, DataTimeouts, OpenError, Owner, Plane, PlaneEvent, apparent_addresses,
+};
 use crate::denylog::{DenyLog, SessionInfo};
 use crate::localaddrs::LocalAddrs;
 use crate::metrics as m;
@@ -21,6 +23,7 @@ use crate::proto::{
     Chunk, CloseReason, Denial, DenyReason, Endpoints, Event, PinholeClose, PinholeRequest,
     Resolution, Session, SessionConfig, SessionId, Side, Transmit,
 };
+use crate::proxy_protocol::TrustedProxies;
 use crate::tls::{self as ftls, DataTls, ListenerTls, UpstreamTls};
 
 mod ftps;
@@ -61,6 +64,9 @@ pub struct SessionSettings {
     pub core: Arc<SessionConfig>,
     pub mode: Mode,
     pub advertise: Option<IpAddr>,
+    /// Passive data connections carry a PROXY header from these sources
+    /// (`[data] proxy_protocol`, a session from a PROXY listener).
+    pub data_proxy: Option<TrustedProxies>,
     pub connect_timeout: Duration,
     pub data: DataTimeouts,
     pub data_caps: DataCaps,
@@ -183,6 +189,12 @@ pub async fn serve(
             timeouts: settings.data,
             caps: settings.data_caps,
             tls: data_tls,
+            proxied: settings.data_proxy.clone().map(|trusted| {
+                Arc::new(DataProxy {
+                    trusted,
+                    deny: shared.deny.clone(),
+                })
+            }),
         },
         _pinholes: SessionPinholes {
             shared: Arc::clone(&shared),

@@ -170,6 +170,13 @@ impl Running {
         self.gateway.active_sessions()
     }
 
+    /// The first step of a drain: `/readyz` answers 503 from now on while
+    /// the listeners keep accepting, so a balancer that checks it stops
+    /// sending sessions here before [`Running::shutdown`] closes them.
+    pub fn unready(&self) {
+        self.ready.store(false, Ordering::Relaxed);
+    }
+
     /// Drains: stops accepting, awaits the sessions for up to `grace`,
     /// then tells the rest to close (421) and awaits their ends, then the
     /// background tasks; last the deny-log writer, once every handle to it
@@ -232,6 +239,7 @@ impl Running {
 pub async fn run(path: PathBuf) -> anyhow::Result<()> {
     let cfg = load(&path)?;
     let grace = cfg.limits.shutdown_grace;
+    let drain = cfg.limits.drain_delay;
     // Handlers first: a signal that arrives once "listening" is logged must
     // drain the gateway, not kill it with the default action.
     let mut hup = signal(SignalKind::hangup())?;
@@ -239,7 +247,7 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     raise_fd_limit();
     let running = start(cfg).await?;
-    let mut grace = grace;
+    let (mut grace, mut drain) = (grace, drain);
     loop {
         tokio::select! {
             _ = hup.recv() => {
@@ -247,6 +255,7 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
                 match load(&path) {
                     Ok(new) => {
                         grace = new.limits.shutdown_grace;
+                        drain = new.limits.drain_delay;
                         for note in running.reload(new) {
                             tracing::warn!("reload: {note}");
                         }
@@ -261,6 +270,20 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
+        }
+    }
+    running.unready();
+    if !drain.is_zero() {
+        tracing::info!(
+            sessions = running.active_sessions(),
+            ?drain,
+            "draining: /readyz answers 503, still accepting"
+        );
+        // A second signal cuts the delay short.
+        tokio::select! {
+            () = tokio::time::sleep(drain) => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
     }
     tracing::info!(

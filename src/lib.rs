@@ -4,9 +4,11 @@
 //! carries out its decisions with sockets, timers and logs: [`server`]
 //! accepts control connections, [`control`] runs one session around the core,
 //! [`dataplane`] and [`relay`] carry the data connections, [`denylog`] and
-//! [`metrics`] make every decision visible.
+//! [`metrics`] make every decision visible. [`proxy_protocol`] takes the
+//! client's address from a trusted load balancer.
 
 pub mod admin;
+pub mod balancer;
 pub mod clients;
 pub mod config;
 pub mod control;
@@ -20,6 +22,7 @@ pub mod metrics;
 pub mod netfilter;
 pub mod nft;
 pub mod proto;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod server;
 pub mod sockets;

@@ -34,6 +34,35 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print a load balancer's configuration for several instances, each
+    /// owning a slice of the data-port range (README "Running more than
+    /// one"); the notes at its top say what each instance's config needs.
+    BalancerConfig {
+        /// haproxy (PROXY protocol v2) or ipvs (ipvsadm and nftables).
+        #[arg(long, value_enum)]
+        format: BalancerFormat,
+        /// The address clients connect to.
+        #[arg(long)]
+        vip: std::net::IpAddr,
+        /// The control port clients connect to.
+        #[arg(long, default_value_t = 21)]
+        port: u16,
+        /// The control port of the instances (default: --port).
+        #[arg(long)]
+        instance_port: Option<u16>,
+        /// The whole data-port range, cut into one slice per instance.
+        #[arg(long, default_value = "50000-50999")]
+        ports: String,
+        /// An instance's address; repeat, in order (instance N owns slice N).
+        #[arg(long = "instance", required = true)]
+        instances: Vec<std::net::IpAddr>,
+        /// The instances' admin port (/readyz).
+        #[arg(long, default_value_t = 9121)]
+        admin_port: u16,
+        /// How often the balancer checks /readyz.
+        #[arg(long, default_value = "200ms")]
+        check_interval: humantime::Duration,
+    },
     /// Summarise a deny log: counts by reason, top clients, top targets.
     /// List the kernel data plane's live pinhole elements (read over netlink
     /// from the nftables table `inet ftpgate`).
@@ -51,6 +80,57 @@ enum Command {
         /// The deny log (JSON lines).
         file: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BalancerFormat {
+    Haproxy,
+    Ipvs,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn balancer_config(
+    format: BalancerFormat,
+    vip: std::net::IpAddr,
+    port: u16,
+    instance_port: Option<u16>,
+    ports: &str,
+    instances: Vec<std::net::IpAddr>,
+    admin_port: u16,
+    check_interval: humantime::Duration,
+) -> anyhow::Result<()> {
+    let range = ports
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+        .ok_or_else(|| anyhow::anyhow!("--ports {ports:?}: write a range LOW-HIGH"))?;
+    let (name, instance_port) = match (format, instance_port) {
+        (BalancerFormat::Haproxy, p) => ("haproxy", p.unwrap_or(port)),
+        (BalancerFormat::Ipvs, p) => ("ipvs", p.unwrap_or(port)),
+    };
+    let mut command = format!(
+        "ftpgate balancer-config --format {name} --vip {vip} --port {port} --instance-port {instance_port} --ports {ports}"
+    );
+    for i in &instances {
+        command.push_str(&format!(" --instance {i}"));
+    }
+    command.push_str(&format!(
+        " --admin-port {admin_port} --check-interval {check_interval}"
+    ));
+    let layout = ftpgate::balancer::Layout {
+        vip,
+        port,
+        instance_port,
+        ports: range,
+        instances,
+        admin_port,
+        check_interval: check_interval.into(),
+    };
+    let text = match format {
+        BalancerFormat::Haproxy => layout.haproxy(&command)?,
+        BalancerFormat::Ipvs => layout.ipvs(&command)?,
+    };
+    print!("{text}");
+    Ok(())
 }
 
 fn show_denials(
@@ -113,6 +193,25 @@ fn main() -> ExitCode {
             print!("{}", nft::ruleset(&cfg, &config.display().to_string()));
         }),
         Command::Pinholes => list_pinholes(),
+        Command::BalancerConfig {
+            format,
+            vip,
+            port,
+            instance_port,
+            ports,
+            instances,
+            admin_port,
+            check_interval,
+        } => balancer_config(
+            format,
+            vip,
+            port,
+            instance_port,
+            &ports,
+            instances,
+            admin_port,
+            check_interval,
+        ),
         Command::Denials {
             since,
             reason,

@@ -77,6 +77,7 @@ pub fn ruleset(cfg: &Config, source: &str) -> String {
         out,
         "# The input filter must also accept TCP to the listener ports and to {low}-{high}."
     );
+    balanced_input(&mut out, cfg);
     let kernel = cfg.data.plane == Plane::Kernel;
     let mark = cfg.data.kernel_mark;
     if kernel {
@@ -275,9 +276,93 @@ fn kernel_prerouting(out: &mut String, cfg: &Config) {
     );
 }
 
+/// Listeners behind a load balancer (`proxy_protocol`): the instance's
+/// input filter should take its listener port and its own data-port slice
+/// from the balancers only (anyone else gets 421 and a deny line anyway),
+/// and the slice from the published server too (active mode: the server
+/// connects to the gateway's pinhole).
+fn balanced_input(out: &mut String, cfg: &Config) {
+    let (low, high) = cfg.data.ports;
+    for l in cfg.listeners.iter().filter(|l| l.proxy_protocol) {
+        let (v4, v6): (Vec<String>, Vec<String>) = {
+            let nets = l.trusted_proxies.nets();
+            (
+                nets.iter()
+                    .filter(|n| matches!(n, ipnet::IpNet::V4(_)))
+                    .map(ToString::to_string)
+                    .collect(),
+                nets.iter()
+                    .filter(|n| matches!(n, ipnet::IpNet::V6(_)))
+                    .map(ToString::to_string)
+                    .collect(),
+            )
+        };
+        let mut ports: Vec<String> = l.bind.iter().map(|b| b.port().to_string()).collect();
+        ports.sort();
+        ports.dedup();
+        let data = if cfg.data.proxy_protocol {
+            format!(", {low}-{high}")
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "# Behind a load balancer (proxy_protocol): this instance's input filter takes"
+        );
+        let _ = writeln!(
+            out,
+            "# its listener and its data-port slice from the balancer, and the slice from the server:"
+        );
+        for (family, nets) in [("ip", v4), ("ip6", v6)] {
+            if !nets.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "#   {family} saddr {{ {} }} tcp dport {{ {}{data} }} accept",
+                    nets.join(", "),
+                    ports.join(", ")
+                );
+            }
+        }
+        if let Some(up) = l.upstream {
+            let family = if up.is_ipv4() { "ip" } else { "ip6" };
+            let _ = writeln!(
+                out,
+                "#   {family} saddr {} tcp dport {low}-{high} accept   # the server's active-mode (PORT) data connections",
+                up.ip()
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instance_behind_a_balancer_is_told_to_take_its_ports_from_the_balancer() {
+        let cfg = Config::parse(
+            r#"
+            [[listener]]
+            mode = "reverse"
+            bind = ["10.0.0.11:21"]
+            upstream = "192.0.2.20:21"
+            proxy_protocol = true
+            trusted_proxies = ["10.0.0.2", "2001:db8::2"]
+            [data]
+            ports = "50000-50333"
+            proxy_protocol = true
+            "#,
+        )
+        .unwrap();
+        let rules = ruleset(&cfg, "test.toml");
+        for line in [
+            "#   ip saddr { 10.0.0.2/32 } tcp dport { 21, 50000-50333 } accept",
+            "#   ip6 saddr { 2001:db8::2/128 } tcp dport { 21, 50000-50333 } accept",
+            "#   ip saddr 192.0.2.20 tcp dport 50000-50333 accept",
+        ] {
+            assert!(rules.contains(line), "{rules}");
+        }
+    }
 
     #[test]
     fn transparent_listener_gets_control_and_data_redirects() {

@@ -17,6 +17,7 @@ use crate::dataplane::DataTimeouts;
 use crate::denylog::SessionInfo;
 use crate::proto::policy::canonical;
 use crate::proto::{Denial, DenyReason, Side};
+use crate::proxy_protocol::{self, HEADER_TIMEOUT, HeaderError};
 pub use crate::sockets::{bind, original_dst};
 
 /// The gateway's running state shared by all listeners.
@@ -113,6 +114,28 @@ impl Gateway {
             server: None,
             source: ClientKey::of(peer.ip(), cfg.limits.ipv6_client_prefix),
         };
+        // Behind a balancer the client is whom the PROXY header names.
+        let mut balancer_vip = None;
+        if listener.proxy_protocol {
+            let trusted = &listener.trusted_proxies;
+            match proxy_protocol::accept(&mut stream, peer, trusted, HEADER_TIMEOUT).await {
+                Ok(proxied) => {
+                    info.client = proxied.client;
+                    info.source = ClientKey::of(proxied.client.ip(), cfg.limits.ipv6_client_prefix);
+                    balancer_vip = proxied.destination.map(|d| d.ip());
+                }
+                Err(e) => {
+                    tracing::debug!(session = id, %peer, "refused: {e}");
+                    let rule = match e {
+                        HeaderError::Untrusted(_) => "trusted_proxies",
+                        _ => "proxy_protocol",
+                    };
+                    let denial = Denial::new(DenyReason::ProxyHeader, Side::Client).rule(rule);
+                    let reply = "421 Service not available: no PROXY header from a trusted proxy.";
+                    return self.refuse_with(&mut stream, &info, denial, reply).await;
+                }
+            }
+        }
         if listener.mode == Mode::Transparent
             && let Some(to) = original_dst(&stream)
             && to.port() != listener.intercept_port
@@ -121,7 +144,9 @@ impl Gateway {
                     && r.servers.iter().any(|n| n.contains(&canonical(to).ip()))
             })
         {
-            return self.passthrough_data(stream, peer, canonical(to)).await;
+            return self
+                .passthrough_data(stream, info.client, canonical(to))
+                .await;
         }
         let upstream = match self.upstream(&listener, &stream) {
             Ok(u) => u,
@@ -159,7 +184,12 @@ impl Gateway {
         let settings = SessionSettings {
             core: cfg.session_config_for(&listener),
             mode: listener.mode,
-            advertise: listener.advertise,
+            // Passive replies name what the client connected to: the
+            // configured address, else the balancer's address from the
+            // header (a balancer that owns the data ports maps them back).
+            advertise: listener.advertise.or(balancer_vip),
+            data_proxy: (cfg.data.proxy_protocol && listener.proxy_protocol)
+                .then(|| listener.trusted_proxies.clone()),
             connect_timeout: cfg.limits.connect_timeout,
             data: DataTimeouts {
                 accept: cfg.data.accept_timeout,
@@ -225,7 +255,17 @@ impl Gateway {
         reason: DenyReason,
         reply: &str,
     ) {
-        let denial = Denial::new(reason, Side::Client);
+        self.refuse_with(stream, info, Denial::new(reason, Side::Client), reply)
+            .await;
+    }
+
+    async fn refuse_with(
+        &self,
+        stream: &mut TcpStream,
+        info: &SessionInfo,
+        denial: Denial,
+        reply: &str,
+    ) {
         control::refuse_connection(&self.shared.deny, stream, info, denial, reply).await;
     }
 }

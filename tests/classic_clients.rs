@@ -1,11 +1,13 @@
 //! Classic command-line clients (inetutils-ftp, tnftp) through the gateway
 //! in reverse mode on loopback: a download from a real FTP server (Debian's
-//! pyftpdlib, throttled so the transfer is still running) is interrupted
-//! with ^C on the client's terminal. The client aborts the way RFC 959
-//! section 4.1.3 says, with Telnet IP and a Synch as TCP urgent data before
-//! ABOR; the abort must reach the server, the client must get its prompt
-//! back at once and the session must go on. Skipped (and says so) when a
-//! client or pyftpdlib is missing; `scripts/install-test-deps` installs them.
+//! pyftpdlib, or the lab's pure-ftpd as root; throttled so the transfer is
+//! still running) is interrupted with ^C on the client's terminal. The
+//! client aborts the way RFC 959 section 4.1.3 says, with Telnet IP and a
+//! Synch as TCP urgent data before ABOR; the abort must reach the server,
+//! the client must get its prompt back at once and the session must go on.
+//! Skipped (and says so) when a client or server is missing, or pure-ftpd
+//! without root; `scripts/install-test-deps` installs them. (vsftpd and
+//! proftpd abort in the NAT lab, `nat_lab.rs`, pure-ftpd there too.)
 //!
 //! And the same bytes on the wire, without a client: what the server
 //! receives, and which byte of it is urgent data.
@@ -13,6 +15,10 @@
 mod classic;
 mod common;
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use classic::pure_ftpd::PureFtpd;
 use classic::{CLIENTS, Expect, Outcome};
 use common::{FtpServer, Gateway, skip};
 
@@ -20,24 +26,74 @@ use common::{FtpServer, Gateway, skip};
 const THROTTLE: &str = "1048576";
 const BIG: u64 = 256 << 20;
 
-async fn interrupted_download_aborts(test: &str, client: &str, ports: &str) {
+/// Which real server the clients abort against.
+#[derive(Clone, Copy)]
+enum Make {
+    Pyftpdlib,
+    PureFtpd,
+}
+
+/// A running server of a [`Make`].
+enum Upstream {
+    Pyftpdlib { server: FtpServer, log: PathBuf },
+    PureFtpd(PureFtpd),
+}
+
+impl Upstream {
+    /// `Err` says why `make` cannot run here.
+    fn start(make: Make, logs: &Path) -> Result<Upstream, String> {
+        match make {
+            Make::Pyftpdlib => {
+                let log = logs.join("ftpd.log");
+                FtpServer::start_args(&["--throttle", THROTTLE, "--log", log.to_str().unwrap()])
+                    .map(|server| Upstream::Pyftpdlib { server, log })
+                    .ok_or_else(|| "Debian's python3-pyftpdlib is not installed".to_string())
+            }
+            Make::PureFtpd => PureFtpd::start(1024).map(Upstream::PureFtpd),
+        }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Upstream::Pyftpdlib { server, .. } => server.addr,
+            Upstream::PureFtpd(p) => p.addr,
+        }
+    }
+
+    fn root(&self) -> PathBuf {
+        match self {
+            Upstream::Pyftpdlib { server, .. } => server.root.path().to_path_buf(),
+            Upstream::PureFtpd(p) => p.root(),
+        }
+    }
+
+    /// The ABORs the server logged: pyftpdlib logs every command it
+    /// reads, pure-ftpd an ABOR during a transfer by its reply only.
+    fn aborts(&self) -> usize {
+        match self {
+            Upstream::Pyftpdlib { log, .. } => std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("<- ") && l.ends_with("ABOR"))
+                .count(),
+            Upstream::PureFtpd(p) => p.aborts(),
+        }
+    }
+}
+
+async fn interrupted_download_aborts(test: &str, client: &str, make: Make, ports: &str) {
     let Some(binary) = classic::find(client) else {
         return skip(test, &format!("{client} is not installed"));
     };
     let logs = tempfile::tempdir().unwrap();
-    let server_log = logs.path().join("ftpd.log");
-    let Some(server) = FtpServer::start_args(&[
-        "--throttle",
-        THROTTLE,
-        "--log",
-        server_log.to_str().unwrap(),
-    ]) else {
-        return skip(test, "Debian's python3-pyftpdlib is not installed");
+    let server = match Upstream::start(make, logs.path()) {
+        Ok(server) => server,
+        Err(why) => return skip(test, &why),
     };
     // Sparse: no disk space, the server reads zeros.
-    let big = std::fs::File::create(server.root.path().join("big.bin")).unwrap();
+    let big = std::fs::File::create(server.root().join("big.bin")).unwrap();
     big.set_len(BIG).unwrap();
-    let gw = Gateway::reverse(server.addr, ports, "").await;
+    let gw = Gateway::reverse(server.addr(), ports, "").await;
     let mut failures = Vec::new();
     for mode in ["passive", "active"] {
         let transcript = logs.path().join(format!("{client}-{mode}.txt"));
@@ -66,11 +122,12 @@ async fn interrupted_download_aborts(test: &str, client: &str, ports: &str) {
             ));
         }
     }
-    let log = std::fs::read_to_string(&server_log).unwrap_or_default();
-    let received = log
-        .lines()
-        .filter(|l| l.contains("<- ") && l.ends_with("ABOR"))
-        .count();
+    // (pure-ftpd logs its reply as the session goes on.)
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while server.aborts() < 2 && std::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let received = server.aborts();
     if received != 2 {
         failures.push(format!(
             "the server received {received} ABOR commands, not 2"
@@ -87,13 +144,25 @@ async fn interrupted_download_aborts(test: &str, client: &str, ports: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inetutils_ftp_interrupted_mid_download_aborts_and_stays_usable() {
     let test = "inetutils_ftp_interrupted_mid_download_aborts_and_stays_usable";
-    interrupted_download_aborts(test, CLIENTS[0], "54100-54199").await;
+    interrupted_download_aborts(test, CLIENTS[0], Make::Pyftpdlib, "54100-54199").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tnftp_interrupted_mid_download_aborts_and_stays_usable() {
     let test = "tnftp_interrupted_mid_download_aborts_and_stays_usable";
-    interrupted_download_aborts(test, CLIENTS[1], "54200-54299").await;
+    interrupted_download_aborts(test, CLIENTS[1], Make::Pyftpdlib, "54200-54299").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inetutils_ftp_interrupted_mid_download_from_pure_ftpd_aborts_and_stays_usable() {
+    let test = "inetutils_ftp_interrupted_mid_download_from_pure_ftpd_aborts_and_stays_usable";
+    interrupted_download_aborts(test, CLIENTS[0], Make::PureFtpd, "54400-54499").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tnftp_interrupted_mid_download_from_pure_ftpd_aborts_and_stays_usable() {
+    let test = "tnftp_interrupted_mid_download_from_pure_ftpd_aborts_and_stays_usable";
+    interrupted_download_aborts(test, CLIENTS[1], Make::PureFtpd, "54500-54599").await;
 }
 
 /// The position of the urgent mark: is the next byte to read the urgent

@@ -12,15 +12,20 @@
 //! error, a metric), waits (bounded) for the baseline to come back, and
 //! checks that a transfer started afterwards arrives intact.
 //!
-//! The kernel data plane needs root and the namespace lab
-//! (`tests/lab/lab.sh`, prefix `fgf-` plus `FG_LAB_TAG`):
-//! `kernel_plane_faults_in_the_lab_...` runs faults (a) to (d) there and
-//! also checks that no pinhole element is left in the kernel. The
-//! disk-full test mounts a tmpfs. Without root both print `SKIPPED`.
+//! These run on the proxy plane. The kernel data plane needs root and the
+//! namespace lab (`tests/lab/lab.sh`, prefix `fgf-` plus `FG_LAB_TAG`,
+//! driven by `faults/lab.rs`): `kernel_plane_faults_in_the_lab_...` runs
+//! all six faults there, with the same recovery checks, and also checks
+//! that no pinhole element is left in the kernel. The disk-full tests
+//! mount a tmpfs. Without root they print `SKIPPED`.
 
 mod common;
+#[path = "faults/lab.rs"]
+mod lab;
 #[path = "lab/prereq.rs"]
 mod prereq;
+#[path = "lab/rules.rs"]
+mod rules;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -29,6 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use lab::{KernelLab, LAB_OUT3, LAB_SRV1, LabGateway, out_text};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -178,16 +184,6 @@ bind = "127.0.0.1:0"
             .unwrap_or(usize::MAX)
     }
 
-    /// CPU time (user + system) in clock ticks, from /proc/<pid>/stat.
-    fn cpu_ticks(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
-        // Fields after the command name (which may hold spaces): state is
-        // field 3, utime 14, stime 15.
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = after.split_whitespace().collect();
-        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-    }
-
     async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric(&scrape(self.admin).await, name, labels)
     }
@@ -248,27 +244,11 @@ bind = "127.0.0.1:0"
     }
 
     fn denials(&self) -> Vec<serde_json::Value> {
-        // A line cut short would be a bug of its own: every line must parse.
-        std::fs::read_to_string(&self.deny_log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
-            .collect()
+        denials(&self.deny_log)
     }
 
     async fn wait_denial(&self, reason: &str) -> serde_json::Value {
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(v) = self.denials().into_iter().find(|v| v["reason"] == reason) {
-                return v;
-            }
-            assert!(
-                Instant::now() < until,
-                "no {reason} deny line: {:?}",
-                self.denials()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_denial(&self.deny_log, reason).await
     }
 
     /// curl downloads `name` through the gateway (EPSV); the bytes must be
@@ -301,6 +281,73 @@ struct Idle {
     sessions: f64,
     pinholes: f64,
     data_connections: f64,
+}
+
+/// CPU time (user + system) of `pid` in clock ticks, from /proc/<pid>/stat.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): state is
+    // field 3, utime 14, stime 15.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Sends the gateway `pid` SIGHUP and waits (bounded) until it says, on
+/// the standard error `log` reads, that it reloaded.
+fn reload(pid: u32, log: impl Fn() -> String) {
+    let hup = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let until = Instant::now() + Duration::from_secs(10);
+    while !log().contains("configuration reloaded") {
+        assert!(Instant::now() < until, "no reload:\n{}", tail(&log(), 20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The gateway `pid` under RLIMIT_NOFILE `limit`, with connections queued
+/// until accept fails with EMFILE: waits (bounded) for that, then checks
+/// that the descriptors below the limit are (nearly) all taken (one the
+/// test runner passed down, e.g. a jobserver pipe at 251, sits above it
+/// and is not the gateway's doing), and that for 2 s the accept loop backs
+/// off instead of spinning and says nothing more: one "accept failed" line
+/// in all. `log` reads the gateway's standard error.
+fn backs_off_at_the_limit(pid: u32, limit: usize, log: impl Fn() -> String) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !log().contains("accept failed: Too many open files") {
+        assert!(Instant::now() < until, "no EMFILE:\n{}", tail(&log(), 20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let below = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<usize>().ok())
+        .filter(|fd| *fd < limit)
+        .count();
+    assert!(
+        below + 4 >= limit,
+        "{below} fds below {limit}:\n{}\n{}",
+        fd_listing(pid),
+        tail(&log(), 5)
+    );
+    let ticks = cpu_ticks(pid);
+    let warned = log().matches("accept failed").count();
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(pid) - ticks;
+    let warnings = log().matches("accept failed").count() - warned;
+    eprintln!(
+        "  at the limit: {below} fds below {limit}, {spent} CPU ticks in 2 s, {warnings} 'accept failed' lines in 2 s"
+    );
+    // 100 ticks per second: 20 ticks is 10% of one CPU.
+    assert!(
+        spent < 20,
+        "the gateway spins at the fd limit: {spent} ticks in 2 s"
+    );
+    // Said once (at most every 10 s), not 20 times a second.
+    assert_eq!(warnings, 0, "{}", tail(&log(), 10));
+    assert_eq!(log().matches("accept failed").count(), 1);
 }
 
 fn fd_listing(pid: u32) -> String {
@@ -713,13 +760,21 @@ async fn full_deny_log_disk_is_reported_once_the_gateway_keeps_serving_and_hup_r
         ..Options::new(server.addr, "61300-61349")
     });
     gw.download_intact("file.bin", &file).await;
-    bounces(gw.addr, IpAddr::from([127, 0, 0, 2]), 1).await;
-    gw.wait_denial("bounce").await;
     let base = gw.baseline().await;
 
+    // The deny log is still empty, so it holds no page of the tmpfs: once
+    // the filler has every page, each write fails. (With a line in it, the
+    // rest of its page takes a small batch after a large one failed: the
+    // log would flap between failing and "writing again".)
+    assert_eq!(
+        std::fs::metadata(fs.path().join("deny.jsonl"))
+            .unwrap()
+            .len(),
+        0
+    );
     fs.fill("filler");
     // Sessions from several sources, 5 refusals each (a session's own
-    // budget per reason): far more than the page the log has left.
+    // budget per reason).
     let mut sessions = 0;
     for i in 3..30 {
         bounces(gw.addr, IpAddr::from([127, 0, 0, i]), 5).await;
@@ -760,20 +815,7 @@ async fn full_deny_log_disk_is_reported_once_the_gateway_keeps_serving_and_hup_r
 
     // Space again, SIGHUP: lines are written again, the loss is reported.
     std::fs::remove_file(fs.path().join("filler")).unwrap();
-    let hup = Command::new("kill")
-        .args(["-HUP", &gw.pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(hup.success());
-    let until = Instant::now() + Duration::from_secs(10);
-    while !gw.log().contains("configuration reloaded") {
-        assert!(
-            Instant::now() < until,
-            "no reload:\n{}",
-            tail(&gw.log(), 20)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tokio::task::block_in_place(|| reload(gw.pid, || gw.log()));
     bounces(gw.addr, IpAddr::from([127, 0, 0, 99]), 1).await;
     let until = Instant::now() + Duration::from_secs(10);
     loop {
@@ -830,49 +872,8 @@ async fn open_file_limit_reached_backs_off_without_spinning_and_serves_again() {
     for _ in 0..LIMIT {
         held.push(TcpStream::connect(gw.addr).await.unwrap());
     }
-    let until = Instant::now() + Duration::from_secs(10);
-    while !gw.log().contains("accept failed: Too many open files") {
-        assert!(
-            Instant::now() < until,
-            "no EMFILE:\n{}",
-            tail(&gw.log(), 20)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // At the limit: the descriptors below it are (nearly) all taken. A
-    // descriptor the test runner passed down (e.g. a jobserver pipe at
-    // 251) sits above it and is not the gateway's doing.
-    let below: Vec<usize> = std::fs::read_dir(format!("/proc/{}/fd", gw.pid))
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd < LIMIT)
-        .collect();
-    assert!(
-        gw.alive() && below.len() + 4 >= LIMIT,
-        "{} fds below {LIMIT}, alive {}:\n{}\n{}",
-        below.len(),
-        gw.alive(),
-        fd_listing(gw.pid),
-        tail(&gw.log(), 5)
-    );
-    // Stuck at the limit: the accept loop backs off instead of spinning.
-    let ticks = gw.cpu_ticks();
-    let warned = gw.log().matches("accept failed").count();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let spent = gw.cpu_ticks() - ticks;
-    let warnings = gw.log().matches("accept failed").count() - warned;
-    eprintln!(
-        "  at the limit: {} fds, {spent} CPU ticks in 2 s, {warnings} 'accept failed' lines in 2 s",
-        gw.open_fds()
-    );
-    // 100 ticks per second: 20 ticks is 10% of one CPU.
-    assert!(
-        spent < 20,
-        "the gateway spins at the fd limit: {spent} ticks in 2 s"
-    );
-    // Said once (at most every 10 s), not 20 times a second.
-    assert_eq!(warnings, 0, "{}", tail(&gw.log(), 10));
-    assert_eq!(gw.log().matches("accept failed").count(), 1);
+    tokio::task::block_in_place(|| backs_off_at_the_limit(gw.pid, LIMIT, || gw.log()));
+    assert!(gw.alive(), "the gateway died at the fd limit");
     // Sessions that got in were served: a greeting, or a clear 421 when
     // the upstream connection found no descriptor.
     let mut greeted = 0;
@@ -906,327 +907,35 @@ async fn open_file_limit_reached_backs_off_without_spinning_and_serves_again() {
 
 // ---- the kernel data plane, in the namespace lab ---------------------------------
 
-/// The lab of `tests/lab/lab.sh` under a prefix of its own (plus
-/// FG_LAB_TAG), torn down on drop with the gateway.
-struct KernelLab {
-    prefix: String,
-    gateway: Option<Child>,
-    pid: u32,
-    dir: tempfile::TempDir,
-}
-
-const LAB_SRV1: &str = "198.51.100.20";
-/// out3: nothing listens on port 21 there.
-const LAB_OUT3: &str = "198.51.100.30";
-
-impl KernelLab {
-    fn lab(&self, args: &[&str]) -> std::process::Output {
-        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/lab.sh"))
-            .args(args)
-            .env("FG_PREFIX", &self.prefix)
-            .env("FG_STATE", self.state())
-            .output()
-            .expect("run lab.sh")
-    }
-
-    fn state(&self) -> PathBuf {
-        PathBuf::from(format!("/tmp/fglab-{}", self.prefix))
-    }
-
-    /// Runs `cmd` in lab host `host`, bounded in time.
-    fn exec(&self, host: &str, cmd: &[&str]) -> std::process::Output {
-        let mut all = vec!["exec", host, "timeout", "60"];
-        all.extend_from_slice(cmd);
-        self.lab(&all)
-    }
-
-    fn spawn(&self, host: &str, cmd: &[&str]) -> Child {
-        Command::new("ip")
-            // No `timeout` in between: killing the child kills the client.
-            .args(["netns", "exec", &format!("{}{host}", self.prefix)])
-            .args(cmd)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    }
-
-    fn up(plane: &str) -> KernelLab {
-        let tag: String = std::env::var("FG_LAB_TAG")
-            .unwrap_or_default()
-            .chars()
-            .filter(char::is_ascii_alphanumeric)
-            .take(8)
-            .collect();
-        let prefix = if tag.is_empty() {
-            "fgf-".to_string()
-        } else {
-            format!("fgf-{tag}-")
-        };
-        let mut lab = KernelLab {
-            prefix,
-            gateway: None,
-            pid: 0,
-            dir: tempfile::tempdir().unwrap(),
-        };
-        let up = lab.lab(&["up"]);
-        assert!(up.status.success(), "lab up: {}", out_text(&up));
-        let s = lab.lab(&["start-servers"]);
-        assert!(s.status.success(), "start-servers: {}", out_text(&s));
-        // Larger than every socket buffer on the way, so a slow download
-        // is still in flight at the server when the fault hits.
-        std::fs::write(
-            lab.state().join("srv1/root/big.bin"),
-            pseudo_random(48 << 20),
-        )
-        .unwrap();
-        // Three pinhole ports (the first port of the range is the kernel
-        // plane's fall-through listener).
-        let config = lab.dir.path().join("ftpgate.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[[listener]]
-mode = "transparent"
-bind = ["0.0.0.0:2121"]
-interfaces = ["br-in"]
-
-[data]
-plane = "{plane}"
-ports = "50000-50003"
-accept_timeout = "30s"
-
-[deny_log]
-path = "{}/deny.jsonl"
-
-[admin]
-bind = "127.0.0.1:9121"
-"#,
-                lab.dir.path().display()
-            ),
-        )
-        .unwrap();
-        let rules = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
-            .args(["nft-rules", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
-        assert!(rules.status.success(), "{}", out_text(&rules));
-        let rules_file = lab.dir.path().join("rules.nft");
-        std::fs::write(&rules_file, &rules.stdout).unwrap();
-        let load = lab.exec("gw", &["nft", "-f", rules_file.to_str().unwrap()]);
-        assert!(load.status.success(), "{}", out_text(&load));
-        if plane == "kernel" {
-            let printed = String::from_utf8_lossy(&rules.stdout);
-            let line = printed
-                .lines()
-                .find_map(|l| l.strip_prefix("#   ct mark "))
-                .expect("nft-rules names the forward accept line");
-            let rule = format!("ct mark {line}");
-            let add = lab.exec(
-                "gw",
-                &["nft", "add", "rule", "inet", "fglab", "forward", &rule],
-            );
-            assert!(add.status.success(), "{}", out_text(&add));
-        }
-        let stderr = std::fs::File::create(lab.dir.path().join("ftpgate.stderr")).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &format!("{}gw", lab.prefix)])
-            .arg(env!("CARGO_BIN_EXE_ftpgate"))
-            .args(["--log-level", "debug", "run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        lab.pid = child.id();
-        lab.gateway = Some(child);
-        let until = Instant::now() + Duration::from_secs(10);
-        while !lab
-            .exec("gw", &["curl", "-sf", "http://127.0.0.1:9121/readyz"])
-            .status
-            .success()
-        {
-            assert!(Instant::now() < until, "gateway not ready:\n{}", lab.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        // `ip netns exec` execs: the child is the gateway itself.
-        let comm = std::fs::read_to_string(format!("/proc/{}/comm", lab.pid)).unwrap();
-        assert_eq!(comm.trim(), "ftpgate");
-        lab
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("ftpgate.stderr")).unwrap_or_default()
-    }
-
-    fn metrics(&self) -> Vec<Sample> {
-        let o = self.exec("gw", &["curl", "-sf", "http://127.0.0.1:9121/metrics"]);
-        parse_metrics(&String::from_utf8_lossy(&o.stdout))
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        metric(&self.metrics(), name, &[])
-    }
-
-    /// Live kernel pinhole elements (`ftpgate pinholes`), one per line.
-    fn elements(&self) -> usize {
-        let o = self.exec("gw", &[env!("CARGO_BIN_EXE_ftpgate"), "pinholes"]);
-        assert!(o.status.success(), "{}", out_text(&o));
-        String::from_utf8_lossy(&o.stdout).lines().count()
-    }
-
-    fn idle(&self) -> (Idle, usize) {
-        let m = self.metrics();
-        let idle = Idle {
-            fds: std::fs::read_dir(format!("/proc/{}/fd", self.pid))
-                .map_or(usize::MAX, |d| d.count()),
-            sessions: metric(&m, "ftpgate_sessions_active", &[]),
-            pinholes: metric(&m, "ftpgate_pinholes_open", &[]),
-            data_connections: metric(&m, "ftpgate_data_connections_active", &[]),
-        };
-        (idle, self.elements())
-    }
-
-    /// Waits (bounded: conntrack keeps a reset flow for 10 s) until the
-    /// gateway is back to `base` with no pinhole elements in the kernel.
-    fn back_to(&self, base: Idle, after: &str) {
-        let until = Instant::now() + Duration::from_secs(40);
-        loop {
-            let (now, elements) = self.idle();
-            if now == base && elements == 0 {
-                eprintln!("  kernel plane, {after}: back to the baseline {now:?}, no elements");
-                return;
-            }
-            assert!(
-                Instant::now() < until,
-                "kernel plane, {after}: {now:?} with {elements} elements, baseline {base:?}\n{}\n{}",
-                fd_listing(self.pid),
-                tail(&self.log(), 30)
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    fn denials(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.dir.path().join("deny.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// A checked curl download of srv1's data.bin from in1 (EPSV).
-    fn download_intact(&self) {
-        let out = self.dir.path().join("got.bin");
-        let _ = std::fs::remove_file(&out);
-        let o = self.exec(
-            "in1",
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "30",
-                "-o",
-                out.to_str().unwrap(),
-                &format!("ftp://ftptest:ftptest@{LAB_SRV1}/data.bin"),
-            ],
-        );
-        assert!(
-            o.status.success(),
-            "{}\n{}",
-            out_text(&o),
-            tail(&self.log(), 20)
-        );
-        let want = std::fs::read(self.state().join("srv1/root/data.bin")).unwrap();
-        assert!(std::fs::read(&out).unwrap() == want, "download differs");
-    }
-
-    /// Starts a slow download in in1 and waits until its data flow is
-    /// carried (the gateway counts an active data connection).
-    fn slow_download(&self) -> Child {
-        let out = self.dir.path().join("slow.bin");
-        let _ = std::fs::remove_file(&out);
-        let child = self.spawn(
-            "in1",
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "60",
-                "--limit-rate",
-                "200k",
-                "-o",
-                out.to_str().unwrap(),
-                &format!("ftp://ftptest:ftptest@{LAB_SRV1}/big.bin"),
-            ],
-        );
-        let mut child = child;
-        let until = Instant::now() + Duration::from_secs(15);
-        while !(self.metric("ftpgate_data_connections_active") >= 1.0
-            && std::fs::metadata(&out).map_or(0, |m| m.len()) > 100_000)
-        {
-            if let Ok(Some(_)) = child.try_wait() {
-                let o = child.wait_with_output().unwrap();
-                panic!("the slow download ended early: {}", out_text(&o));
-            }
-            assert!(
-                Instant::now() < until,
-                "the slow download did not start:\n{}",
-                tail(&self.log(), 20)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        child
-    }
-}
-
-impl Drop for KernelLab {
-    fn drop(&mut self) {
-        if let Some(mut g) = self.gateway.take() {
-            let _ = g.kill();
-            let _ = g.wait();
-        }
-        if std::env::var_os("FG_KEEP_LAB").is_none() {
-            self.lab(&["down"]);
-        }
-    }
-}
-
-fn out_text(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn lab_missing() -> Option<String> {
-    prereq::lab_missing(&["ip", "nft", "vsftpd", "curl", "ss"])
+    prereq::lab_missing(&["ip", "nft", "vsftpd", "curl", "ss", "prlimit", "mount"])
 }
 
-/// Faults (a) to (d) on the kernel plane, in one lab: the server's data
+/// The six faults on the kernel plane, in one lab (one gateway at a time:
+/// the lab's namespaces and admin port are the lab's): the server's data
 /// connection reset mid-transfer (`ss -K` in the server's namespace), the
 /// client killed mid-transfer, an unreachable upstream, the pinhole pool
-/// exhausted. After each: the gateway's fds and gauges back to the idle
-/// baseline and no pinhole element left in the kernel; then a checked
-/// transfer.
+/// exhausted, then with the gateway restarted the deny log's disk full and
+/// the open-file limit reached. After each: the gateway's fds and gauges
+/// back to the idle baseline and no pinhole element left in the kernel;
+/// then a checked transfer.
+///
+/// Every fault of the loopback tests applies here; what differs is what
+/// the kernel plane holds. Its data connections hold no descriptor of the
+/// gateway (conntrack carries them), so at the open-file limit a session
+/// that was already in still gets a pinhole (over the netlink socket it
+/// has open) and a transfer; the test checks that (the proxy plane needs a
+/// pinhole listener and two relay sockets for each data connection, so its
+/// loopback test does not ask it).
 #[test]
 fn kernel_plane_faults_in_the_lab_leave_no_pinholes_flows_or_fds_behind() {
     const TEST: &str = "kernel_plane_faults_in_the_lab";
     if let Some(why) = lab_missing() {
         return skip(TEST, &why);
     }
-    let lab = KernelLab::up("kernel");
+    let mut lab = KernelLab::up("kernel");
     lab.download_intact();
-    std::thread::sleep(Duration::from_millis(500));
-    let (base, _) = lab.idle();
-    eprintln!("  kernel plane baseline: {base:?}");
-    assert_eq!(
-        (base.sessions, base.pinholes, base.data_connections),
-        (0.0, 0.0, 0.0)
-    );
+    let base = lab.baseline();
 
     // (a) The server's end of the data connection is reset mid-transfer.
     let client = lab.slow_download();
@@ -1333,5 +1042,240 @@ fn kernel_plane_faults_in_the_lab_leave_no_pinholes_flows_or_fds_behind() {
     lab.back_to(base, "pool exhausted");
     assert_eq!(lab.metric("ftpgate_port_pool_free"), free);
     lab.download_intact();
-    lab.back_to(base, "the end");
+    lab.back_to(base, "pool exhausted, then a transfer");
+
+    kernel_plane_full_deny_log_disk(&mut lab);
+    kernel_plane_open_file_limit(&mut lab);
+}
+
+/// (e) on the kernel plane: the deny log on a 64 KiB tmpfs that fills up.
+/// Said once on standard error, lost lines counted, the gateway goes on
+/// serving (a transfer through kernel elements), and after SIGHUP with
+/// space again lines are written and the loss is reported in the log.
+fn kernel_plane_full_deny_log_disk(lab: &mut KernelLab) {
+    let fs = Tmpfs::mount("64k");
+    lab.start_gateway(LabGateway {
+        deny_log: Some(fs.path().join("deny.jsonl")),
+        ..LabGateway::default()
+    });
+    lab.download_intact();
+    let base = lab.baseline();
+
+    // The deny log is still empty, so it holds no page of the tmpfs: once
+    // the filler has every page, each write fails (see the loopback test).
+    assert_eq!(
+        std::fs::metadata(fs.path().join("deny.jsonl"))
+            .unwrap()
+            .len(),
+        0
+    );
+    fs.fill("filler");
+    // Sessions of 5 refusals each (a session's own budget per reason).
+    let mut sessions = 0;
+    while lab.metric("ftpgate_deny_log_dropped_total") == 0.0 {
+        assert!(
+            sessions < 30,
+            "no deny line dropped after {sessions} sessions on a full disk:\n{}",
+            tail(&lab.log(), 20)
+        );
+        lab.bounces("in1", 3, 5);
+        sessions += 3;
+    }
+    // More after the first failure: still one line on stderr.
+    lab.bounces("in1", 5, 5);
+    let errors_metric = "ftpgate_deny_log_write_errors_total";
+    let until = Instant::now() + Duration::from_secs(10);
+    while lab.metric(errors_metric) == 0.0 || !lab.log().contains("deny log: write failed") {
+        assert!(
+            Instant::now() < until,
+            "no write error reported after {sessions} sessions:\n{}",
+            tail(&lab.log(), 20)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = lab.log();
+    assert_eq!(
+        log.matches("deny log: write failed").count(),
+        1,
+        "said once on stderr:\n{}",
+        tail(&log, 20)
+    );
+    let dropped = lab.metric("ftpgate_deny_log_dropped_total");
+    eprintln!(
+        "  (e) disk full: {} failed writes, {dropped} lines dropped, stderr: {}",
+        lab.metric(errors_metric),
+        log.lines()
+            .find(|l| l.contains("deny log: write failed"))
+            .unwrap()
+    );
+    assert!(lab.alive(), "the gateway died on a full disk");
+    lab.download_intact();
+    lab.back_to(base, "while the deny log's disk is full");
+
+    // Space again, SIGHUP: lines are written again, the loss is reported.
+    std::fs::remove_file(fs.path().join("filler")).unwrap();
+    reload(lab.pid, || lab.log());
+    // From in2, which had no refusal before.
+    lab.bounces("in2", 1, 1);
+    lab.wait_denial("bounce from in2 after the HUP", |v| {
+        v["reason"] == "bounce"
+            && v["client"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("192.0.2.11:"))
+    });
+    let lines = lab.denials();
+    let notice = lines
+        .iter()
+        .find(|v| v["reason"] == "deny_log_dropped")
+        .unwrap_or_else(|| panic!("the loss is not reported in the log: {lines:?}"));
+    eprintln!("  (e) after HUP: {notice}");
+    assert!(lab.log().contains("deny log: writing again"));
+    lab.back_to(base, "deny log writing again after the HUP");
+    // The next gateway takes the deny log off the tmpfs before it goes.
+    lab.start_gateway(LabGateway::default());
+    drop(fs);
+}
+
+/// (f) on the kernel plane: RLIMIT_NOFILE 64 and inside connections until
+/// accept fails with EMFILE. The accept loop backs off (no spinning, one
+/// line on stderr); a session that logged in before the limit still
+/// downloads intact through a kernel pinhole while the gateway is at it;
+/// once the connections go, everything is back to the baseline.
+fn kernel_plane_open_file_limit(lab: &mut KernelLab) {
+    const LIMIT: usize = 64;
+    lab.start_gateway(LabGateway {
+        nofile: Some(LIMIT as u32),
+        ..LabGateway::default()
+    });
+    assert!(
+        lab.log().contains(&format!("open_files={LIMIT}")),
+        "{}",
+        lab.log()
+    );
+    lab.download_intact();
+    let base = lab.baseline();
+    assert!(
+        base.fds + 16 <= LIMIT,
+        "the kernel plane's baseline of {} fds leaves no room below {LIMIT}",
+        base.fds
+    );
+
+    // A session that is in before the limit, and waits.
+    let go = lab.dir.path().join("early-go");
+    let mut early = lab.spawn(
+        "in1",
+        &[
+            "timeout",
+            "90",
+            "python3",
+            "-c",
+            &format!(
+                "import ftplib, hashlib, os, socket, time\n\
+                 f = ftplib.FTP('{LAB_SRV1}', timeout=10)\n\
+                 f.login('ftptest', 'ftptest')\n\
+                 f.voidcmd('TYPE I')\n\
+                 print('READY', flush=True)\n\
+                 until = time.time() + 60\n\
+                 while not os.path.exists('{}') and time.time() < until: time.sleep(0.05)\n\
+                 host, port = ftplib.parse227(f.sendcmd('PASV'))\n\
+                 d = socket.create_connection((host, port), timeout=10)\n\
+                 f.sendcmd('RETR data.bin')\n\
+                 h, n = hashlib.sha256(), 0\n\
+                 while True:\n\
+                 \x20   b = d.recv(65536)\n\
+                 \x20   if not b: break\n\
+                 \x20   h.update(b)\n\
+                 \x20   n += len(b)\n\
+                 d.close()\n\
+                 print('DONE', f.voidresp(), flush=True)\n\
+                 print('SHA256', h.hexdigest(), 'BYTES', n, flush=True)\n\
+                 f.quit()\n",
+                go.display()
+            ),
+        ],
+    );
+    let first_line = |child: &mut Child| {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        line
+    };
+    let ready = first_line(&mut early);
+    assert_eq!(ready.trim(), "READY", "the early session did not log in");
+
+    // Inside connections to srv1:21 (redirected to the gateway) until the
+    // gateway cannot accept more, held until `release` exists.
+    let release = lab.dir.path().join("release");
+    let mut flood = lab.spawn(
+        "in1",
+        &[
+            "timeout",
+            "90",
+            "python3",
+            "-c",
+            &format!(
+                "import os, socket, time\n\
+                 held = [socket.create_connection(('{LAB_SRV1}', 21), timeout=10) for _ in range({LIMIT})]\n\
+                 print('HELD', len(held), flush=True)\n\
+                 until = time.time() + 80\n\
+                 while not os.path.exists('{}') and time.time() < until: time.sleep(0.05)\n\
+                 greeted = refused = 0\n\
+                 for s in held[:4]:\n\
+                 \x20   s.settimeout(0.5)\n\
+                 \x20   try:\n\
+                 \x20       t = s.recv(128)\n\
+                 \x20   except OSError:\n\
+                 \x20       continue\n\
+                 \x20   greeted += t.startswith(b'220')\n\
+                 \x20   refused += t.startswith(b'421')\n\
+                 print('FIRST4 greeted', greeted, 'refused', refused, flush=True)\n\
+                 for s in held: s.close()\n",
+                release.display()
+            ),
+        ],
+    );
+    let held = first_line(&mut flood);
+    assert_eq!(held.trim(), format!("HELD {LIMIT}"));
+    // (No metrics scrape at the limit: the admin listener is at it too.)
+    backs_off_at_the_limit(lab.pid, LIMIT, || lab.log());
+    assert!(lab.alive(), "the gateway died at the fd limit");
+
+    // The session that was in downloads through a kernel pinhole, at the
+    // limit: neither its pinhole nor its data connection needs a
+    // descriptor of the gateway.
+    std::fs::write(&go, b"go").unwrap();
+    let early = early.wait_with_output().unwrap();
+    let said = out_text(&early);
+    let want = std::fs::read_to_string(lab.state().join("srv1/root/data.bin.sha256")).unwrap();
+    let want = want.split_whitespace().next().unwrap();
+    assert!(
+        said.contains("DONE 226") && said.contains(&format!("SHA256 {want} BYTES 3145728")),
+        "the early session's transfer at the fd limit: {said}\n{}",
+        tail(&lab.log(), 20)
+    );
+    assert!(
+        lab.open_fds() + 4 >= LIMIT,
+        "no longer at the limit during the transfer: {} fds",
+        lab.open_fds()
+    );
+    eprintln!(
+        "  (f) at the limit, a session that was in downloaded data.bin intact (kernel pinhole)"
+    );
+
+    std::fs::write(&release, b"go").unwrap();
+    let flood = flood.wait_with_output().unwrap();
+    eprintln!("  (f) {}", out_text(&flood).trim());
+    assert!(lab.alive(), "the gateway died at the fd limit");
+    lab.back_to(base, "fd limit: connections closed");
+    let failures = metric(
+        &lab.metrics(),
+        "ftpgate_accept_failures_total",
+        &[("listener", "control")],
+    );
+    assert!(failures > 1.0, "failed accepts are counted: {failures}");
+    eprintln!("  (f) {failures} failed accepts counted, one 'accept failed' line on stderr");
+    lab.download_intact();
+    lab.back_to(base, "fd limit: the end");
 }

@@ -405,17 +405,7 @@ fn run_lab(base: &str, plane: &str) {
         println!("SKIPPED ftps_lab ({plane} plane): {why} (run scripts/test as root)");
         return;
     }
-    let tag: String = std::env::var("FG_LAB_TAG")
-        .unwrap_or_default()
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(8)
-        .collect();
-    let prefix = if tag.is_empty() {
-        base.to_string()
-    } else {
-        format!("{base}{tag}-")
-    };
+    let prefix = prereq::lab_prefix(base);
     let mut lab = Lab {
         prefix,
         gateway: None,

@@ -1,14 +1,17 @@
 //! The NAT lab: network namespaces with an inside client, an inside
 //! attacker, the gateway (forwarding dropped, so data can only pass through
-//! ftpgate's pinholes), vsftpd and proftpd outside, and a bounce target.
-//! ftpgate runs in transparent mode with the nftables rules it prints itself.
+//! ftpgate's pinholes), vsftpd, proftpd and pure-ftpd outside, and a bounce
+//! target. ftpgate runs in transparent mode with the nftables rules it
+//! prints itself.
 //!
-//! Needs root, iproute2, nftables, vsftpd, proftpd, curl and lftp, which
+//! Needs root, iproute2, nftables, vsftpd, proftpd, pure-ftpd, curl and lftp, which
 //! `scripts/install-test-deps` installs; skipped (and says so) otherwise.
 
 mod classic;
 #[path = "lab/prereq.rs"]
 mod prereq;
+#[path = "lab/rules.rs"]
+mod rules;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +31,8 @@ const SRV1: &str = "198.51.100.20";
 const SRV2: &str = "198.51.100.21";
 const SRV1_V6: &str = "2001:db8:2::20";
 const SRV2_V6: &str = "2001:db8:2::21";
+const SRV3: &str = "198.51.100.22";
+const SRV3_V6: &str = "2001:db8:2::22";
 const OUT3: &str = "198.51.100.30";
 /// The gateway's inside address, where the reverse listener publishes srv1.
 const GW_IN: &str = "192.0.2.1";
@@ -476,9 +481,13 @@ fn data_connection_ends_with_its_session(dir: &Path, plane: &str) {
 /// the signal), so it reads ABOR when the transfer ends: a 1 MiB file, and
 /// ABOR must still be answered after the transfer's reply (the clients
 /// then take about 10 s to show their prompt, without the gateway too).
+/// pure-ftpd watches its control connection during a transfer and stops at
+/// an ABOR whether or not it came urgent: from a 1 GiB file, at once.
 fn classic_clients_abort(dir: &Path) {
     let mut failures = Vec::new();
-    // vsftpd logs commands and replies, proftpd one line per command.
+    // vsftpd logs commands and replies, proftpd one line per command;
+    // pure-ftpd (syslog, `-d -d`) logs no command line for an ABOR it
+    // reads during a transfer, only its reply "426 ABORT".
     let servers = [
         (
             "srv1",
@@ -495,6 +504,14 @@ fn classic_clients_abort(dir: &Path) {
             ("commands.log", ""),
             1 << 20,
             classic::Expect::Finished,
+        ),
+        (
+            "srv3",
+            "pure-ftpd",
+            SRV3,
+            ("syslog.log", "426 ABORT"),
+            1 << 30,
+            classic::Expect::Aborted,
         ),
     ];
     let aborts_logged = |server: &str, (log, kind): (&str, &str)| {
@@ -583,6 +600,7 @@ fn matrix(out: &Path) -> Vec<Cell> {
     let servers = [
         ("srv1", "vsftpd", SRV1, SRV1_V6),
         ("srv2", "proftpd", SRV2, SRV2_V6),
+        ("srv3", "pure-ftpd", SRV3, SRV3_V6),
     ];
     for (server, make, v4, v6) in servers {
         let url = format!("ftp://ftptest:ftptest@{v4}/data.bin");
@@ -736,19 +754,7 @@ fn run_lab(lab_prefix: &'static str, plane: &str) {
         eprintln!("SKIPPED nat_lab ({plane} plane): {why} (run scripts/test as root)");
         return;
     }
-    // FG_LAB_TAG (letters and digits) makes the namespace names unique to
-    // one checkout, so labs of several checkouts can run side by side.
-    let tag: String = std::env::var("FG_LAB_TAG")
-        .unwrap_or_default()
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(8)
-        .collect();
-    let lab_prefix: &'static str = if tag.is_empty() {
-        lab_prefix
-    } else {
-        Box::leak(format!("{lab_prefix}{tag}-").into_boxed_str())
-    };
+    let lab_prefix: &'static str = Box::leak(prereq::lab_prefix(lab_prefix).into_boxed_str());
     PREFIX.with(|p| p.set(lab_prefix));
     let up = lab(&["up"]);
     assert!(up.status.success(), "lab up failed:\n{}", text(&up));
@@ -782,31 +788,7 @@ fn run_lab(lab_prefix: &'static str, plane: &str) {
 
     // The rules ftpgate prints are the rules the lab runs with.
     let config = gateway_config(dir.path(), false, plane);
-    let rules = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
-        .args(["nft-rules", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(rules.status.success(), "{}", text(&rules));
-    let rules_file = dir.path().join("rules.nft");
-    std::fs::write(&rules_file, &rules.stdout).unwrap();
-    let load = exec("gw", &["nft", "-f", rules_file.to_str().unwrap()]);
-    assert!(load.status.success(), "nft -f failed:\n{}", text(&load));
-    if plane == "kernel" {
-        // The one line the printed rules ask of the operator's own forward
-        // chain (the lab's policy stays drop for everything else).
-        let printed = String::from_utf8_lossy(&rules.stdout);
-        let line = printed
-            .lines()
-            .find_map(|l| l.strip_prefix("#   ct mark "))
-            .expect("nft-rules names the forward accept line");
-        let rule = format!("ct mark {line}");
-        let add = exec(
-            "gw",
-            &["nft", "add", "rule", "inet", "fglab", "forward", &rule],
-        );
-        assert!(add.status.success(), "{}", text(&add));
-    }
+    rules::load_printed_rules(&config, dir.path(), &format!("{}gw", prefix()), plane);
     guard.gateway = Some(start_gateway(&config, dir.path()));
 
     // ---- the transfer matrix -------------------------------------------

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use ftpgate::proto::driver::{Driver, Transcript, lab_endpoints};
-use ftpgate::proto::{CloseReason, Denial, DenyReason, Event, SessionConfig, Side};
+use ftpgate::proto::{CloseReason, DenyReason, Event, SessionConfig, Side};
 
 // ---- helpers ---------------------------------------------------------------
 
@@ -29,33 +29,6 @@ const R425_PASSIVE_POLICY: &str =
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn logged_in() -> Driver {
-    let mut d = Driver::lab();
-    d.login();
-    d
-}
-
-fn denials(t: &Transcript) -> Vec<&Denial> {
-    t.events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Deny(d) => Some(d),
-            _ => None,
-        })
-        .collect()
-}
-
-fn reasons(t: &Transcript) -> Vec<DenyReason> {
-    denials(t).iter().map(|d| d.reason).collect()
-}
-
-fn opened(t: &Transcript) -> usize {
-    t.events
-        .iter()
-        .filter(|e| matches!(e, Event::OpenPinhole(_)))
-        .count()
 }
 
 /// Sends `command`, then `reply` from the server, and returns what the
@@ -79,11 +52,11 @@ fn final_227_to_pasv_is_the_canonical_line_whatever_text_the_server_wrote() {
         // read as the address, and a second group after the real one.
         b"227 Host 10.0.0.9 says (10,0,0,5,200,10) not 10,0,0,9,1,1\r\n",
     ] {
-        let mut d = logged_in();
+        let mut d = Driver::logged_in();
         let got = exchange(&mut d, b"PASV\r\n", reply);
         assert_eq!(got, CANONICAL_227, "{}", text(reply));
-        assert_eq!(opened(&d.transcript), 1);
-        assert!(reasons(&d.transcript).is_empty(), "{:#?}", d.transcript);
+        assert_eq!(d.transcript.pinhole_requests().len(), 1);
+        assert!(d.transcript.reasons().is_empty(), "{:#?}", d.transcript);
     }
 }
 
@@ -94,35 +67,35 @@ fn final_229_to_epsv_is_the_canonical_line_whatever_text_the_server_wrote() {
         b"229 ok (!!!6446!)\r\n",
         b"229 Server 10.0.0.5 (|||6446|) 10,0,0,5,1,1\r\n",
     ] {
-        let mut d = logged_in();
+        let mut d = Driver::logged_in();
         let got = exchange(&mut d, b"EPSV\r\n", reply);
         assert_eq!(got, CANONICAL_229, "{}", text(reply));
-        assert_eq!(opened(&d.transcript), 1);
+        assert_eq!(d.transcript.pinhole_requests().len(), 1);
     }
 }
 
 #[test]
 fn multi_line_227_to_pasv_shows_the_client_only_the_canonical_line() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     let got = exchange(
         &mut d,
         b"PASV\r\n",
         b"227-Entering Passive Mode (10,0,0,9,1,1)\r\n227-(10,0,0,9,1,2)\r\n 227 (10,0,0,9,1,3)\r\n227 Entering Passive Mode (10,0,0,5,200,10).\r\n",
     );
     assert_eq!(got, CANONICAL_227);
-    assert!(reasons(&d.transcript).is_empty());
+    assert!(d.transcript.reasons().is_empty());
 }
 
 #[test]
 fn multi_line_227_to_pasv_refused_by_policy_shows_the_client_only_the_425() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     let got = exchange(
         &mut d,
         b"PASV\r\n",
         b"227-Entering Passive Mode (10,0,0,9,1,1)\r\n 227 (10,0,0,9,1,3)\r\n227 (10,0,0,5,0,22)\r\n",
     );
     assert_eq!(got, R425_PASSIVE_POLICY);
-    assert_eq!(reasons(&d.transcript), [DenyReason::PrivilegedPort]);
+    assert_eq!(d.transcript.reasons(), [DenyReason::PrivilegedPort]);
 }
 
 #[test]
@@ -143,7 +116,7 @@ fn multi_line_227_to_pasv_over_the_pinhole_cap_shows_the_client_only_the_425() {
 
 #[test]
 fn passive_lookalikes_in_an_error_reply_to_pasv_are_withheld_and_logged_once() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     let got = exchange(
         &mut d,
         b"PASV\r\n",
@@ -155,26 +128,26 @@ fn passive_lookalikes_in_an_error_reply_to_pasv_are_withheld_and_logged_once() {
             "425-Cannot open\r\n{WITHHELD_TEXT}{WITHHELD_TEXT}{WITHHELD_TEXT} still here\r\n425 sorry\r\n"
         )
     );
-    assert_eq!(reasons(&d.transcript), [DenyReason::PassiveReplyWithheld]);
-    assert_eq!(denials(&d.transcript)[0].side, Side::Server);
-    assert_eq!(opened(&d.transcript), 0);
+    assert_eq!(d.transcript.reasons(), [DenyReason::PassiveReplyWithheld]);
+    assert_eq!(d.transcript.denials()[0].side, Side::Server);
+    assert_eq!(d.transcript.pinhole_requests().len(), 0);
 }
 
 #[test]
 fn passive_lookalike_in_a_preliminary_reply_to_pasv_is_withheld() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     let got = exchange(
         &mut d,
         b"PASV\r\n",
         b"150-Wait\r\n227 (10,0,0,5,200,10)\r\n150 wait\r\n",
     );
     assert_eq!(got, format!("150-Wait\r\n{WITHHELD_TEXT}150 wait\r\n"));
-    assert_eq!(reasons(&d.transcript), [DenyReason::PassiveReplyWithheld]);
+    assert_eq!(d.transcript.reasons(), [DenyReason::PassiveReplyWithheld]);
 }
 
 #[test]
 fn passive_lookalikes_in_a_reply_to_feat_are_withheld_and_logged_once_per_reply() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     let reply: &[u8] = b"211-Features:\r\n 227 (10,0,0,5,200,10)\r\n227 (10,0,0,5,200,10)\r\n227-(10,0,0,5,200,10)\r\n\t229 (|||6446|)\r\n EPSV\r\n 2270 files\r\n211 End\r\n";
     let got = exchange(&mut d, b"FEAT\r\n", reply);
     assert_eq!(
@@ -185,25 +158,25 @@ fn passive_lookalikes_in_a_reply_to_feat_are_withheld_and_logged_once_per_reply(
         )
     );
     assert_eq!(text(&d.transcript.to_server), "FEAT\r\n");
-    assert_eq!(reasons(&d.transcript), [DenyReason::PassiveReplyWithheld]);
-    assert_eq!(opened(&d.transcript), 0);
+    assert_eq!(d.transcript.reasons(), [DenyReason::PassiveReplyWithheld]);
+    assert_eq!(d.transcript.pinhole_requests().len(), 0);
     // The next reply with a lookalike is logged again.
     let got = exchange(&mut d, b"STAT\r\n", b"211-Status:\r\n227 x\r\n211 End\r\n");
     assert_eq!(got, format!("211-Status:\r\n{WITHHELD_TEXT}211 End\r\n"));
-    assert_eq!(reasons(&d.transcript), [DenyReason::PassiveReplyWithheld]);
+    assert_eq!(d.transcript.reasons(), [DenyReason::PassiveReplyWithheld]);
 }
 
 #[test]
 fn a_227_reply_to_another_command_becomes_a_neutral_200() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     let got = exchange(
         &mut d,
         b"NOOP\r\n",
         b"227 Entering Passive Mode (10,0,0,5,200,10).\r\n",
     );
     assert_eq!(got, WITHHELD_END);
-    assert_eq!(reasons(&d.transcript), [DenyReason::PassiveReplyWithheld]);
-    assert_eq!(opened(&d.transcript), 0);
+    assert_eq!(d.transcript.reasons(), [DenyReason::PassiveReplyWithheld]);
+    assert_eq!(d.transcript.pinhole_requests().len(), 0);
     // The reply still answered the NOOP: the next command pairs as usual.
     let got = exchange(&mut d, b"PWD\r\n", b"257 \"/\"\r\n");
     assert_eq!(got, "257 \"/\"\r\n");
@@ -211,7 +184,7 @@ fn a_227_reply_to_another_command_becomes_a_neutral_200() {
 
 #[test]
 fn a_multi_line_229_reply_to_another_command_keeps_its_structure() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     let got = exchange(
         &mut d,
         b"NOOP\r\n",
@@ -221,12 +194,12 @@ fn a_multi_line_229_reply_to_another_command_keeps_its_structure() {
         got,
         format!("{WITHHELD_START} hello\r\n{WITHHELD_TEXT}{WITHHELD_END}")
     );
-    assert_eq!(reasons(&d.transcript), [DenyReason::PassiveReplyWithheld]);
+    assert_eq!(d.transcript.reasons(), [DenyReason::PassiveReplyWithheld]);
 }
 
 #[test]
 fn unsolicited_227_and_229_become_neutral_200s_and_open_nothing() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(
         Side::Server,
         b"227 Entering Passive Mode (10,0,0,5,200,10).\r\n229 (|||6446|)\r\n",
@@ -236,13 +209,13 @@ fn unsolicited_227_and_229_become_neutral_200s_and_open_nothing() {
         format!("{WITHHELD_END}{WITHHELD_END}")
     );
     assert_eq!(
-        reasons(&d.transcript),
+        d.transcript.reasons(),
         [
             DenyReason::PassiveReplyWithheld,
             DenyReason::PassiveReplyWithheld
         ]
     );
-    assert_eq!(opened(&d.transcript), 0);
+    assert_eq!(d.transcript.pinhole_requests().len(), 0);
 }
 
 #[test]
@@ -250,16 +223,16 @@ fn a_227_greeting_becomes_a_neutral_200() {
     let mut d = Driver::lab();
     d.input(Side::Server, b"227 (10,0,0,5,200,10)\r\n");
     assert_eq!(text(&d.transcript.to_client), WITHHELD_END);
-    assert_eq!(reasons(&d.transcript), [DenyReason::PassiveReplyWithheld]);
+    assert_eq!(d.transcript.reasons(), [DenyReason::PassiveReplyWithheld]);
     assert!(!d.session.is_closed());
 }
 
 #[test]
 fn malformed_227_reply_to_another_command_is_withheld_with_a_neutral_code_and_one_event() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     let got = exchange(&mut d, b"NOOP\r\n", b"227 (10,0,0,5,200,10)\0\r\n");
     assert_eq!(got, "200 (reply line withheld by ftpgate: malformed)\r\n");
-    assert_eq!(reasons(&d.transcript), [DenyReason::MalformedReply]);
+    assert_eq!(d.transcript.reasons(), [DenyReason::MalformedReply]);
 }
 
 // ---- 2. verbs that start like an address verb ------------------------------
@@ -283,7 +256,7 @@ fn verbs_that_start_like_an_address_verb_are_refused_and_never_forwarded() {
     ] {
         for login in [true, false] {
             let mut d = if login {
-                logged_in()
+                Driver::logged_in()
             } else {
                 let mut d = Driver::lab();
                 d.input(Side::Server, b"220 ready\r\n");
@@ -294,8 +267,8 @@ fn verbs_that_start_like_an_address_verb_are_refused_and_never_forwarded() {
             let t = &d.transcript;
             assert_eq!(text(&t.to_client), R500_VERB, "{}", text(line));
             assert!(t.to_server.is_empty(), "forwarded {}", text(line));
-            assert_eq!(reasons(t), [DenyReason::AddressVerbLookalike]);
-            let denial = denials(t)[0];
+            assert_eq!(t.reasons(), [DenyReason::AddressVerbLookalike]);
+            let denial = t.denials()[0];
             assert_eq!(denial.side, Side::Client);
             let verb = text(line).split(' ').next().unwrap().trim().to_uppercase();
             assert_eq!(denial.verb.as_deref(), Some(verb.as_str()));
@@ -307,11 +280,11 @@ fn verbs_that_start_like_an_address_verb_are_refused_and_never_forwarded() {
 
 #[test]
 fn verbs_that_only_share_a_shorter_prefix_are_relayed() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"POR x\r\nPAS\r\nEPSILON\r\nPORTSMOUTH\r\n");
     // PORTSMOUTH starts with PORT: refused; the others are relayed.
     assert_eq!(text(&d.transcript.to_server), "POR x\r\nPAS\r\nEPSILON\r\n");
-    assert_eq!(reasons(&d.transcript), [DenyReason::AddressVerbLookalike]);
+    assert_eq!(d.transcript.reasons(), [DenyReason::AddressVerbLookalike]);
 }
 
 // ---- 3. the login timer restarts on a new USER -----------------------------
@@ -343,7 +316,7 @@ fn a_new_user_after_a_failed_login_gets_the_full_login_timeout_again() {
 
 #[test]
 fn a_new_user_after_a_login_starts_the_login_timer_when_the_server_accepts_it() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.advance(Duration::from_secs(60));
     d.input(Side::Client, b"USER other\r\n");
     d.input(Side::Server, b"331 Password required\r\n");
@@ -370,7 +343,7 @@ fn with_budget(max_refusals: usize) -> Driver {
 
 /// Deny events of `reason` logged one by one (no summary).
 fn single(t: &Transcript, reason: DenyReason) -> usize {
-    denials(t)
+    t.denials()
         .iter()
         .filter(|d| d.reason == reason && d.suppressed.is_none())
         .count()
@@ -378,7 +351,7 @@ fn single(t: &Transcript, reason: DenyReason) -> usize {
 
 /// The suppressed counts of the summaries of `reason`.
 fn summaries(t: &Transcript, reason: DenyReason) -> Vec<u64> {
-    denials(t)
+    t.denials()
         .iter()
         .filter(|d| d.reason == reason)
         .filter_map(|d| d.suppressed)
@@ -388,7 +361,7 @@ fn summaries(t: &Transcript, reason: DenyReason) -> Vec<u64> {
 #[test]
 fn refusal_budget_defaults_to_50() {
     assert_eq!(SessionConfig::default().max_refusals, 50);
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     for _ in 0..50 {
         d.input(Side::Client, b"LPSV\r\n");
     }
@@ -413,7 +386,7 @@ fn a_session_that_keeps_sending_refused_input_is_closed_after_its_budget() {
     );
     assert!(d.transcript.to_server.is_empty(), "nothing after the close");
     assert_eq!(
-        reasons(&d.transcript),
+        d.transcript.reasons(),
         [
             DenyReason::UnsupportedCommand,
             DenyReason::MalformedCommand,
@@ -421,7 +394,7 @@ fn a_session_that_keeps_sending_refused_input_is_closed_after_its_budget() {
             DenyReason::RefusalBudget,
         ]
     );
-    let closing = denials(&d.transcript)[3].clone();
+    let closing = d.transcript.denials()[3].clone();
     assert_eq!(closing.side, Side::Client);
     assert_eq!(closing.verb.as_deref(), Some("PORT"), "the last straw");
     assert_eq!(closing.reply.as_deref(), Some(R421_REFUSALS.trim_end()));
@@ -487,7 +460,9 @@ fn after_five_denials_of_one_reason_the_rest_are_counted_and_summed_up_at_close(
         [7]
     );
     assert!(summaries(&d.transcript, DenyReason::AuthRefused).is_empty());
-    let summary = denials(&d.transcript)
+    let summary = d
+        .transcript
+        .denials()
         .into_iter()
         .find(|d| d.suppressed.is_some())
         .cloned()
@@ -538,7 +513,7 @@ fn suppressed_denials_are_summed_up_at_most_once_per_interval() {
 
 #[test]
 fn a_server_flood_of_bad_lines_is_aggregated_too() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     for _ in 0..100 {
         d.input(Side::Server, b"junk\r\n");
     }
@@ -559,7 +534,7 @@ fn shutdown(d: &mut Driver) {
 
 #[test]
 fn shutdown_between_replies_sends_421_and_closes_with_reason_shutdown() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     shutdown(&mut d);
     assert_eq!(text(&d.transcript.to_client), R421_SHUTDOWN);
     assert!(d.transcript.to_server.is_empty());
@@ -575,7 +550,7 @@ fn shutdown_between_replies_sends_421_and_closes_with_reason_shutdown() {
 
 #[test]
 fn shutdown_in_the_middle_of_a_relayed_multi_line_reply_ends_that_reply_first() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"FEAT\r\n");
     d.input(Side::Server, b"211-Features:\r\n EPSV\r\n");
     shutdown(&mut d);
@@ -593,7 +568,7 @@ fn shutdown_in_the_middle_of_a_relayed_multi_line_reply_ends_that_reply_first() 
 
 #[test]
 fn shutdown_in_the_middle_of_a_withheld_227_reply_ends_it_with_the_neutral_code() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"NOOP\r\n");
     d.input(Side::Server, b"227-(10,0,0,5,200,10)\r\n");
     shutdown(&mut d);
@@ -605,7 +580,7 @@ fn shutdown_in_the_middle_of_a_withheld_227_reply_ends_it_with_the_neutral_code(
 
 #[test]
 fn shutdown_in_the_middle_of_a_reply_to_pasv_sends_only_the_421() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\nLPSV\r\n");
     d.input(
         Side::Server,

@@ -24,23 +24,13 @@ fn passive_pinhole() -> Driver {
     d
 }
 
-fn denials(t: &Transcript) -> Vec<&ftpgate::proto::Denial> {
-    t.events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Deny(d) => Some(d),
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn expected_peer_is_accepted_once_and_a_second_connection_is_refused() {
     let mut d = passive_pinhole();
     assert_eq!(d.peer_connects(1), DataVerdict::Accept);
     assert_eq!(d.peer_connects(1), DataVerdict::Refuse);
     // The expected peer coming back is no theft: nothing is logged.
-    assert!(denials(&d.transcript).is_empty(), "{:#?}", d.transcript);
+    assert!(d.transcript.denials().is_empty(), "{:#?}", d.transcript);
 }
 
 #[test]
@@ -48,7 +38,7 @@ fn another_host_is_pasv_theft_with_its_address_and_the_pinhole_still_waits() {
     let mut d = passive_pinhole();
     let thief: SocketAddr = THIEF.parse().unwrap();
     assert_eq!(d.connect_from(1, thief), DataVerdict::Refuse);
-    let logged = denials(&d.transcript);
+    let logged = d.transcript.denials();
     assert_eq!(logged.len(), 1, "{:#?}", d.transcript);
     let denial = logged[0];
     assert_eq!(denial.reason, DenyReason::PasvTheft);
@@ -68,7 +58,7 @@ fn a_thief_after_the_transfer_began_is_still_logged() {
     d.transcript = Transcript::default();
     let thief: SocketAddr = THIEF.parse().unwrap();
     assert_eq!(d.connect_from(1, thief), DataVerdict::Refuse);
-    let logged = denials(&d.transcript);
+    let logged = d.transcript.denials();
     assert_eq!(logged.len(), 1);
     assert_eq!(logged[0].reason, DenyReason::PasvTheft);
 }
@@ -85,7 +75,7 @@ fn an_expired_pinhole_refuses_even_its_expected_peer() {
         "{:#?}",
         d.transcript.events
     );
-    assert_eq!(denials(&d.transcript)[0].reason, DenyReason::PinholeExpired);
+    assert_eq!(d.transcript.denials()[0].reason, DenyReason::PinholeExpired);
     assert_eq!(d.peer_connects(1), DataVerdict::Refuse);
 }
 
@@ -98,7 +88,7 @@ fn an_active_pinhole_expects_the_server() {
     // The client itself connecting to the server-side pinhole is theft.
     let client: SocketAddr = "192.0.2.10:40000".parse().unwrap();
     assert_eq!(d.connect_from(1, client), DataVerdict::Refuse);
-    assert_eq!(denials(&d.transcript)[0].side, Side::Server);
+    assert_eq!(d.transcript.denials()[0].side, Side::Server);
     let server: SocketAddr = "198.51.100.20:20".parse().unwrap();
     assert_eq!(d.connect_from(1, server), DataVerdict::Accept);
 }
@@ -118,7 +108,7 @@ fn a_pinhole_taken_over_for_fxp_is_withdrawn_once() {
     // Not waiting any more: no expiry later, and no connection taken.
     d.transcript = Transcript::default();
     d.advance(Duration::from_secs(60));
-    assert!(denials(&d.transcript).is_empty(), "{:#?}", d.transcript);
+    assert!(d.transcript.denials().is_empty(), "{:#?}", d.transcript);
     assert_eq!(d.peer_connects(1), DataVerdict::Refuse);
     // A second take-over of the same pinhole does nothing.
     d.session.handle_pinhole_taken_over(pinhole(1), d.now);
@@ -168,7 +158,7 @@ fn a_transfer_final_reply_frees_its_data_connection_slot() {
         d.input(Side::Server, b"226 Transfer complete\r\n");
     }
     assert_eq!(d.requests.len(), 3);
-    assert!(denials(&d.transcript).is_empty(), "{:#?}", d.transcript);
+    assert!(d.transcript.denials().is_empty(), "{:#?}", d.transcript);
 }
 
 #[test]
@@ -189,7 +179,7 @@ fn a_non_transfer_reply_keeps_the_data_connection_slot() {
         b"227 Entering Passive Mode (198,51,100,20,200,11).\r\n",
     );
     assert_eq!(
-        denials(&d.transcript)[0].reason,
+        d.transcript.denials()[0].reason,
         DenyReason::PinholeLimit,
         "{:#?}",
         d.transcript

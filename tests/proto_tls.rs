@@ -3,7 +3,9 @@
 //! what it refuses.
 
 use ftpgate::proto::driver::{Driver, lab_endpoints};
-use ftpgate::proto::{AuthTls, DenyReason, Event, PassthroughRule, SessionConfig, Side, TlsPolicy};
+use ftpgate::proto::{
+    AuthTls, DenyReason, Event, PassthroughRule, Session, SessionConfig, SessionId, Side, TlsPolicy,
+};
 
 fn terminating(require_tls: bool) -> Driver {
     let cfg = SessionConfig {
@@ -37,10 +39,9 @@ fn auth_tls_is_answered_by_the_gateway_and_nothing_reaches_the_server() {
     d.input(Side::Server, b"220 ready\r\n");
     d.input(Side::Client, b"AUTH TLS\r\n");
     assert!(client_text(&d).ends_with("234 AUTH TLS successful: start the TLS handshake.\r\n"));
+    // The driver answers the handshake at once (see the next test for
+    // the pause in between).
     assert!(d.transcript.events.contains(&Event::StartTls));
-    // Nothing is read from the client until the handshake is done.
-    assert!(!d.session.wants_input(Side::Client));
-    d.session.handle_tls_established(d.now);
     d.input(Side::Client, b"USER u\r\nPBSZ 0\r\nPROT P\r\n");
     d.input(Side::Server, b"331 pw\r\n");
     assert_eq!(d.transcript.to_server, b"USER u\r\n");
@@ -49,6 +50,29 @@ fn auth_tls_is_answered_by_the_gateway_and_nothing_reaches_the_server() {
         text.ends_with("331 pw\r\n200 PBSZ=0\r\n200 Protection level set to P.\r\n"),
         "{text}"
     );
+}
+
+#[test]
+fn nothing_is_read_from_the_client_while_its_handshake_runs() {
+    let cfg = std::sync::Arc::new(SessionConfig {
+        tls: TlsPolicy {
+            auth: AuthTls::Terminate { implicit: false },
+            require_tls: false,
+        },
+        ..SessionConfig::default()
+    });
+    let now = std::time::Instant::now();
+    let mut s = Session::new(cfg, lab_endpoints(), SessionId(1), now);
+    s.handle_input(Side::Server, b"220 ready\r\n", now);
+    s.handle_input(Side::Client, b"AUTH TLS\r\n", now);
+    let mut events = Vec::new();
+    while let Some(e) = s.poll_event() {
+        events.push(e);
+    }
+    assert_eq!(events, [Event::StartTls]);
+    assert!(!s.wants_input(Side::Client));
+    s.handle_tls_established(now);
+    assert!(s.wants_input(Side::Client));
 }
 
 #[test]

@@ -69,14 +69,6 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A driver whose session has seen the greeting and a successful login; the
-/// transcript starts empty.
-fn logged_in() -> Driver {
-    let mut d = Driver::lab();
-    d.login();
-    d
-}
-
 fn logged_in_with(cfg: SessionConfig) -> Driver {
     let mut d = Driver::new(cfg, lab_endpoints());
     d.login();
@@ -93,29 +85,9 @@ fn fxp_policy() -> Policy {
     }
 }
 
-fn denials(t: &Transcript) -> Vec<&Denial> {
-    t.events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Deny(d) => Some(d),
-            _ => None,
-        })
-        .collect()
-}
-
-fn opened(t: &Transcript) -> Vec<&PinholeRequest> {
-    t.events
-        .iter()
-        .filter_map(|e| match e {
-            Event::OpenPinhole(r) => Some(r),
-            _ => None,
-        })
-        .collect()
-}
-
 /// Asserts exactly one deny event, with `reason`, and returns it.
 fn the_denial(t: &Transcript, reason: DenyReason) -> Denial {
-    let all = denials(t);
+    let all = t.denials();
     assert_eq!(
         all.len(),
         1,
@@ -354,7 +326,7 @@ fn each_refused_command_gets_its_reply_one_deny_event_and_never_reaches_the_serv
     assert_eq!(FOREIGN_PINHOLE_PORT, 199 * 256 + 55);
     for case in REFUSALS {
         let mut d = if case.logged_in {
-            logged_in()
+            Driver::logged_in()
         } else {
             let mut d = Driver::lab();
             d.input(Side::Server, b"220 ready\r\n");
@@ -370,7 +342,7 @@ fn each_refused_command_gets_its_reply_one_deny_event_and_never_reaches_the_serv
             case.name,
             text(&t.to_server)
         );
-        let deny: Vec<_> = denials(t);
+        let deny: Vec<_> = t.denials();
         assert_eq!(deny.len(), 1, "{}: {:#?}", case.name, t.events);
         assert_eq!(deny[0].reason, case.reason, "{}", case.name);
         assert_eq!(deny[0].side, Side::Client, "{}", case.name);
@@ -380,7 +352,11 @@ fn each_refused_command_gets_its_reply_one_deny_event_and_never_reaches_the_serv
             "{}: the deny event carries the reply sent",
             case.name
         );
-        assert!(opened(t).is_empty(), "{}: opened a pinhole", case.name);
+        assert!(
+            t.pinhole_requests().is_empty(),
+            "{}: opened a pinhole",
+            case.name
+        );
         assert!(
             !d.session.is_closed(),
             "{}: the session stays up",
@@ -413,15 +389,15 @@ fn port_split_at_every_byte_offset_gives_the_same_result() {
     assert!(text(&whole.to_client).ends_with("200 PORT ok\r\n"));
 
     for cut in 0..=CLIENT_PORT.len() {
-        let mut d = logged_in();
+        let mut d = Driver::logged_in();
         d.input(Side::Client, &CLIENT_PORT[..cut]);
         d.input(Side::Client, &CLIENT_PORT[cut..]);
         d.input(Side::Server, b"200 PORT ok\r\n");
         assert_wire(&d.transcript, "200 PORT ok\r\n", &text(REWRITTEN_PORT));
-        assert_eq!(opened(&d.transcript).len(), 1, "cut at {cut}");
+        assert_eq!(d.transcript.pinhole_requests().len(), 1, "cut at {cut}");
     }
     // One byte at a time.
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     for b in CLIENT_PORT {
         d.input(Side::Client, &[*b]);
     }
@@ -430,7 +406,7 @@ fn port_split_at_every_byte_offset_gives_the_same_result() {
 
 #[test]
 fn bare_lf_ends_a_command_and_crlf_is_forwarded() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"NOOP\nPWD\n");
     assert_wire(&d.transcript, "", "NOOP\r\nPWD\r\n");
     assert!(d.transcript.events.is_empty());
@@ -438,31 +414,31 @@ fn bare_lf_ends_a_command_and_crlf_is_forwarded() {
 
 #[test]
 fn bare_lf_ends_a_port_command_too() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PORT 192,0,2,10,25,46\n");
     assert_wire(&d.transcript, "", &text(REWRITTEN_PORT));
 }
 
 #[test]
 fn telnet_interrupt_and_synch_before_abor_reach_the_server_as_a_synch_and_abor() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"\xff\xf4\xff\xf2ABOR\r\n");
     assert_eq!(d.transcript.to_server, b"\xff\xf4\xff\xf2ABOR\r\n");
     // The IAC before the DM goes as urgent data (tests/proto_abort.rs).
     assert_eq!(d.transcript.urgent_to_server, [2]);
-    assert!(denials(&d.transcript).is_empty());
+    assert!(d.transcript.denials().is_empty());
 }
 
 #[test]
 fn iac_iac_in_a_path_is_a_literal_0xff_and_stays_doubled_on_the_wire() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"RETR a\xff\xffb\r\n");
     assert_eq!(d.transcript.to_server, b"RETR a\xff\xffb\r\n");
 }
 
 #[test]
 fn ten_kilobyte_command_line_is_refused_discarded_and_the_next_command_works() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     let mut long = b"STOR ".to_vec();
     long.extend(std::iter::repeat_n(b'a', 10 * 1024));
     long.extend_from_slice(b"\r\nNOOP\r\n");
@@ -478,7 +454,7 @@ fn ten_kilobyte_command_line_is_refused_discarded_and_the_next_command_works() {
 
 #[test]
 fn ten_kilobyte_command_line_in_small_pieces_is_refused_the_same_way() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"STOR ");
     for _ in 0..100 {
         d.input(Side::Client, &[b'a'; 100]);
@@ -490,7 +466,7 @@ fn ten_kilobyte_command_line_in_small_pieces_is_refused_the_same_way() {
 
 #[test]
 fn over_long_port_line_with_a_valid_prefix_is_not_forwarded() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     let mut long = CLIENT_PORT[..CLIENT_PORT.len() - 2].to_vec();
     long.extend(std::iter::repeat_n(b' ', 4096));
     long.extend_from_slice(b"\r\n");
@@ -503,7 +479,7 @@ fn over_long_port_line_with_a_valid_prefix_is_not_forwarded() {
 
 #[test]
 fn lowercase_port_is_port_and_is_rewritten() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"port 192,0,2,10,25,46\r\n");
     assert_wire(&d.transcript, "", &text(REWRITTEN_PORT));
     assert!(d.transcript.events.contains(&Event::Rewrite {
@@ -514,18 +490,18 @@ fn lowercase_port_is_port_and_is_rewritten() {
 
 #[test]
 fn portal_is_not_port_but_is_refused_as_a_lookalike_of_it() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PORTAL 192,0,2,10,25,46\r\n");
     assert_wire(&d.transcript, R500_VERB, "");
     the_denial(&d.transcript, DenyReason::AddressVerbLookalike);
-    assert!(opened(&d.transcript).is_empty());
+    assert!(d.transcript.pinhole_requests().is_empty());
 }
 
 // ---- pipelining and reply pairing ---------------------------------------------
 
 #[test]
 fn pipelined_noop_and_port_keep_their_order_both_ways() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"NOOP\r\nPORT 192,0,2,10,25,46\r\n");
     assert_eq!(
         text(&d.transcript.to_server),
@@ -540,7 +516,7 @@ fn pipelined_noop_and_port_keep_their_order_both_ways() {
 
 #[test]
 fn pipelined_pasv_and_list_get_the_rewritten_227_before_the_150() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\nLIST\r\n");
     assert_eq!(text(&d.transcript.to_server), "PASV\r\nLIST\r\n");
     // All three replies in one segment.
@@ -556,7 +532,7 @@ fn pipelined_pasv_and_list_get_the_rewritten_227_before_the_150() {
 
 #[test]
 fn refusal_inside_a_pipeline_is_answered_in_command_order() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(
         Side::Client,
         b"NOOP\r\nPORT 192,0,2,10,25,46,1\r\nPWD\r\nPORT 203,0,113,5,25,46\r\nSYST\r\n",
@@ -571,13 +547,13 @@ fn refusal_inside_a_pipeline_is_answered_in_command_order() {
         text(&d.transcript.to_client),
         format!("200 NOOP ok\r\n{R501}257 \"/\"\r\n{R504}215 UNIX\r\n")
     );
-    let reasons: Vec<_> = denials(&d.transcript).iter().map(|d| d.reason).collect();
+    let reasons: Vec<_> = d.transcript.denials().iter().map(|d| d.reason).collect();
     assert_eq!(reasons, [DenyReason::BadArgument, DenyReason::Bounce]);
 }
 
 #[test]
 fn refusal_waits_for_a_multi_line_reply_in_progress() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"HELP\r\n");
     d.input(Side::Server, b"214-Commands:\r\n USER PASS\r\n");
     d.input(Side::Client, b"LPSV\r\n");
@@ -590,7 +566,7 @@ fn refusal_waits_for_a_multi_line_reply_in_progress() {
 
 #[test]
 fn preliminary_reply_does_not_consume_the_pending_command() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"RETR f\r\nLPSV\r\n");
     d.input(Side::Server, b"150 Opening\r\n");
     assert_eq!(text(&d.transcript.to_client), "150 Opening\r\n");
@@ -605,7 +581,7 @@ fn preliminary_reply_does_not_consume_the_pending_command() {
 
 #[test]
 fn pasv_address_is_replaced_by_the_server_control_address() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(Side::Server, PRIVATE_227);
     assert_wire(&d.transcript, &text(REWRITTEN_227), "PASV\r\n");
@@ -631,7 +607,7 @@ fn pasv_address_is_replaced_by_the_server_control_address() {
 
 #[test]
 fn pasv_naming_the_server_itself_is_rewritten_without_replacement() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(
         Side::Server,
@@ -662,19 +638,19 @@ fn pasv_reply_announces_the_advertised_address_when_one_is_configured() {
 
 #[test]
 fn pasv_reply_without_parentheses_is_answered_with_the_canonical_227() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(
         Side::Server,
         b"227 Entering Passive Mode 10,0,0,5,200,10\r\n",
     );
     assert_eq!(text(&d.transcript.to_client), text(REWRITTEN_227));
-    assert_eq!(opened(&d.transcript).len(), 1);
+    assert_eq!(d.transcript.pinhole_requests().len(), 1);
 }
 
 #[test]
 fn pasv_reply_with_an_equals_sign_is_answered_with_the_canonical_227() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(Side::Server, b"227 =10,0,0,5,200,10\r\n");
     assert_eq!(text(&d.transcript.to_client), text(REWRITTEN_227));
@@ -682,20 +658,20 @@ fn pasv_reply_with_an_equals_sign_is_answered_with_the_canonical_227() {
 
 #[test]
 fn multi_line_227_reply_to_pasv_reaches_the_client_as_its_rewritten_final_line_only() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(
         Side::Server,
         b"227-Server 10.0.0.5 says hello\r\n 10,0,0,5 is private\r\n227 Entering Passive Mode (10,0,0,5,200,10).\r\n",
     );
     assert_eq!(text(&d.transcript.to_client), text(REWRITTEN_227));
-    assert_eq!(opened(&d.transcript).len(), 1);
-    assert!(denials(&d.transcript).is_empty());
+    assert_eq!(d.transcript.pinhole_requests().len(), 1);
+    assert!(d.transcript.denials().is_empty());
 }
 
 #[test]
 fn pasv_reply_whose_numbers_are_on_a_continuation_line_is_refused_with_425() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(
         Side::Server,
@@ -704,12 +680,12 @@ fn pasv_reply_whose_numbers_are_on_a_continuation_line_is_refused_with_425() {
     assert_wire(&d.transcript, R425_BAD_PASSIVE, "PASV\r\n");
     let denial = the_denial(&d.transcript, DenyReason::MalformedPassiveReply);
     assert_eq!(denial.side, Side::Server);
-    assert!(opened(&d.transcript).is_empty());
+    assert!(d.transcript.pinhole_requests().is_empty());
 }
 
 #[test]
 fn pasv_reply_without_any_numbers_is_refused_with_425() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(Side::Server, b"227 Entering Passive Mode\r\n");
     assert_wire(&d.transcript, R425_BAD_PASSIVE, "PASV\r\n");
@@ -718,7 +694,7 @@ fn pasv_reply_without_any_numbers_is_refused_with_425() {
 
 #[test]
 fn pasv_reply_with_an_octet_above_255_is_refused_with_425() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(
         Side::Server,
@@ -730,7 +706,7 @@ fn pasv_reply_with_an_octet_above_255_is_refused_with_425() {
 
 #[test]
 fn pasv_reply_naming_a_privileged_port_is_refused_by_policy() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(
         Side::Server,
@@ -739,12 +715,12 @@ fn pasv_reply_naming_a_privileged_port_is_refused_by_policy() {
     assert_wire(&d.transcript, R425_PASSIVE_POLICY, "PASV\r\n");
     let denial = the_denial(&d.transcript, DenyReason::PrivilegedPort);
     assert_eq!(denial.target, Some(sa("10.0.0.5:22")));
-    assert!(opened(&d.transcript).is_empty());
+    assert!(d.transcript.pinhole_requests().is_empty());
 }
 
 #[test]
 fn pasv_error_reply_is_passed_on_whole() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(Side::Server, b"425-Cannot\r\n listen\r\n425 sorry\r\n");
     assert_eq!(
@@ -761,7 +737,7 @@ const WITHHELD_END: &str = "200 (line withheld by ftpgate: looks like a passive 
 
 #[test]
 fn a_227_inside_a_multi_line_reply_to_feat_is_withheld_and_opens_nothing() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"FEAT\r\n");
     let reply: &[u8] = b"211-Features:\r\n 227 (10,0,0,5,200,10)\r\n227 (10,0,0,5,200,10)\r\n227-(10,0,0,5,200,10)\r\n211 End\r\n";
     d.input(Side::Server, reply);
@@ -770,13 +746,13 @@ fn a_227_inside_a_multi_line_reply_to_feat_is_withheld_and_opens_nothing() {
         &format!("211-Features:\r\n{WITHHELD_TEXT}{WITHHELD_TEXT}{WITHHELD_TEXT}211 End\r\n"),
         "FEAT\r\n",
     );
-    assert!(opened(&d.transcript).is_empty());
+    assert!(d.transcript.pinhole_requests().is_empty());
     the_denial(&d.transcript, DenyReason::PassiveReplyWithheld);
 }
 
 #[test]
 fn a_227_inside_a_multi_line_reply_to_stat_is_withheld_and_opens_nothing() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"STAT\r\n");
     let reply: &[u8] =
         b"211-Status:\r\n227 Entering Passive Mode (10,0,0,5,200,10).\r\n211 End of status\r\n";
@@ -786,31 +762,31 @@ fn a_227_inside_a_multi_line_reply_to_stat_is_withheld_and_opens_nothing() {
         &format!("211-Status:\r\n{WITHHELD_TEXT}211 End of status\r\n"),
         "STAT\r\n",
     );
-    assert!(opened(&d.transcript).is_empty());
+    assert!(d.transcript.pinhole_requests().is_empty());
     the_denial(&d.transcript, DenyReason::PassiveReplyWithheld);
 }
 
 #[test]
 fn unsolicited_227_opens_no_pinhole_and_is_withheld() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Server, PRIVATE_227);
     assert_eq!(text(&d.transcript.to_client), WITHHELD_END);
-    assert!(opened(&d.transcript).is_empty());
+    assert!(d.transcript.pinhole_requests().is_empty());
     the_denial(&d.transcript, DenyReason::PassiveReplyWithheld);
 }
 
 #[test]
 fn a_227_in_reply_to_noop_opens_no_pinhole_and_is_withheld() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"NOOP\r\n");
     d.input(Side::Server, PRIVATE_227);
     assert_eq!(text(&d.transcript.to_client), WITHHELD_END);
-    assert!(opened(&d.transcript).is_empty());
+    assert!(d.transcript.pinhole_requests().is_empty());
 }
 
 #[test]
 fn epsv_is_answered_with_the_canonical_229_naming_the_pinhole() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"EPSV\r\n");
     d.input(Side::Server, b"229 Extended Passive (|||6446|) ok\r\n");
     assert_wire(
@@ -818,14 +794,14 @@ fn epsv_is_answered_with_the_canonical_229_naming_the_pinhole() {
         "229 Entering Extended Passive Mode (|||50001|)\r\n",
         "EPSV\r\n",
     );
-    let req = opened(&d.transcript)[0].clone();
+    let req = d.transcript.pinhole_requests()[0].clone();
     assert_eq!(req.connect_to, sa("198.51.100.20:6446"));
     assert_eq!(req.mode, DataMode::Passive);
 }
 
 #[test]
 fn epsv_229_with_an_exclamation_mark_delimiter_is_answered_with_the_canonical_229() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"EPSV\r\n");
     d.input(
         Side::Server,
@@ -835,7 +811,7 @@ fn epsv_229_with_an_exclamation_mark_delimiter_is_answered_with_the_canonical_22
         text(&d.transcript.to_client),
         "229 Entering Extended Passive Mode (|||50001|)\r\n"
     );
-    assert_eq!(opened(&d.transcript).len(), 1);
+    assert_eq!(d.transcript.pinhole_requests().len(), 1);
 }
 
 #[test]
@@ -846,25 +822,25 @@ fn epsv_229_with_port_zero_or_70000_is_refused_with_425() {
         b"229 Entering Extended Passive Mode (|||6446!)\r\n",
         b"229 Entering Extended Passive Mode\r\n",
     ] {
-        let mut d = logged_in();
+        let mut d = Driver::logged_in();
         d.input(Side::Client, b"EPSV\r\n");
         d.input(Side::Server, line);
         assert_wire(&d.transcript, R425_BAD_PASSIVE, "EPSV\r\n");
         the_denial(&d.transcript, DenyReason::MalformedPassiveReply);
-        assert!(opened(&d.transcript).is_empty(), "{}", text(line));
+        assert!(d.transcript.pinhole_requests().is_empty(), "{}", text(line));
     }
 }
 
 #[test]
 fn epsv_1_on_an_ipv4_session_is_forwarded_as_plain_epsv() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"EPSV 1\r\n");
     assert_wire(&d.transcript, "", "EPSV\r\n");
 }
 
 #[test]
 fn a_229_in_reply_to_pasv_is_refused_with_425() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(
         Side::Server,
@@ -878,7 +854,7 @@ fn a_229_in_reply_to_pasv_is_refused_with_425() {
 
 #[test]
 fn port_from_the_clients_own_address_opens_a_pinhole_and_is_rewritten() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, CLIENT_PORT);
     assert_wire(&d.transcript, "", &text(REWRITTEN_PORT));
     assert_eq!(
@@ -903,23 +879,26 @@ fn port_from_the_clients_own_address_opens_a_pinhole_and_is_rewritten() {
 
 #[test]
 fn eprt_from_the_clients_own_ipv4_is_rewritten() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"EPRT |1|192.0.2.10|6446|\r\n");
     assert_wire(&d.transcript, "", "EPRT |1|198.51.100.1|50001|\r\n");
 }
 
 #[test]
 fn eprt_with_the_clients_ipv4_as_a_mapped_ipv6_address_is_accepted_and_rewritten() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"EPRT |2|::ffff:192.0.2.10|6446|\r\n");
     assert_wire(&d.transcript, "", "EPRT |1|198.51.100.1|50001|\r\n");
-    assert_eq!(opened(&d.transcript)[0].connect_to, sa("192.0.2.10:6446"));
-    assert!(denials(&d.transcript).is_empty());
+    assert_eq!(
+        d.transcript.pinhole_requests()[0].connect_to,
+        sa("192.0.2.10:6446")
+    );
+    assert!(d.transcript.denials().is_empty());
 }
 
 #[test]
 fn bounce_port_to_a_third_host_asks_to_resolve_it_then_refuses_with_504() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PORT 203,0,113,5,0,25\r\n");
     assert_wire(&d.transcript, R504, "");
     let [Event::Resolve { target, .. }, Event::Deny(denial)] = &d.transcript.events[..] else {
@@ -929,7 +908,7 @@ fn bounce_port_to_a_third_host_asks_to_resolve_it_then_refuses_with_504() {
     // A third host comes first: port 25 there is the classic bounce.
     assert_eq!(denial.reason, DenyReason::Bounce);
 
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PORT 203,0,113,5,25,46\r\n");
     assert_wire(&d.transcript, R504, "");
     let [Event::Resolve { target, .. }, Event::Deny(denial)] = &d.transcript.events[..] else {
@@ -945,7 +924,7 @@ fn bounce_port_to_a_third_host_asks_to_resolve_it_then_refuses_with_504() {
 
 #[test]
 fn port_to_a_gateway_pinhole_is_fxp_denied_by_default() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PORT 192,0,2,1,199,55\r\n");
     assert_wire(&d.transcript, R504, "");
     let denial = the_denial(&d.transcript, DenyReason::FxpDenied);
@@ -1154,7 +1133,7 @@ fn gateway_addresses_are_refused_whether_the_daemon_or_the_core_recognises_them(
     });
     d.input(Side::Client, b"PORT 198,51,100,7,35,161\r\n");
     assert_wire(&d.transcript, "", "PORT 198,51,100,7,35,161\r\n");
-    assert!(denials(&d.transcript).is_empty());
+    assert!(d.transcript.denials().is_empty());
 }
 
 /// A live pinhole of this client on a gateway address is no refusal: it is
@@ -1167,7 +1146,7 @@ fn a_live_pinhole_on_the_gateways_outside_address_is_still_fxp() {
     });
     d.input(Side::Client, b"EPRT |1|198.51.100.1|50999|\r\n");
     assert_wire(&d.transcript, "", "EPRT |1|198.51.100.21|40001|\r\n");
-    assert!(denials(&d.transcript).is_empty());
+    assert!(d.transcript.denials().is_empty());
 }
 
 #[test]
@@ -1189,17 +1168,17 @@ fn port_to_a_configured_deny_port_is_refused() {
 
 #[test]
 fn port_to_the_clients_own_port_25_is_refused_as_privileged() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PORT 192,0,2,10,0,25\r\n");
     assert_wire(&d.transcript, R504, "");
     let denial = the_denial(&d.transcript, DenyReason::PrivilegedPort);
     assert_eq!(denial.rule.as_deref(), Some("privileged_ports"));
-    assert!(opened(&d.transcript).is_empty());
+    assert!(d.transcript.pinhole_requests().is_empty());
 }
 
 #[test]
 fn epsv_all_then_port_pasv_and_eprt_are_refused_with_503_but_epsv_works() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"EPSV ALL\r\n");
     d.input(Side::Server, b"200 EPSV ALL ok\r\n");
     assert_wire(&d.transcript, "200 EPSV ALL ok\r\n", "EPSV ALL\r\n");
@@ -1221,7 +1200,7 @@ fn epsv_all_then_port_pasv_and_eprt_are_refused_with_503_but_epsv_works() {
 
 #[test]
 fn auth_tls_is_refused_with_534_and_never_forwarded() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"AUTH TLS\r\n");
     assert_wire(&d.transcript, R534, "");
     let denial = the_denial(&d.transcript, DenyReason::AuthRefused);
@@ -1234,7 +1213,7 @@ fn auth_tls_is_refused_with_534_and_never_forwarded() {
 
 #[test]
 fn pinhole_failure_for_port_gives_425_and_the_session_continues() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.pinholes_work = false;
     d.input(Side::Client, CLIENT_PORT);
     assert_wire(&d.transcript, R425_NO_PINHOLE, "");
@@ -1249,7 +1228,7 @@ fn pinhole_failure_for_port_gives_425_and_the_session_continues() {
 
 #[test]
 fn pinhole_failure_for_pasv_gives_425_and_the_session_continues() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.pinholes_work = false;
     d.input(Side::Client, b"PASV\r\nNOOP\r\n");
     d.input(Side::Server, PRIVATE_227);
@@ -1288,7 +1267,7 @@ fn pinhole_cap_refuses_a_new_data_connection_with_425() {
     d.session.handle_pinhole_closed(pinhole(1), d.now);
     d.transcript = Transcript::default();
     d.input(Side::Client, CLIENT_PORT);
-    assert_eq!(opened(&d.transcript).len(), 1);
+    assert_eq!(d.transcript.pinhole_requests().len(), 1);
 }
 
 #[test]
@@ -1304,7 +1283,7 @@ fn pinhole_cap_of_zero_refuses_every_data_connection() {
 
 #[test]
 fn a_new_port_supersedes_the_waiting_pinhole() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, CLIENT_PORT);
     d.input(Side::Server, b"200 ok\r\n");
     d.transcript = Transcript::default();
@@ -1316,14 +1295,17 @@ fn a_new_port_supersedes_the_waiting_pinhole() {
             cause: PinholeClose::Superseded
         }
     );
-    assert_eq!(opened(&d.transcript)[0].id, pinhole(2));
-    assert_eq!(opened(&d.transcript)[0].connect_to, sa("192.0.2.10:6447"));
-    assert!(denials(&d.transcript).is_empty());
+    assert_eq!(d.transcript.pinhole_requests()[0].id, pinhole(2));
+    assert_eq!(
+        d.transcript.pinhole_requests()[0].connect_to,
+        sa("192.0.2.10:6447")
+    );
+    assert!(d.transcript.denials().is_empty());
 }
 
 #[test]
 fn a_pasv_reply_supersedes_the_waiting_port_pinhole() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, CLIENT_PORT);
     d.input(Side::Server, b"200 ok\r\n");
     d.input(Side::Client, b"PASV\r\n");
@@ -1340,7 +1322,7 @@ fn a_pasv_reply_supersedes_the_waiting_port_pinhole() {
 
 #[test]
 fn waiting_pinhole_expires_after_the_timeout_with_one_deny_event() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, CLIENT_PORT);
     d.transcript = Transcript::default();
     d.advance(Duration::from_secs(29));
@@ -1363,7 +1345,7 @@ fn waiting_pinhole_expires_after_the_timeout_with_one_deny_event() {
 
 #[test]
 fn connected_pinhole_does_not_expire() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(Side::Server, PRIVATE_227);
     assert_eq!(d.peer_connects(1), DataVerdict::Accept);
@@ -1402,7 +1384,7 @@ fn login_timeout_sends_421_and_closes() {
 
 #[test]
 fn login_stops_the_login_timer() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.advance(Duration::from_secs(60));
     assert!(!d.session.is_closed());
     assert!(d.transcript.events.is_empty());
@@ -1410,7 +1392,7 @@ fn login_stops_the_login_timer() {
 
 #[test]
 fn idle_timeout_closes_a_quiet_session() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.advance(Duration::from_secs(15 * 60 - 1));
     assert!(!d.session.is_closed());
     d.advance(Duration::from_secs(1));
@@ -1426,7 +1408,7 @@ fn idle_timeout_closes_a_quiet_session() {
 
 #[test]
 fn idle_timeout_is_suppressed_while_a_data_connection_is_open() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\nRETR big\r\n");
     d.input(Side::Server, PRIVATE_227);
     assert_eq!(d.peer_connects(1), DataVerdict::Accept);
@@ -1481,14 +1463,14 @@ fn multi_line_greeting_is_relayed() {
 
 #[test]
 fn eof_from_either_side_closes_the_session() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.session.handle_eof(Side::Client, d.now);
     d.settle();
     assert_eq!(
         d.transcript.events,
         vec![Event::Close(CloseReason::ClientClosed)]
     );
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.session.handle_eof(Side::Server, d.now);
     d.settle();
     assert_eq!(
@@ -1522,7 +1504,7 @@ fn failed_login_keeps_data_commands_refused() {
 
 #[test]
 fn rein_ends_the_login() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"REIN\r\n");
     d.input(Side::Server, b"220 ready for new user\r\n");
     d.transcript = Transcript::default();
@@ -1532,7 +1514,7 @@ fn rein_ends_the_login() {
 
 #[test]
 fn rein_accepted_by_the_server_restarts_the_login_timer() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"REIN\r\n");
     d.input(Side::Server, b"220 ready for new user\r\n");
     d.advance(Duration::from_secs(30));
@@ -1547,7 +1529,7 @@ fn rein_accepted_by_the_server_restarts_the_login_timer() {
 /// logged in: so does the gateway.
 #[test]
 fn rein_refused_by_the_server_keeps_the_login_and_stops_the_login_timer() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"REIN\r\n");
     d.input(Side::Server, b"502 REIN not implemented.\r\n");
     assert!(d.session.is_logged_in());
@@ -1563,7 +1545,7 @@ fn rein_refused_by_the_server_keeps_the_login_and_stops_the_login_timer() {
 /// and keeps the first login.
 #[test]
 fn second_user_refused_by_the_server_keeps_the_login() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"USER other\r\n");
     assert!(
         !d.session.is_logged_in(),
@@ -1579,7 +1561,7 @@ fn second_user_refused_by_the_server_keeps_the_login() {
 
 #[test]
 fn second_user_accepted_by_the_server_ends_the_login_until_the_next_230() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     // The PORT pipelined behind the USER is refused whatever the server
     // answers to the USER.
     d.input(Side::Client, b"USER other\r\nPORT 192,0,2,10,25,46\r\n");
@@ -1601,7 +1583,7 @@ fn second_user_accepted_by_the_server_ends_the_login_until_the_next_230() {
 
 #[test]
 fn server_line_with_a_nul_is_withheld_with_one_deny_event() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PWD\r\n");
     d.input(Side::Server, b"257 \"/a\0b\"\r\n");
     assert_eq!(
@@ -1613,7 +1595,7 @@ fn server_line_with_a_nul_is_withheld_with_one_deny_event() {
 
 #[test]
 fn server_junk_outside_a_reply_is_dropped_with_one_deny_event() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Server, b"hello there\r\n");
     assert!(d.transcript.to_client.is_empty());
     the_denial(&d.transcript, DenyReason::MalformedReply);
@@ -1621,7 +1603,7 @@ fn server_junk_outside_a_reply_is_dropped_with_one_deny_event() {
 
 #[test]
 fn malformed_final_227_line_to_pasv_gives_425_and_exactly_one_deny_event() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\n");
     d.input(
         Side::Server,
@@ -1629,12 +1611,12 @@ fn malformed_final_227_line_to_pasv_gives_425_and_exactly_one_deny_event() {
     );
     assert_wire(&d.transcript, R425_BAD_PASSIVE, "PASV\r\n");
     the_denial(&d.transcript, DenyReason::MalformedPassiveReply);
-    assert!(opened(&d.transcript).is_empty());
+    assert!(d.transcript.pinhole_requests().is_empty());
 }
 
 #[test]
 fn over_long_final_227_line_to_pasv_gives_425_and_exactly_one_deny_event() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     d.input(Side::Client, b"PASV\r\n");
     let mut line = b"227 Entering Passive Mode (10,0,0,5,200,10) ".to_vec();
     line.extend(std::iter::repeat_n(b'x', 10_000));
@@ -1665,7 +1647,11 @@ fn pass_argument_never_appears_in_any_denial() {
     for attempt in attempts.iter().copied().chain([&long[..]]) {
         // Before and after login.
         for login in [false, true] {
-            let mut d = if login { logged_in() } else { Driver::lab() };
+            let mut d = if login {
+                Driver::logged_in()
+            } else {
+                Driver::lab()
+            };
             d.input(Side::Server, b"220 ready\r\n");
             d.input(Side::Client, b"USER u\r\n");
             d.input(Side::Client, attempt);
@@ -1686,7 +1672,7 @@ fn pass_argument_never_appears_in_any_denial() {
 
 #[test]
 fn refused_command_argument_is_logged_truncated() {
-    let mut d = logged_in();
+    let mut d = Driver::logged_in();
     let mut line = b"PORT ".to_vec();
     line.extend(std::iter::repeat_n(b'9', 1000));
     line.extend_from_slice(b"\r\n");
@@ -1772,11 +1758,11 @@ fn each_refusal_yields_exactly_one_deny_event() {
         },
     ];
     for case in cases {
-        let mut d = logged_in();
+        let mut d = Driver::logged_in();
         d.pinholes_work = case.pinholes_work;
         d.input(Side::Client, case.client);
         d.input(Side::Server, case.server);
-        let all = denials(&d.transcript);
+        let all = d.transcript.denials();
         assert_eq!(all.len(), 1, "{}: {:#?}", case.name, d.transcript.events);
         assert_eq!(all[0].reason, case.reason, "{}", case.name);
     }
@@ -1846,7 +1832,7 @@ fn ipv4_client_with_an_ipv6_server_gets_a_227_from_an_upstream_epsv() {
         "EPSV\r\n",
     );
     assert_eq!(
-        opened(&d.transcript)[0].connect_to,
+        d.transcript.pinhole_requests()[0].connect_to,
         sa("[2001:db8:2::20]:6446")
     );
     d.transcript = Transcript::default();

@@ -82,6 +82,9 @@ pub struct Owner {
     /// connections are relayed in userland, where the bytes can be
     /// decrypted and encrypted again.
     pub tls: Option<crate::tls::DataTls>,
+    /// Set when its passive data connections come through a balancer
+    /// with a PROXY header.
+    pub proxied: Option<Arc<DataProxy>>,
 }
 
 impl Owner {
@@ -90,6 +93,15 @@ impl Owner {
     pub fn needs_userland(&self, request: &PinholeRequest) -> bool {
         request.client_tls || self.tls.as_ref().is_some_and(|t| t.any())
     }
+}
+
+/// Passive data connections that arrive through a balancer: the PROXY
+/// header's source is the peer the core checks; a connection from
+/// elsewhere, or without a valid header, is refused and logged.
+#[derive(Debug)]
+pub struct DataProxy {
+    pub trusted: crate::proxy_protocol::TrustedProxies,
+    pub deny: crate::denylog::DenyLog,
 }
 
 impl Owner {

@@ -268,6 +268,7 @@ mod tests {
                 connections: caps,
             },
             tls: None,
+            proxied: None,
         }
     }
 

@@ -20,7 +20,8 @@ use super::registry::{Entry, Registry, Reservation};
 use super::{OpenError, Owner, PlaneEvent, directions, mode_label};
 use crate::clients::Claim;
 use crate::metrics as m;
-use crate::proto::{DataMode, DataVerdict, PinholeId, PinholeRequest};
+use crate::proto::{DataMode, DataVerdict, Denial, DenyReason, PinholeId, PinholeRequest, Side};
+use crate::proxy_protocol::{self, HEADER_TIMEOUT, HeaderError};
 use crate::relay;
 use crate::tasks::Tasks;
 use crate::tls::{DataLeg, DataTls};
@@ -70,6 +71,7 @@ impl ProxyPlane {
         )?;
         let task = Pinhole {
             registry: Arc::clone(&self.registry),
+            port,
             request: request.clone(),
             owner: owner.clone(),
         };
@@ -102,6 +104,7 @@ fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 /// One pinhole's listener task.
 struct Pinhole {
     registry: Arc<Registry>,
+    port: u16,
     request: PinholeRequest,
     owner: Owner,
 }
@@ -116,7 +119,11 @@ impl Pinhole {
                 accepted = listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, peer)) => {
+                Ok((mut stream, peer)) => {
+                    let Some(peer) = self.proxied_peer(&mut stream, peer).await else {
+                        m::pinhole_refused();
+                        continue;
+                    };
                     let verdict = self.owner.ask(self.request.id, peer, VERDICT_TIMEOUT).await;
                     match verdict {
                         DataVerdict::Accept => break stream,
@@ -138,6 +145,35 @@ impl Pinhole {
         m::pinhole_wait(started.elapsed());
         let slot = entry.reservation.take().map(Reservation::into_connection);
         carry(inbound, &self.request, &self.owner, slot).await;
+    }
+
+    /// The peer the core judges: the socket's, or behind a balancer the
+    /// PROXY header's source (passive pinholes only: active ones are
+    /// reached by the server, not through the balancer). `None`: refused
+    /// here (untrusted source, no valid header) and logged as
+    /// `proxy_header`.
+    async fn proxied_peer(&self, stream: &mut TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+        let proxy = match &self.owner.proxied {
+            Some(p) if self.request.mode == DataMode::Passive => p,
+            _ => return Some(peer),
+        };
+        let read = proxy_protocol::accept(stream, peer, &proxy.trusted, HEADER_TIMEOUT).await;
+        match read {
+            Ok(proxied) => Some(proxied.client),
+            Err(e) => {
+                tracing::debug!(session = self.owner.info.id, %peer, "data connection refused: {e}");
+                let rule = match e {
+                    HeaderError::Untrusted(_) => "trusted_proxies",
+                    _ => "proxy_protocol",
+                };
+                let denial = Denial::new(DenyReason::ProxyHeader, Side::Client)
+                    .target(SocketAddr::new(self.request.listen_ip, self.port))
+                    .peer(peer)
+                    .rule(rule);
+                proxy.deny.record(&self.owner.info, &denial);
+                None
+            }
+        }
     }
 }
 

@@ -321,6 +321,7 @@ mod tests {
                 pinholes: caps,
                 connections: caps,
             },
+            proxied: None,
         }
     }
 

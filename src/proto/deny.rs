@@ -75,6 +75,9 @@ pub enum DenyReason {
     /// The session kept sending refused input past its budget
     /// (`limits.max_refused_commands`) and was closed.
     RefusalBudget,
+    /// A listener that takes the PROXY protocol got a connection from a
+    /// source outside `trusted_proxies`, or no valid PROXY header in time.
+    ProxyHeader,
     /// The TLS handshake with the client failed (or timed out).
     TlsHandshakeFailed,
     /// `require_tls`: a login before AUTH TLS, or a data connection
@@ -89,7 +92,7 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 32] = [
+    pub const ALL: [DenyReason; 33] = [
         DenyReason::MalformedLine,
         DenyReason::LineTooLong,
         DenyReason::MalformedCommand,
@@ -118,6 +121,7 @@ impl DenyReason {
         DenyReason::ClientSessionLimit,
         DenyReason::UpstreamUnreachable,
         DenyReason::RefusalBudget,
+        DenyReason::ProxyHeader,
         DenyReason::TlsHandshakeFailed,
         DenyReason::TlsRequired,
         DenyReason::TlsUpstreamVerifyFailed,
@@ -154,6 +158,7 @@ impl DenyReason {
             DenyReason::ClientSessionLimit => "client_session_limit",
             DenyReason::UpstreamUnreachable => "upstream_unreachable",
             DenyReason::RefusalBudget => "refusal_budget",
+            DenyReason::ProxyHeader => "proxy_header",
             DenyReason::TlsHandshakeFailed => "tls_handshake_failed",
             DenyReason::TlsRequired => "tls_required",
             DenyReason::TlsUpstreamVerifyFailed => "tls_upstream_verify_failed",

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    DataVerdict, Endpoints, Event, PinholeId, PinholeRequest, Resolution, ResolveId, Resolved,
-    Session, SessionConfig, SessionId, Side,
+    DataVerdict, Denial, DenyReason, Endpoints, Event, PinholeId, PinholeRequest, Resolution,
+    ResolveId, Resolved, Session, SessionConfig, SessionId, Side,
 };
 
 /// Everything a session produced, in order.
@@ -30,6 +30,35 @@ pub struct Transcript {
     /// Offsets into `to_server` of the bytes sent as TCP urgent data.
     pub urgent_to_server: Vec<usize>,
     pub events: Vec<Event>,
+}
+
+impl Transcript {
+    /// The deny events, in order.
+    pub fn denials(&self) -> Vec<&Denial> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Deny(d) => Some(d),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The reasons of the deny events, in order.
+    pub fn reasons(&self) -> Vec<DenyReason> {
+        self.denials().iter().map(|d| d.reason).collect()
+    }
+
+    /// The pinholes the session asked for, in order.
+    pub fn pinhole_requests(&self) -> Vec<&PinholeRequest> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::OpenPinhole(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// The addresses used by the driver: client 192.0.2.10, gateway 192.0.2.1
@@ -141,6 +170,14 @@ impl Driver {
 
     pub fn lab() -> Self {
         Driver::new(SessionConfig::default(), lab_endpoints())
+    }
+
+    /// A [`Driver::lab`] whose session has seen the greeting and a
+    /// successful login; the transcript starts empty.
+    pub fn logged_in() -> Self {
+        let mut d = Driver::lab();
+        d.login();
+        d
     }
 
     pub fn input(&mut self, from: Side, data: &[u8]) {

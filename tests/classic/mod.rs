@@ -3,11 +3,14 @@
 //! under a pseudo-terminal by `tests/support/classic_ftp.py`. They abort
 //! with Telnet IP and a Synch sent as TCP urgent data, then ABOR (RFC 959
 //! section 4.1.3, RFC 854); these helpers build the driver's command line
-//! and judge its report. Shared by `classic_clients.rs` (loopback) and
-//! `nat_lab.rs`.
+//! and judge its report, and [`pure_ftpd::PureFtpd`] runs one of the servers they
+//! abort against on loopback. Shared by `classic_clients.rs` (loopback)
+//! and `nat_lab.rs`.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+
+pub mod pure_ftpd;
 
 /// The Debian packages' binaries (netkit-ftp is gone from Debian; `ftp`
 /// is tnftp).

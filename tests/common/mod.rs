@@ -192,27 +192,38 @@ bind = "127.0.0.1:0"
 
     /// Deny-log lines, parsed.
     pub fn denials(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.deny_log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        denials(&self.deny_log)
     }
 
     /// Waits (bounded) until a deny-log line with `reason` appears.
     pub async fn wait_denial(&self, reason: &str) -> serde_json::Value {
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(v) = self.denials().into_iter().find(|v| v["reason"] == reason) {
-                return v;
-            }
-            assert!(
-                Instant::now() < until,
-                "no {reason} denial; log: {:?}",
-                self.denials()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        wait_denial(&self.deny_log, reason).await
+    }
+}
+
+/// The lines of the deny log at `path`, parsed. Every line must parse: a
+/// line cut short (a full disk, a torn write) would be a bug of its own.
+pub fn denials(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect()
+}
+
+/// Waits (bounded) until the deny log at `path` has a line with `reason`.
+pub async fn wait_denial(path: &Path, reason: &str) -> serde_json::Value {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = denials(path).into_iter().find(|v| v["reason"] == reason) {
+            return v;
         }
+        assert!(
+            Instant::now() < until,
+            "no {reason} denial; log: {:?}",
+            denials(path)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -3,11 +3,11 @@
 #
 #   lab.sh up               build the topology (tears leftovers down first)
 #   lab.sh down             tear everything down (safe when half-built)
-#   lab.sh start-servers    (re)start vsftpd on srv1, proftpd on srv2, the
-#                           connection recorder on out3
+#   lab.sh start-servers    (re)start vsftpd on srv1, proftpd on srv2,
+#                           pure-ftpd on srv3, the connection recorder on out3
 #   lab.sh stop-servers     stop them
 #   lab.sh exec NS CMD...   run CMD inside namespace NS (gw, in1, in2, srv1,
-#                           srv2, out3, or a full namespace name)
+#                           srv2, srv3, out3, or a full namespace name)
 #   lab.sh forward allow|drop|status
 #                           gw forward policy (drop is the lab's normal state;
 #                           allow only for proxy-less sanity checks)
@@ -21,6 +21,8 @@
 #   FG_KEEP_STATE=1 `down` keeps the state dir (logs) instead of removing it
 #   FG_PROFTPD      proftpd binary (default: the copy unpacked by
 #                   scripts/install-test-deps, else proftpd on PATH)
+#   FG_PUREFTPD_ROOT  where pure-ftpd is unpacked (default
+#                   /opt/ftpgate-lab/pure-ftpd, by scripts/install-test-deps)
 #   FG_DATA_SIZE    size in bytes of data.bin (default 3145728 = 3 MiB)
 #   FG_OUT3_PORT    port of the connection recorder on out3 (default 2525)
 #   FG_PASV_MIN / FG_PASV_MAX  servers' passive port range (40000-40100)
@@ -56,6 +58,7 @@ HOSTS=(
   "in2  in  192.0.2.11    2001:db8:1::11"
   "srv1 out 198.51.100.20 2001:db8:2::20"
   "srv2 out 198.51.100.21 2001:db8:2::21"
+  "srv3 out 198.51.100.22 2001:db8:2::22"
   "out3 out 198.51.100.30 2001:db8:2::30"
 )
 GW_IN4=192.0.2.1
@@ -238,6 +241,7 @@ NS_IN1=${P}in1
 NS_IN2=${P}in2
 NS_SRV1=${P}srv1
 NS_SRV2=${P}srv2
+NS_SRV3=${P}srv3
 NS_OUT3=${P}out3
 GW_IN4=$GW_IN4
 GW_IN6=$GW_IN6
@@ -251,6 +255,8 @@ SRV1_4=198.51.100.20
 SRV1_6=2001:db8:2::20
 SRV2_4=198.51.100.21
 SRV2_6=2001:db8:2::21
+SRV3_4=198.51.100.22
+SRV3_6=2001:db8:2::22
 OUT3_4=198.51.100.30
 OUT3_6=2001:db8:2::30
 OUT3_PORT=$OUT3_PORT
@@ -261,6 +267,7 @@ PASV_MIN=$PASV_MIN
 PASV_MAX=$PASV_MAX
 SRV1_ROOT=$STATE/srv1/root
 SRV2_ROOT=$STATE/srv2/root
+SRV3_ROOT=$STATE/srv3/root
 EOF
 }
 
@@ -299,6 +306,13 @@ find_proftpd() {
   else
     die "proftpd not found: run scripts/install-test-deps"
   fi
+}
+
+find_pureftpd_root() {
+  local root=${FG_PUREFTPD_ROOT:-/opt/ftpgate-lab/pure-ftpd}
+  [ -x "$root/usr/sbin/pure-ftpd" ] && [ -x "$root/usr/bin/pure-pw" ] ||
+    die "pure-ftpd not found in $root: run scripts/install-test-deps"
+  echo "$root"
 }
 
 ensure_user() {
@@ -351,6 +365,16 @@ wait_listen() {
     sleep 0.1
   done
   die "$name did not start listening on port $port in $ns (see logs in $STATE)"
+}
+
+# wait_file PATH NAME: until PATH exists (10 s)
+wait_file() {
+  local path=$1 name=$2 _
+  for _ in $(seq 1 100); do
+    [ -e "$path" ] && return 0
+    sleep 0.1
+  done
+  die "$name did not create $path (see logs in $STATE)"
 }
 
 # wait_banner NS HOST: an FTP 220 greeting on HOST:21 from inside NS
@@ -536,13 +560,33 @@ EOF
   chmod 644 "$dir/proftpd.conf"
 }
 
+# pure-ftpd's own user database: the lab user as a virtual user with the
+# lab user's uid and gid, chrooted into the server root (the "/./" of
+# pure-pw -d). The line is written here rather than by `pure-pw useradd`,
+# whose argon2id hash (t=511) costs seconds of CPU at every login on a
+# loaded machine; pure-ftpd also takes the system's crypt(3) hashes.
+write_pureftpd_users() {
+  local dir=$1 pureftpd_root=$2 hash
+  rm -f "$dir/pureftpd.passwd" "$dir/pureftpd.pdb"
+  if command -v openssl >/dev/null; then
+    hash=$(openssl passwd -6 -salt fglab "$FTP_PASS")
+  else
+    hash=$("$PYTHON" -W ignore -c 'import crypt, sys; print(crypt.crypt(sys.argv[1], "$6$fglab"))' "$FTP_PASS")
+  fi
+  printf '%s:%s:%s:%s::%s/./::::::::::::\n' "$FTP_USER" "$hash" "$(id -u "$FTP_USER")" \
+    "$(id -g "$FTP_USER")" "$dir/root" >"$dir/pureftpd.passwd"
+  "$pureftpd_root/usr/bin/pure-pw" mkdb "$dir/pureftpd.pdb" -f "$dir/pureftpd.passwd" \
+    >"$dir/pure-pw.log" 2>&1 || { cat "$dir/pure-pw.log" >&2; die "pure-pw mkdb failed"; }
+}
+
 cmd_start_servers() {
   need_root
   require_up
-  local proftpd dir
+  local proftpd pureftpd_root dir
   cmd_stop_servers
   command -v vsftpd >/dev/null || die "vsftpd missing: run scripts/install-test-deps"
   proftpd=$(find_proftpd)
+  pureftpd_root=$(find_pureftpd_root)
   ensure_user
   if [ "${FG_TLS:-0}" = 1 ]; then make_certs; fi
 
@@ -572,6 +616,34 @@ cmd_start_servers() {
   log "starting proftpd in ${P}srv2 (config $dir/proftpd.conf)"
   start_daemon "${P}srv2" "$dir/proftpd.run.pid" "$dir/proftpd.stderr" "$proftpd" -n -c "$dir/proftpd.conf"
 
+  # srv3: pure-ftpd, in the foreground (no -B), flags as in pure-ftpd(8):
+  #   -l puredb:FILE  its own user database (write_pureftpd_users)
+  #   -E              authenticated users only, no anonymous login
+  #   -A              chroot everyone (into the server root)
+  #   -p MIN:MAX      passive ports; -c caps clients at half the range anyway
+  #   -w              FXP for authenticated users: PORT to and PASV
+  #                   connections from hosts other than the client
+  #   -H              no reverse DNS; -d -d: every command and reply logged
+  #   -g, -O xferlog: pid file and transfer log in the state dir
+  dir=$STATE/srv3
+  mkdir -p "$dir"
+  chmod 755 "$dir"
+  prepare_root "$dir/root"
+  write_pureftpd_users "$dir" "$pureftpd_root"
+  : >"$dir/syslog.log"
+  log "starting the syslog receiver for pure-ftpd in ${P}srv3 (log $dir/syslog.log)"
+  start_daemon "${P}srv3" "$dir/syslog.pid" "$dir/syslog.stderr" \
+    "$PYTHON" "$HERE/syslog.py" --socket "$dir/log.sock" --log "$dir/syslog.log"
+  wait_file "$dir/log.sock" "the syslog receiver"
+  # It logs only through syslog(3): with-devlog.sh gives it a /dev/log of
+  # its own in the mount namespace `ip netns exec` makes.
+  log "starting pure-ftpd in ${P}srv3 (commands and replies in $dir/syslog.log)"
+  start_daemon "${P}srv3" "$dir/pure-ftpd.run.pid" "$dir/pure-ftpd.stderr" \
+    "$HERE/with-devlog.sh" "$dir/log.sock" \
+    "$pureftpd_root/usr/sbin/pure-ftpd" -l "puredb:$dir/pureftpd.pdb" -E -A \
+    -p "$PASV_MIN:$PASV_MAX" -w -H -d -d -I 5 -g "$dir/pure-ftpd.pid" \
+    -O "xferlog:$dir/xferlog"
+
   # out3: connection recorder
   dir=$STATE/out3
   mkdir -p "$dir"
@@ -583,14 +655,17 @@ cmd_start_servers() {
   wait_listen "${P}srv1" 21 vsftpd
   if [ "${FG_TLS:-0}" = 1 ]; then wait_listen "${P}srv1" 990 "vsftpd (implicit FTPS)"; fi
   wait_listen "${P}srv2" 21 proftpd
+  wait_listen "${P}srv3" 21 pure-ftpd
   wait_listen "${P}out3" "$OUT3_PORT" listener
   wait_banner "$NS_GW" 198.51.100.20
   wait_banner "$NS_GW" 2001:db8:2::20
   wait_banner "$NS_GW" 198.51.100.21
   wait_banner "$NS_GW" 2001:db8:2::21
+  wait_banner "$NS_GW" 198.51.100.22
+  wait_banner "$NS_GW" 2001:db8:2::22
   # the probes above are not bounce evidence
   : >"$STATE/out3/connections.log"
-  log "servers running: vsftpd pid $(cat "$STATE/srv1/vsftpd.pid"), proftpd pid $(cat "$STATE/srv2/proftpd.run.pid"), recorder pid $(cat "$STATE/out3/listener.pid")"
+  log "servers running: vsftpd pid $(cat "$STATE/srv1/vsftpd.pid"), proftpd pid $(cat "$STATE/srv2/proftpd.run.pid"), pure-ftpd pid $(cat "$STATE/srv3/pure-ftpd.run.pid"), recorder pid $(cat "$STATE/out3/listener.pid")"
 }
 
 cmd_stop_servers() {
@@ -598,10 +673,11 @@ cmd_stop_servers() {
   local name
   # every process in the server namespaces: the daemons and their per-session
   # children (nothing else is meant to run there)
-  for name in srv1 srv2 out3; do
+  for name in srv1 srv2 srv3 out3; do
     kill_ns_procs "$P$name"
   done
   rm -f "$STATE/srv1/vsftpd.pid" "$STATE/srv1/vsftpd990.pid" "$STATE/srv2/proftpd.run.pid" "$STATE/srv2/proftpd.pid" \
+    "$STATE/srv3/pure-ftpd.run.pid" "$STATE/srv3/pure-ftpd.pid" "$STATE/srv3/syslog.pid" \
     "$STATE/out3/listener.pid" 2>/dev/null || true
 }
 
@@ -633,7 +709,7 @@ cmd_status() {
       echo "$ns: absent"
     fi
   done
-  for f in srv1/vsftpd.pid srv2/proftpd.run.pid out3/listener.pid; do
+  for f in srv1/vsftpd.pid srv2/proftpd.run.pid srv3/pure-ftpd.run.pid srv3/syslog.pid out3/listener.pid; do
     if [ -f "$STATE/$f" ] && pid=$(cat "$STATE/$f") && kill -0 "$pid" 2>/dev/null; then
       echo "$f: running (pid $pid)"
     else

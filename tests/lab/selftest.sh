@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Proxy-less self-test of the lab: proves the topology, both FTP servers and
+# Proxy-less self-test of the lab: proves the topology, the three FTP servers and
 # the helper scripts work, and that without a proxy nothing crosses the gateway.
 #
 #   tests/lab/selftest.sh
@@ -38,6 +38,15 @@ mkdir -p "$T"
 
 SHA1=$(cut -d' ' -f1 "$SRV1_ROOT/data.bin.sha256")
 SHA2=$(cut -d' ' -f1 "$SRV2_ROOT/data.bin.sha256")
+SHA3=$(cut -d' ' -f1 "$SRV3_ROOT/data.bin.sha256")
+# srv_addrs N: a4, a6 and want (data.bin's sha256) of server N
+srv_addrs() {
+  case $1 in
+    1) a4=$SRV1_4 a6=$SRV1_6 want=$SHA1 ;;
+    2) a4=$SRV2_4 a6=$SRV2_6 want=$SHA2 ;;
+    3) a4=$SRV3_4 a6=$SRV3_6 want=$SHA3 ;;
+  esac
+}
 sha_of() { sha256sum "$1" 2>/dev/null | cut -d' ' -f1; }
 
 cleanup() {
@@ -81,8 +90,8 @@ download() {
   x in1 "${CURL[@]}" "$@" -o "$out" "$url" || return 1
   [ "$(sha_of "$out")" = "$want" ]
 }
-for srv in 1 2; do
-  if [ $srv = 1 ]; then a4=$SRV1_4 a6=$SRV1_6 want=$SHA1; else a4=$SRV2_4 a6=$SRV2_6 want=$SHA2; fi
+for srv in 1 2 3; do
+  srv_addrs $srv
   u4="ftp://ftptest:ftptest@$a4/data.bin"
   u6="ftp://ftptest:ftptest@[$a6]/data.bin"
   check "srv$srv curl EPSV download, sha256 matches" download "$u4" "$want"
@@ -102,8 +111,8 @@ upload() {
   x in1 "${CURL[@]}" "$@" -T "$T/up.bin" "$url$name" || return 1
   [ "$(sha_of "$root/$name")" = "$UPSHA" ]
 }
-for srv in 1 2; do
-  if [ $srv = 1 ]; then a4=$SRV1_4 a6=$SRV1_6; else a4=$SRV2_4 a6=$SRV2_6; fi
+for srv in 1 2 3; do
+  srv_addrs $srv
   check "srv$srv curl upload (EPSV)" upload $srv "ftp://ftptest:ftptest@$a4/" up-epsv.bin
   check "srv$srv curl upload (PORT)" upload $srv "ftp://ftptest:ftptest@$a4/" up-port.bin -P - --disable-eprt
   check "srv$srv curl IPv6 upload" upload $srv "ftp://ftptest:ftptest@[$a6]/" up-v6.bin -g
@@ -129,6 +138,10 @@ check "srv2 lftp passive get" lftp_get "$SRV2_4" "$SHA2" on
 check "srv2 lftp active get" lftp_get "$SRV2_4" "$SHA2" off
 check "srv2 lftp IPv6 get" lftp_get "[$SRV2_6]" "$SHA2" on
 check "srv2 lftp put" lftp_put 2 "$SRV2_4"
+check "srv3 lftp passive get" lftp_get "$SRV3_4" "$SHA3" on
+check "srv3 lftp active get" lftp_get "$SRV3_4" "$SHA3" off
+check "srv3 lftp IPv6 get" lftp_get "[$SRV3_6]" "$SHA3" on
+check "srv3 lftp put" lftp_put 3 "$SRV3_4"
 
 fxp() {
   local src=$1 dst=$2 dstroot=$3 name=$4 want=$5
@@ -141,6 +154,8 @@ check "fxp.py srv1 -> srv2 (PASV/PORT)" fxp "$SRV1_4" "$SRV2_4" "$SRV2_ROOT" fxp
 check "fxp.py srv2 -> srv1 (PASV/PORT)" fxp "$SRV2_4" "$SRV1_4" "$SRV1_ROOT" fxp-from-srv2.bin "$SHA2"
 check "fxp.py srv1 -> srv2 IPv6 (--epsv)" fxp "$SRV1_6" "$SRV2_6" "$SRV2_ROOT" fxp6-from-srv1.bin "$SHA1" --epsv
 check "fxp.py srv2 -> srv1 IPv6 (--epsv)" fxp "$SRV2_6" "$SRV1_6" "$SRV1_ROOT" fxp6-from-srv2.bin "$SHA2" --epsv
+check "fxp.py srv1 -> srv3 (PASV/PORT)" fxp "$SRV1_4" "$SRV3_4" "$SRV3_ROOT" fxp-from-srv1.bin "$SHA1"
+check "fxp.py srv3 -> srv1 (PASV/PORT)" fxp "$SRV3_4" "$SRV1_4" "$SRV1_ROOT" fxp-from-srv3.bin "$SHA3"
 fxp_refused() {
   local rc=0
   x in1 "$HERE/fxp.py" "$SRV1_4" "$SRV2_4" no-such-file.bin never.bin >"$T/fxp.out" 2>&1 || rc=$?
@@ -150,7 +165,7 @@ fxp_refused() {
 check "fxp.py reports a refusal with exit 2" fxp_refused
 
 # race.py: victim alone gets the file; an attacker on in2 that connects first
-# steals it (no proxy: vsftpd/proftpd accept foreign data peers for FXP)
+# steals it (no proxy: the servers accept foreign data peers for FXP)
 race() {
   local host=$1 want=$2 attack=$3 sig=$T/race.sig vp h p rc=0
   rm -f "$sig" "$T/victim.out" "$T/steal.out" "$T/steal.out.status"
@@ -160,7 +175,12 @@ race() {
   read -r _ h p < <(grep '^PASV ' "$T/victim.out") || { cat "$T/victim.out"; kill "$vp" 2>/dev/null; return 1; }
   if [ "$attack" = yes ]; then
     x in2 "$HERE/race.py" steal "$h" "$p" "$T/steal.out" >/dev/null 2>&1 &
-    sleep 0.5
+    # the victim goes on once the attacker holds the data connection (a
+    # fixed sleep loses the race on a loaded machine)
+    for _ in $(seq 1 100); do
+      x in2 ss -Htn state established "( dport = :$p )" | grep -q . && break
+      sleep 0.1
+    done
   fi
   touch "$sig"
   wait "$vp" || rc=$?
@@ -177,6 +197,8 @@ check "race.py victim alone gets srv1's data.bin" race "$SRV1_4" "$SHA1" no
 check "race.py victim alone gets srv2's data.bin" race "$SRV2_4" "$SHA2" no
 check "race.py theft detected without proxy (srv1)" race "$SRV1_4" "$SHA1" yes
 check "race.py theft detected without proxy (srv2)" race "$SRV2_4" "$SHA2" yes
+check "race.py victim alone gets srv3's data.bin" race "$SRV3_4" "$SHA3" no
+check "race.py theft detected without proxy (srv3)" race "$SRV3_4" "$SHA3" yes
 
 recorder() {
   : >"$OUT3_LOG"
@@ -197,7 +219,7 @@ if [ "${FG_KEEP_LAB:-0}" != 1 ]; then
   "$L" down
   leftovers() {
     local ns
-    for ns in gw in1 in2 srv1 srv2 out3; do
+    for ns in gw in1 in2 srv1 srv2 srv3 out3; do
       [ -e "/run/netns/$FG_PREFIX$ns" ] && return 1
     done
     ! pgrep -f "$FG_STATE/" >/dev/null
