@@ -9,11 +9,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv6Net};
 use serde::Deserialize;
 
 use crate::clients::Caps;
-use crate::proto::{AuthTls, DEFAULT_MAX_REFUSALS, FxpRule, Policy, SessionConfig, TlsPolicy};
+use crate::proto::policy::canonical_ip;
+use crate::proto::{
+    AuthTls, DEFAULT_MAX_REFUSALS, FxpRule, Policy, ServerData, SessionConfig, TlsPolicy,
+};
 use crate::proxy_protocol::TrustedProxies;
 use crate::tls::{ListenerTls, UpstreamTls};
 
@@ -57,7 +60,12 @@ pub struct Listener {
     pub intercept_port: u16,
     /// The published server (reverse).
     pub upstream: Option<SocketAddr>,
-    pub advertise: Option<IpAddr>,
+    pub advertise: Advertise,
+    /// How data connections toward the server are opened.
+    pub server_data: ServerData,
+    /// Transparent mode: IPv6 destinations inside this /96 (RFC 6052) stand
+    /// for the IPv4 server embedded in their last 32 bits (NAT64).
+    pub nat64_prefix: Option<Ipv6Net>,
     /// Every connection starts with a PROXY protocol header (v1 or v2)
     /// from one of `trusted_proxies`, whose source is the client.
     pub proxy_protocol: bool,
@@ -66,6 +74,50 @@ pub struct Listener {
     pub tls: Option<Arc<ListenerTls>>,
     /// TLS toward the upstream server (`upstream_tls`).
     pub upstream_tls: Option<Arc<UpstreamTls>>,
+}
+
+/// The address announced in 227 replies: none (the address the client
+/// reached), one for every client, or one per client network (split
+/// horizon: inside clients get the gateway's inside address, outside
+/// clients its public one).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Advertise {
+    #[default]
+    Reached,
+    One(IpAddr),
+    /// The first rule whose network holds the client wins; no match: the
+    /// address the client reached.
+    PerClient(Vec<AdvertiseRule>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdvertiseRule {
+    pub clients: IpNet,
+    pub address: IpAddr,
+}
+
+impl Advertise {
+    /// The address to announce to `client`, if not the one it reached.
+    pub fn for_client(&self, client: IpAddr) -> Option<IpAddr> {
+        let client = canonical_ip(client);
+        match self {
+            Advertise::Reached => None,
+            Advertise::One(ip) => Some(*ip),
+            Advertise::PerClient(rules) => rules
+                .iter()
+                .find(|r| r.clients.contains(&client))
+                .map(|r| r.address),
+        }
+    }
+
+    /// Every address this listener may announce.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        match self {
+            Advertise::Reached => Vec::new(),
+            Advertise::One(ip) => vec![*ip],
+            Advertise::PerClient(rules) => rules.iter().map(|r| r.address).collect(),
+        }
+    }
 }
 
 /// Which data plane carries the bytes of data connections.
@@ -186,8 +238,8 @@ impl Config {
         }
     }
 
-    /// What one control session on `listener` needs, derived once.
-    pub fn session_config_for(&self, listener: &Listener) -> Arc<SessionConfig> {
+    /// The TLS policy of sessions on `listener`.
+    fn tls_policy_for(&self, listener: &Listener) -> TlsPolicy {
         let auth = match (self.tls.auth_tls, &listener.tls, listener.mode) {
             (Some(AuthTlsSetting::Refuse), _, _) => AuthTls::Refuse,
             (Some(AuthTlsSetting::Passthrough), _, Mode::Transparent) => {
@@ -198,17 +250,22 @@ impl Config {
             },
             _ => AuthTls::Refuse,
         };
-        let mut cfg = (*self.session_config()).clone();
-        cfg.tls = TlsPolicy {
+        TlsPolicy {
             auth,
             require_tls: self.tls.require_tls,
-        };
-        Arc::new(cfg)
+        }
     }
 
-    /// What one control session needs, derived once (no TLS).
+    /// What one control session needs, derived once (no listener: no
+    /// TLS).
     pub fn session_config(&self) -> Arc<SessionConfig> {
+        self.session_config_for(None)
+    }
+
+    /// What a control session accepted by `listener` needs.
+    pub fn session_config_for(&self, listener: Option<&Listener>) -> Arc<SessionConfig> {
         Arc::new(SessionConfig {
+            server_data: listener.map_or(ServerData::AsClient, |l| l.server_data),
             policy: self.policy.clone(),
             max_command_line: self.limits.max_command_line,
             max_reply_line: self.limits.max_reply_line,
@@ -217,7 +274,7 @@ impl Config {
             login_timeout: self.limits.login_timeout,
             idle_timeout: self.limits.idle_timeout,
             max_refusals: self.limits.max_refused_commands,
-            tls: TlsPolicy::default(),
+            tls: listener.map_or_else(TlsPolicy::default, |l| self.tls_policy_for(l)),
         })
     }
 }
@@ -249,7 +306,12 @@ struct RawListener {
     #[serde(default = "default_intercept_port")]
     intercept_port: u16,
     upstream: Option<String>,
-    advertise: Option<String>,
+    /// A string, or an array of `{ clients = CIDR, address = IP }` tables
+    /// (validated by hand, so every problem is reported with its path).
+    advertise: Option<toml::Value>,
+    #[serde(default = "default_server_data")]
+    server_data: String,
+    nat64_prefix: Option<String>,
     #[serde(default)]
     proxy_protocol: bool,
     #[serde(default)]
@@ -261,6 +323,10 @@ struct RawListener {
     upstream_tls: Option<String>,
     upstream_tls_name: Option<String>,
     upstream_ca: Option<String>,
+}
+
+fn default_server_data() -> String {
+    "as-client".into()
 }
 
 fn default_intercept_port() -> u16 {
@@ -477,13 +543,40 @@ impl RawListener {
                 None
             }
         });
-        let advertise = self.advertise.as_deref().and_then(|a| match a.parse() {
-            Ok(ip) => Some(ip),
-            Err(_) => {
-                problems.push(format!("`{}`: {a:?} is no IP address", key("advertise")));
-                None
+        let advertise = match &self.advertise {
+            None => Advertise::Reached,
+            Some(value) => advertise(&key("advertise"), value, problems),
+        };
+        let server_data = match self.server_data.as_str() {
+            "as-client" => ServerData::AsClient,
+            "passive" => ServerData::Passive,
+            "active" => ServerData::Active,
+            other => {
+                problems.push(format!(
+                    "`{}` = {other:?}: write \"as-client\", \"passive\" or \"active\"",
+                    key("server_data")
+                ));
+                ServerData::AsClient
+            }
+        };
+        let nat64_prefix = self.nat64_prefix.as_deref().and_then(|p| {
+            match p.parse::<Ipv6Net>() {
+                Ok(net) if net.prefix_len() == 96 => Some(net.trunc()),
+                _ => {
+                    problems.push(format!(
+                        "`{}` = {p:?}: write an IPv6 /96 network such as \"64:ff9b::/96\" (RFC 6052)",
+                        key("nat64_prefix")
+                    ));
+                    None
+                }
             }
         });
+        if nat64_prefix.is_some() && mode != Some(Mode::Transparent) {
+            problems.push(format!(
+                "`{}` is only for transparent mode (reverse mode names its upstream)",
+                key("nat64_prefix")
+            ));
+        }
         match mode {
             Some(Mode::Reverse) if self.upstream.is_none() => {
                 problems.push(format!("`{}` is required in reverse mode", key("upstream")));
@@ -563,10 +656,75 @@ impl RawListener {
             intercept_port: self.intercept_port,
             upstream,
             advertise,
+            server_data,
+            nat64_prefix,
             proxy_protocol: self.proxy_protocol,
             trusted_proxies: TrustedProxies::new(trusted),
             tls,
             upstream_tls,
+        }
+    }
+}
+
+/// `advertise`: one IP address, or a list of `{ clients = CIDR, address =
+/// IP }` tables.
+fn advertise(key: &str, value: &toml::Value, problems: &mut Vec<String>) -> Advertise {
+    const HOW: &str = "write one IP address (\"203.0.113.7\") or a list of { clients = \"CIDR\", address = \"IP\" } tables";
+    match value {
+        toml::Value::String(a) => match a.parse() {
+            Ok(ip) => Advertise::One(canonical_ip(ip)),
+            Err(_) => {
+                problems.push(format!("`{key}`: {a:?} is no IP address ({HOW})"));
+                Advertise::Reached
+            }
+        },
+        toml::Value::Array(items) => {
+            let mut rules = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let Some(table) = item.as_table() else {
+                    problems.push(format!("`{key}[{i}]` is no table ({HOW})"));
+                    continue;
+                };
+                for k in table.keys().filter(|k| *k != "clients" && *k != "address") {
+                    problems.push(format!("unknown key `{key}[{i}].{k}`"));
+                }
+                let clients = table.get("clients").and_then(|v| v.as_str());
+                let clients = match clients.map(|c| (c, parse_net(c))) {
+                    Some((_, Some(net))) => Some(net),
+                    Some((c, None)) => {
+                        problems.push(format!("`{key}[{i}].clients`: {c:?} is no CIDR network"));
+                        None
+                    }
+                    None => {
+                        problems.push(format!("`{key}[{i}].clients` is required (a CIDR network)"));
+                        None
+                    }
+                };
+                let address = match table.get("address").and_then(|v| v.as_str()) {
+                    Some(a) => match a.parse::<IpAddr>() {
+                        Ok(ip) => Some(canonical_ip(ip)),
+                        Err(_) => {
+                            problems.push(format!("`{key}[{i}].address`: {a:?} is no IP address"));
+                            None
+                        }
+                    },
+                    None => {
+                        problems.push(format!("`{key}[{i}].address` is required (an IP address)"));
+                        None
+                    }
+                };
+                if let (Some(clients), Some(address)) = (clients, address) {
+                    rules.push(AdvertiseRule { clients, address });
+                }
+            }
+            if items.is_empty() {
+                problems.push(format!("`{key}` must not be an empty list ({HOW})"));
+            }
+            Advertise::PerClient(rules)
+        }
+        _ => {
+            problems.push(format!("`{key}`: {HOW}"));
+            Advertise::Reached
         }
     }
 }
@@ -999,6 +1157,73 @@ mod tests {
                  [limits]\nmax_reply_line = 65536\n"
             )
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn advertise_is_one_address_or_one_per_client_network() {
+        let one = Config::parse(
+            "[[listener]]\nmode = \"reverse\"\nbind = [\"0.0.0.0:2100\"]\nupstream = \"192.0.2.20:21\"\nadvertise = \"203.0.113.7\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let a = &one.listeners[0].advertise;
+        assert_eq!(
+            a.for_client("10.1.1.1".parse().unwrap()),
+            Some("203.0.113.7".parse().unwrap())
+        );
+        let split = Config::parse(
+            "[[listener]]\nmode = \"reverse\"\nbind = [\"0.0.0.0:2100\"]\nupstream = \"192.0.2.20:21\"\n\
+             advertise = [ { clients = \"192.0.2.0/24\", address = \"192.0.2.1\" },\
+                           { clients = \"0.0.0.0/0\", address = \"203.0.113.7\" } ]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let a = &split.listeners[0].advertise;
+        assert_eq!(
+            a.for_client("192.0.2.10".parse().unwrap()),
+            Some("192.0.2.1".parse().unwrap())
+        );
+        assert_eq!(
+            a.for_client("::ffff:192.0.2.10".parse().unwrap()),
+            Some("192.0.2.1".parse().unwrap())
+        );
+        assert_eq!(
+            a.for_client("198.51.100.30".parse().unwrap()),
+            Some("203.0.113.7".parse().unwrap())
+        );
+        // No rule for IPv6 clients: the address they reached.
+        assert_eq!(a.for_client("2001:db8::1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn translation_keys_are_checked_with_every_other_problem() {
+        let err = Config::parse(
+            "[[listener]]\nmode = \"reverse\"\nbind = [\"0.0.0.0:2100\"]\nupstream = \"192.0.2.20:21\"\n\
+             server_data = \"sideways\"\nnat64_prefix = \"64:ff9b::/96\"\n\
+             advertise = [ { clients = \"nowhere\", address = \"192.0.2.1\", colour = 1 }, { clients = \"10.0.0.0/8\" } ]\n\
+             [[listener]]\nmode = \"transparent\"\nbind = [\"[::]:2121\"]\ninterfaces = [\"br-in\"]\n\
+             nat64_prefix = \"64:ff9b::/64\"\nserver_data = \"active\"\n[data]\nplane = \"kernel\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "`listener[0].server_data` = \"sideways\"",
+            "`listener[0].nat64_prefix` is only for transparent mode",
+            "`listener[0].advertise[0].clients`: \"nowhere\"",
+            "unknown key `listener[0].advertise[0].colour`",
+            "`listener[0].advertise[1].address` is required",
+            "`listener[1].nat64_prefix` = \"64:ff9b::/64\"",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+        let ok = Config::parse(
+            "[[listener]]\nmode = \"transparent\"\nbind = [\"[::]:2121\"]\ninterfaces = [\"br-in\"]\n\
+             nat64_prefix = \"64:ff9b::/96\"\nserver_data = \"passive\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ok.listeners[0].server_data, ServerData::Passive);
+        assert_eq!(
+            ok.session_config_for(Some(&ok.listeners[0])).server_data,
+            ServerData::Passive
         );
     }
 

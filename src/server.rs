@@ -182,12 +182,16 @@ impl Gateway {
             }
         };
         let settings = SessionSettings {
-            core: cfg.session_config_for(&listener),
+            core: cfg.session_config_for(Some(&listener)),
             mode: listener.mode,
             // Passive replies name what the client connected to: the
-            // configured address, else the balancer's address from the
-            // header (a balancer that owns the data ports maps them back).
-            advertise: listener.advertise.or(balancer_vip),
+            // configured address for this client's network, else the
+            // balancer's address from the header (a balancer that owns the
+            // data ports maps them back).
+            advertise: listener
+                .advertise
+                .for_client(info.client.ip())
+                .or(balancer_vip),
             data_proxy: (cfg.data.proxy_protocol && listener.proxy_protocol)
                 .then(|| listener.trusted_proxies.clone()),
             connect_timeout: cfg.limits.connect_timeout,
@@ -241,7 +245,8 @@ impl Gateway {
         match listener.mode {
             Mode::Reverse => listener.upstream.ok_or(DenyReason::Loop),
             Mode::Transparent => {
-                transparent_upstream(stream.local_addr().ok(), original_dst(stream), |ip| {
+                let orig = original_dst(stream).map(|o| nat64_embedded(o, listener.nat64_prefix));
+                transparent_upstream(stream.local_addr().ok(), orig, |ip| {
                     self.shared.local.contains(ip)
                 })
             }
@@ -330,6 +335,20 @@ pub fn report_session_end(ended: Result<(), JoinError>) {
 /// original destination `orig`, unless there is none (SO_ORIGINAL_DST
 /// failed: no redirect and no conntrack entry) or it is the gateway itself
 /// (no redirect: relaying would loop).
+/// NAT64 (RFC 6052 with a /96 prefix): an original destination inside
+/// `prefix` stands for the IPv4 server in its last 32 bits; the gateway
+/// itself is the translator for FTP and connects there over IPv4.
+fn nat64_embedded(orig: SocketAddr, prefix: Option<ipnet::Ipv6Net>) -> SocketAddr {
+    match (orig, prefix) {
+        (SocketAddr::V6(v6), Some(net)) if net.contains(v6.ip()) => {
+            let o = v6.ip().octets();
+            let v4 = std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+            SocketAddr::new(IpAddr::V4(v4), v6.port())
+        }
+        _ => orig,
+    }
+}
+
 fn transparent_upstream(
     local: Option<SocketAddr>,
     orig: Option<SocketAddr>,
@@ -347,6 +366,19 @@ fn transparent_upstream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nat64_destination_stands_for_the_embedded_ipv4_server() {
+        let prefix = Some("64:ff9b::/96".parse().unwrap());
+        let orig: SocketAddr = "[64:ff9b::c633:6414]:21".parse().unwrap();
+        assert_eq!(
+            nat64_embedded(orig, prefix),
+            "198.51.100.20:21".parse::<SocketAddr>().unwrap()
+        );
+        let outside: SocketAddr = "[2001:db8:2::20]:21".parse().unwrap();
+        assert_eq!(nat64_embedded(outside, prefix), outside);
+        assert_eq!(nat64_embedded(orig, None), orig);
+    }
     use crate::dataplane::{Plane, proxy::ProxyPlane};
     use crate::denylog::DenyLog;
 

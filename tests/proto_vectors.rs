@@ -18,8 +18,8 @@ use ftpgate::proto::driver::{
     lab_endpoints, pinhole,
 };
 use ftpgate::proto::{
-    CloseReason, DataMode, DataVerdict, Denial, DenyReason, Endpoints, Event, FxpRule,
-    PinholeClose, PinholeRequest, Policy, Resolution, RewriteKind, SessionConfig, Side,
+    CloseReason, DataMode, DataVerb, DataVerdict, Denial, DenyReason, Endpoints, Event, FxpRule,
+    PinholeClose, PinholeRequest, Policy, Resolution, RewriteKind, SessionConfig, Shape, Side,
 };
 
 // ---- helpers ---------------------------------------------------------------
@@ -596,6 +596,7 @@ fn pasv_address_is_replaced_by_the_server_control_address() {
                 connect_to: sa("198.51.100.20:51210"),
                 connect_from: ip(GATEWAY_OUTSIDE),
                 client_tls: false,
+                shape: Shape::Relay,
             }),
             Event::Rewrite {
                 kind: RewriteKind::Pasv,
@@ -868,6 +869,7 @@ fn port_from_the_clients_own_address_opens_a_pinhole_and_is_rewritten() {
                 connect_to: sa("192.0.2.10:6446"),
                 connect_from: ip(GATEWAY_INSIDE),
                 client_tls: false,
+                shape: Shape::Relay,
             }),
             Event::Rewrite {
                 kind: RewriteKind::Port,
@@ -1781,11 +1783,19 @@ fn v6_endpoints() -> Endpoints {
 }
 
 #[test]
-fn ipv6_client_eprt_is_rewritten_for_an_ipv4_server() {
+fn ipv6_client_eprt_reaches_an_ipv4_server_as_port() {
+    // RFC 6384: an IPv4 server may know no EPRT; the gateway sends PORT.
     let mut d = Driver::new(cfg(), v6_endpoints());
     d.login();
     d.input(Side::Client, b"EPRT |2|2001:db8:1::10|6446|\r\n");
-    assert_wire(&d.transcript, "", "EPRT |1|198.51.100.1|50001|\r\n");
+    assert_wire(&d.transcript, "", "PORT 198,51,100,1,195,81\r\n");
+    assert!(d.transcript.events.contains(&Event::Rewrite {
+        kind: RewriteKind::Translated {
+            client: DataVerb::Eprt,
+            server: DataVerb::Port
+        },
+        address_replaced: true
+    }));
 }
 
 #[test]
@@ -1802,14 +1812,66 @@ fn ipv6_client_pasv_and_port_are_refused_with_522_epsv_works() {
         );
         the_denial(&d.transcript, DenyReason::AddressFamily);
     }
+    // RFC 6384: the IPv6 client's EPSV reaches the IPv4 server as PASV;
+    // the 227 comes back to the client as a 229.
     d.transcript = Transcript::default();
     d.input(Side::Client, b"EPSV\r\n");
-    d.input(Side::Server, b"229 ok (|||6446|)\r\n");
+    d.input(Side::Server, b"227 ok (10,0,0,5,25,46)\r\n");
     assert_wire(
         &d.transcript,
         "229 Entering Extended Passive Mode (|||50001|)\r\n",
-        "EPSV\r\n",
+        "PASV\r\n",
     );
+    assert_eq!(
+        d.transcript.pinhole_requests()[0].connect_to,
+        sa("198.51.100.20:6446")
+    );
+    assert!(d.transcript.events.contains(&Event::Rewrite {
+        kind: RewriteKind::Translated {
+            client: DataVerb::Epsv,
+            server: DataVerb::Pasv
+        },
+        address_replaced: true
+    }));
+}
+
+#[test]
+fn algs_reports_and_switches_the_rfc_6384_translation_per_session() {
+    let mut d = Driver::new(cfg(), v6_endpoints());
+    d.login();
+    d.input(Side::Client, b"ALGS STATUS64\r\n");
+    d.input(Side::Client, b"ALGS DISABLE64\r\n");
+    d.input(Side::Client, b"algs status64\r\n");
+    d.input(Side::Client, b"ALGS FOO\r\n");
+    let enabled =
+        "216 ENABLED: ftpgate translates EPSV/EPRT into PASV/PORT for this IPv4 server.\r\n";
+    let disabled = "216 DISABLED: ftpgate passes EPSV/EPRT to this IPv4 server as they are.\r\n";
+    let usage = "501 Syntax error: use ALGS STATUS64, ALGS ENABLE64 or ALGS DISABLE64.\r\n";
+    assert_wire(
+        &d.transcript,
+        &format!("{enabled}{disabled}{disabled}{usage}"),
+        "",
+    );
+    // Disabled: EPSV and EPRT go upstream as they are.
+    d.transcript = Transcript::default();
+    d.input(Side::Client, b"EPSV\r\n");
+    d.input(Side::Server, b"229 ok (|||6446|)\r\n");
+    d.input(Side::Client, b"EPRT |2|2001:db8:1::10|6446|\r\n");
+    d.input(Side::Server, b"200 ok\r\n");
+    assert_wire(
+        &d.transcript,
+        "229 Entering Extended Passive Mode (|||50001|)\r\n200 ok\r\n",
+        "EPSV\r\nEPRT |1|198.51.100.1|50002|\r\n",
+    );
+    d.transcript = Transcript::default();
+    d.input(Side::Client, b"ALGS ENABLE64\r\n");
+    d.input(Side::Client, b"EPSV\r\n");
+    assert_wire(&d.transcript, enabled, "PASV\r\n");
+    // A session within one family has no ALG translation: ALGS is the
+    // server's business.
+    let mut same = Driver::logged_in();
+    same.input(Side::Client, b"ALGS STATUS64\r\n");
+    assert_wire(&same.transcript, "", "ALGS STATUS64\r\n");
 }
 
 #[test]

@@ -305,17 +305,7 @@ fn lab_missing() -> Option<String> {
 }
 
 fn build() -> Lab {
-    let tag: String = std::env::var("FG_LAB_TAG")
-        .unwrap_or_default()
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(8)
-        .collect();
-    let prefix = if tag.is_empty() {
-        "fgo-".to_string()
-    } else {
-        format!("fgo-{tag}-")
-    };
+    let prefix = prereq::lab_prefix("fgo-");
     let mut lab = Lab {
         prefix,
         sha: sha256_hex(&common::pseudo_random(64 * 1024)),
@@ -707,10 +697,14 @@ fn haproxy_in_front_of_three_instances_keeps_every_session_on_its_instance() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let held = lab.counter(1, "ftpgate_sessions_active");
-    let killed_at = epoch();
     let mut child = lab.instances[1].child.take().unwrap();
     child.kill().unwrap();
     let _ = child.wait();
+    // Dead from here on: its listening socket is gone, so the balancer's
+    // next connection to it is refused and redispatched. A session whose
+    // client started just before this may still have been queued on the
+    // dying listener.
+    let killed_at = epoch();
     let records = lab.finish_load(load, "kill");
     let failed = failures(&records);
     for r in &failed {

@@ -219,6 +219,18 @@ pub(super) fn tls_settings(
             data_ports,
         });
     }
+    for (i, l) in listeners.iter().enumerate() {
+        // A translated pinhole's legs are relayed by a path that does not
+        // speak TLS (yet).
+        if (l.tls.is_some() || l.upstream_tls.is_some())
+            && l.server_data != crate::proto::ServerData::AsClient
+        {
+            problems.push(format!(
+                "`listener[{i}].server_data` translation is not supported together with TLS \
+                 (`tls_cert` or `upstream_tls`) on the same listener"
+            ));
+        }
+    }
     if !passthrough.is_empty() && auth_tls != Some(AuthTlsSetting::Passthrough) {
         problems
             .push("`policy.tls_passthrough` rules need `policy.auth_tls` = \"passthrough\"".into());
@@ -292,7 +304,7 @@ mod tests {
              [[policy.tls_passthrough]]\nservers = [\"198.51.100.20\"]\ndata_ports = \"40000-40100\"\n"
         ))
         .unwrap_or_else(|e| panic!("{e}"));
-        let session = cfg.session_config_for(&cfg.listeners[0]);
+        let session = cfg.session_config_for(Some(&cfg.listeners[0]));
         assert!(
             matches!(session.tls.auth, AuthTls::Passthrough(ref r) if r[0].data_ports == (40000, 40100))
         );
@@ -310,7 +322,7 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            cfg.session_config_for(&cfg.listeners[0]).tls.auth,
+            cfg.session_config_for(Some(&cfg.listeners[0])).tls.auth,
             AuthTls::Refuse
         );
     }

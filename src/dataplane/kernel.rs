@@ -44,7 +44,7 @@ use crate::netfilter::{
     SnatSource,
 };
 use crate::proto::policy::{canonical, canonical_ip};
-use crate::proto::{DataVerdict, PinholeId, PinholeRequest, SessionId};
+use crate::proto::{DataVerdict, PinholeId, PinholeRequest, SessionId, Shape};
 use crate::tasks::Tasks;
 
 /// The table the rules of `ftpgate nft-rules` create.
@@ -221,6 +221,23 @@ impl KernelPlane {
         apparent: Vec<IpAddr>,
         owner: &Owner,
     ) -> Result<SocketAddr, OpenError> {
+        // Translated pinholes are carried in userland (as pinholes whose
+        // legs differ in address family are).
+        match request.shape {
+            Shape::Relay => {}
+            Shape::DialBoth { .. } => {
+                return proxy::open_dial(&self.registry, &self.tasks, request, apparent, owner);
+            }
+            Shape::AcceptBoth { .. } => {
+                return proxy::open_pair_handoff(
+                    &self.registry,
+                    &self.tasks,
+                    request,
+                    apparent,
+                    owner,
+                );
+            }
+        }
         let reservation = self.registry.reserve(owner)?;
         let timeout = owner.timeouts.accept + ELEMENT_MARGIN;
         let mut taken = 0;
@@ -263,6 +280,7 @@ impl KernelPlane {
             // Its first connection may have matched just before the
             // elements went: conntrack then reports it after this.
             let found = Found {
+                handoff: None,
                 id: entry.id,
                 owner: entry.owner.clone(),
                 request: entry.request.clone(),
@@ -298,6 +316,10 @@ fn elements(
     tag: u32,
     timeout: Option<Duration>,
 ) -> Vec<ElemOp> {
+    if request.shape != Shape::Relay {
+        // Translated: carried in userland, never in the kernel.
+        return Vec::new();
+    }
     let peer = canonical_ip(request.expected_peer);
     let to = Endpoint(canonical(request.connect_to));
     let from = SnatSource(canonical_ip(request.connect_from));
@@ -550,6 +572,7 @@ impl Watcher {
             owner,
             request,
             opened,
+            ..
         }) = found
         else {
             return;
@@ -654,9 +677,17 @@ async fn fall_through(
         let Some(port) = crate::sockets::original_dst(&stream).map(|a| a.port()) else {
             continue;
         };
+        let found = registry.at_port(port);
+        // A translated pinhole that dials out takes no connection in:
+        // only the one the gateway made itself is its data connection.
+        let found = found.filter(|f| !matches!(f.request.shape, Shape::DialBoth { .. }));
         let Some(Found {
-            id, owner, request, ..
-        }) = registry.at_port(port)
+            id,
+            owner,
+            request,
+            handoff,
+            ..
+        }) = found
         else {
             // No pinhole holds this port (used, expired, never opened):
             // nobody's session to judge it, so it is counted and closed.
@@ -667,6 +698,13 @@ async fn fall_through(
         let reaper = reaper.clone();
         tasks.spawn(async move {
             match owner.ask(id, peer, proxy::VERDICT_TIMEOUT).await {
+                DataVerdict::Accept if handoff.is_some() => {
+                    // One leg of a two-leg pinhole: its own task pairs
+                    // it with the other.
+                    if let Some(handoff) = handoff {
+                        let _ = handoff.send((stream, peer)).await;
+                    }
+                }
                 DataVerdict::Accept => {
                     let Some((_, mut entry)) = reaper.withdraw(id) else {
                         // Withdrawn in the meantime: its session has ended.

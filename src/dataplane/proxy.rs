@@ -14,13 +14,16 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::registry::{Entry, Registry, Reservation};
 use super::{OpenError, Owner, PlaneEvent, directions, mode_label};
 use crate::clients::Claim;
 use crate::metrics as m;
-use crate::proto::{DataMode, DataVerdict, Denial, DenyReason, PinholeId, PinholeRequest, Side};
+use crate::proto::policy::canonical_ip;
+use crate::proto::{
+    DataMode, DataVerdict, Denial, DenyReason, PinholeId, PinholeRequest, Shape, Side,
+};
 use crate::proxy_protocol::{self, HEADER_TIMEOUT, HeaderError};
 use crate::relay;
 use crate::tasks::Tasks;
@@ -59,6 +62,15 @@ impl ProxyPlane {
         apparent: Vec<IpAddr>,
         owner: &Owner,
     ) -> Result<SocketAddr, OpenError> {
+        match request.shape {
+            Shape::Relay => {}
+            Shape::DialBoth { .. } => {
+                return open_dial(&self.registry, &self.tasks, request, apparent, owner);
+            }
+            Shape::AcceptBoth { server_listen, .. } => {
+                return self.open_pair(request, server_listen, apparent, owner);
+            }
+        }
         let reservation = self.registry.reserve(owner)?;
         let (tx, rx) = oneshot::channel();
         let (port, listener) = self.registry.claim(
@@ -77,6 +89,45 @@ impl ProxyPlane {
         };
         self.tasks.spawn(task.run(listener, rx));
         Ok(SocketAddr::new(request.listen_ip, port))
+    }
+
+    /// `server_data = "active"`: listens on the client's side and on the
+    /// server's side, on the same port.
+    fn open_pair(
+        &self,
+        request: &PinholeRequest,
+        server_listen: IpAddr,
+        apparent: Vec<IpAddr>,
+        owner: &Owner,
+    ) -> Result<SocketAddr, OpenError> {
+        let reservation = self.registry.reserve(owner)?;
+        let (tx, rx) = oneshot::channel();
+        let client_side = request.listen_ip;
+        let (port, listeners) = self.registry.claim(
+            |port| {
+                let bind = |ip| match bind_listener(SocketAddr::new(ip, port)) {
+                    Ok(l) => Ok(Some(l)),
+                    Err(e) if e.kind() == io::ErrorKind::AddrInUse => Ok(None),
+                    Err(e) => Err(e),
+                };
+                let Some(client) = bind(client_side)? else {
+                    return Ok(None);
+                };
+                if server_listen == client_side {
+                    return Ok(Some((client, None)));
+                }
+                Ok(bind(server_listen)?.map(|server| (client, Some(server))))
+            },
+            |_| Entry::new(request, apparent, owner, Some(tx), Some(reservation)),
+        )?;
+        let task = Pinhole {
+            registry: Arc::clone(&self.registry),
+            port,
+            request: request.clone(),
+            owner: owner.clone(),
+        };
+        self.tasks.spawn(task.run_pair(listeners, rx));
+        Ok(SocketAddr::new(client_side, port))
     }
 
     pub fn cancel(&self, id: PinholeId) {
@@ -175,6 +226,235 @@ impl Pinhole {
             }
         }
     }
+
+    /// Accepts the client's and the server's connections, each judged by
+    /// the core, and relays them to each other. Behind a balancer, the
+    /// client's leg carries a PROXY header (the server's never does).
+    async fn run_pair(
+        self,
+        (client_side, server_side): (TcpListener, Option<TcpListener>),
+        mut cancel: oneshot::Receiver<()>,
+    ) {
+        let started = Instant::now();
+        let mut errors = crate::server::AcceptErrors::new("pinhole");
+        let mut legs = Legs::new(self.request.expected_peer);
+        let (client, server) = loop {
+            let (accepted, on_client_side) = tokio::select! {
+                _ = &mut cancel => return,
+                accepted = client_side.accept() => (accepted, true),
+                accepted = accept_opt(server_side.as_ref()) => (accepted, false),
+            };
+            let (mut stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    errors.failed(&e).await;
+                    continue;
+                }
+            };
+            let peer = match on_client_side {
+                true => match self.proxied_peer(&mut stream, peer).await {
+                    Some(peer) => peer,
+                    None => {
+                        m::pinhole_refused();
+                        continue;
+                    }
+                },
+                false => peer,
+            };
+            match self.owner.ask(self.request.id, peer, VERDICT_TIMEOUT).await {
+                DataVerdict::Accept => {
+                    if let Some(pair) = legs.put(stream, peer) {
+                        break pair;
+                    }
+                }
+                DataVerdict::Refuse => m::pinhole_refused(),
+            }
+        };
+        drop((client_side, server_side));
+        relay_pair(
+            &self.registry,
+            client,
+            server,
+            &self.request,
+            &self.owner,
+            started,
+        )
+        .await;
+    }
+}
+
+/// The two legs of a two-leg pinhole as they arrive.
+struct Legs {
+    client_ip: IpAddr,
+    client: Option<TcpStream>,
+    server: Option<TcpStream>,
+}
+
+impl Legs {
+    fn new(client_ip: IpAddr) -> Legs {
+        Legs {
+            client_ip,
+            client: None,
+            server: None,
+        }
+    }
+
+    /// Takes a leg the core accepted; both legs once both are there. By
+    /// address; when client and server share one, the client comes first
+    /// (it connects on the 227/229, the server only after the transfer
+    /// command).
+    fn put(&mut self, stream: TcpStream, peer: SocketAddr) -> Option<(TcpStream, TcpStream)> {
+        if canonical_ip(peer.ip()) == self.client_ip && self.client.is_none() {
+            self.client = Some(stream);
+        } else {
+            self.server = Some(stream);
+        }
+        if self.client.is_some() && self.server.is_some() {
+            return self.client.take().zip(self.server.take());
+        }
+        None
+    }
+}
+
+/// Both legs are there: the pinhole is used up; relay them.
+async fn relay_pair(
+    registry: &Registry,
+    client: TcpStream,
+    server: TcpStream,
+    request: &PinholeRequest,
+    owner: &Owner,
+    started: Instant,
+) {
+    let Some((_, mut entry)) = registry.remove(request.id) else {
+        return;
+    };
+    m::pinhole_wait(started.elapsed());
+    let _slot = entry.reservation.take().map(Reservation::into_connection);
+    let _active = m::DataConnectionActive::start();
+    relay_and_report(client, server, request, owner).await;
+}
+
+/// Kernel plane, `server_data = "active"`: a two-leg pinhole whose
+/// connections reach ftpgate's fall-through listener, which hands each
+/// leg the core accepted to the task this starts. Nothing of it is in the
+/// kernel: its port is only its place in the registry.
+pub fn open_pair_handoff(
+    registry: &Arc<Registry>,
+    tasks: &Tasks,
+    request: &PinholeRequest,
+    apparent: Vec<IpAddr>,
+    owner: &Owner,
+) -> Result<SocketAddr, OpenError> {
+    let reservation = registry.reserve(owner)?;
+    let (tx, rx) = oneshot::channel();
+    let (legs_tx, legs_rx) = mpsc::channel(2);
+    let (port, ()) = registry.claim(
+        |_| Ok(Some(())),
+        |_| {
+            let mut entry = Entry::new(request, apparent, owner, Some(tx), Some(reservation));
+            entry.handoff = Some(legs_tx);
+            entry
+        },
+    )?;
+    tasks.spawn(pair_handed_legs(
+        Arc::clone(registry),
+        request.clone(),
+        owner.clone(),
+        legs_rx,
+        rx,
+    ));
+    Ok(SocketAddr::new(request.listen_ip, port))
+}
+
+async fn pair_handed_legs(
+    registry: Arc<Registry>,
+    request: PinholeRequest,
+    owner: Owner,
+    mut handed: mpsc::Receiver<(TcpStream, SocketAddr)>,
+    mut cancel: oneshot::Receiver<()>,
+) {
+    let started = Instant::now();
+    let mut legs = Legs::new(request.expected_peer);
+    let (client, server) = loop {
+        let leg = tokio::select! {
+            _ = &mut cancel => return,
+            leg = handed.recv() => leg,
+        };
+        let Some((stream, peer)) = leg else {
+            return;
+        };
+        if let Some(pair) = legs.put(stream, peer) {
+            break pair;
+        }
+    };
+    relay_pair(&registry, client, server, &request, &owner, started).await;
+}
+
+async fn accept_opt(listener: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `server_data = "passive"`: a pinhole that listens nowhere. Its port is
+/// only its place in the registry (its slot and caps count as any other);
+/// the gateway connects out to the server's passive port, then to the
+/// client's port, and relays. Used by both planes: a translated pinhole is
+/// always carried in userland.
+pub fn open_dial(
+    registry: &Arc<Registry>,
+    tasks: &Tasks,
+    request: &PinholeRequest,
+    apparent: Vec<IpAddr>,
+    owner: &Owner,
+) -> Result<SocketAddr, OpenError> {
+    let reservation = registry.reserve(owner)?;
+    let (tx, rx) = oneshot::channel();
+    let (port, ()) = registry.claim(
+        |_| Ok(Some(())),
+        |_| Entry::new(request, apparent, owner, Some(tx), Some(reservation)),
+    )?;
+    tasks.spawn(dial_both(
+        Arc::clone(registry),
+        request.clone(),
+        owner.clone(),
+        rx,
+    ));
+    Ok(SocketAddr::new(request.listen_ip, port))
+}
+
+async fn dial_both(
+    registry: Arc<Registry>,
+    request: PinholeRequest,
+    owner: Owner,
+    mut cancel: oneshot::Receiver<()>,
+) {
+    let Shape::DialBoth { dial, dial_from } = request.shape else {
+        return;
+    };
+    let started = Instant::now();
+    let connected = tokio::select! {
+        _ = &mut cancel => return,
+        c = connect_from(dial_from, dial, owner.timeouts.connect) => c,
+    };
+    let verdict = match &connected {
+        // The core judges it as any data connection of the server's.
+        Ok(_) => owner.ask(request.id, dial, VERDICT_TIMEOUT).await,
+        Err(e) => {
+            tracing::warn!(session = owner.info.id, target = %dial, "data connection to the server's passive port failed: {e}");
+            DataVerdict::Refuse
+        }
+    };
+    let taken = registry.remove(request.id);
+    let (Ok(server), DataVerdict::Accept, Some((_, mut entry))) = (connected, verdict, taken)
+    else {
+        owner.report(PlaneEvent::Closed { id: request.id }).await;
+        return;
+    };
+    m::pinhole_wait(started.elapsed());
+    let slot = entry.reservation.take().map(Reservation::into_connection);
+    carry(server, &request, &owner, slot).await;
 }
 
 /// Connects a taken data connection onward and relays it; reports the end
@@ -214,24 +494,35 @@ pub async fn carry(
                 tracing::debug!(session = owner.info.id, "TLS data relay ended: {e}");
             }
         }
-        Ok(outbound) => {
-            let began = Instant::now();
-            let (counts, result) =
-                relay::relay_until(inbound, outbound, timeouts.idle, owner.ended()).await;
-            // a is the peer that connected in.
-            let (down, up) = directions(request.mode, counts.a_to_b, counts.b_to_a);
-            m::data_connection("proxy", mode_label(request.mode), down, up, began.elapsed());
-            if let Err(e) = result {
-                tracing::debug!(session = owner.info.id, "data relay ended: {e}");
-            }
-        }
+        Ok(outbound) => relay_and_report(inbound, outbound, request, owner).await,
         Err(e) => {
             tracing::warn!(
                 session = owner.info.id,
                 target = %request.connect_to,
                 "data connection onward failed: {e}"
             );
+            owner.report(PlaneEvent::Closed { id: request.id }).await;
         }
+    }
+}
+
+/// Relays `inbound` (the leg of the peer the pinhole expected: the
+/// client for passive, the server for active) and `outbound` until either
+/// ends or the owning session does; counts the bytes and reports the end.
+async fn relay_and_report(
+    inbound: TcpStream,
+    outbound: TcpStream,
+    request: &PinholeRequest,
+    owner: &Owner,
+) {
+    let began = Instant::now();
+    let (counts, result) =
+        relay::relay_until(inbound, outbound, owner.timeouts.idle, owner.ended()).await;
+    // a is the peer that connected in.
+    let (down, up) = directions(request.mode, counts.a_to_b, counts.b_to_a);
+    m::data_connection("proxy", mode_label(request.mode), down, up, began.elapsed());
+    if let Err(e) = result {
+        tracing::debug!(session = owner.info.id, "data relay ended: {e}");
     }
     owner.report(PlaneEvent::Closed { id: request.id }).await;
 }

@@ -18,7 +18,7 @@ use super::{OpenError, Owner};
 use crate::clients::{Claim, Counter};
 use crate::metrics as m;
 use crate::proto::policy::canonical_ip;
-use crate::proto::{DataMode, PinholeId, PinholeRequest, Resolved, SessionId};
+use crate::proto::{DataMode, PinholeId, PinholeRequest, Resolved, SessionId, Shape};
 
 /// One live pinhole.
 pub struct Entry {
@@ -35,6 +35,9 @@ pub struct Entry {
     pub opened: Instant,
     /// Proxy plane: stops the pinhole's listener.
     pub cancel: Option<oneshot::Sender<()>>,
+    /// Kernel plane, a two-leg pinhole (`server_data = "active"`): where
+    /// the fall-through listener hands each accepted leg.
+    pub handoff: Option<Handoff>,
     /// Its counted slots; released when the entry is dropped, except the
     /// data connection's, which the connection takes at accept.
     pub reservation: Option<Reservation>,
@@ -73,10 +76,15 @@ impl Entry {
             opener: owner.info.client.ip(),
             opened: Instant::now(),
             cancel,
+            handoff: None,
             reservation,
         }
     }
 }
+
+/// Takes the accepted legs of a two-leg pinhole to the task that pairs
+/// them.
+pub type Handoff = tokio::sync::mpsc::Sender<(tokio::net::TcpStream, SocketAddr)>;
 
 /// A copy of what a plane needs to act on a connection to a port.
 #[derive(Clone)]
@@ -85,6 +93,7 @@ pub struct Found {
     pub owner: Owner,
     pub request: PinholeRequest,
     pub opened: Instant,
+    pub handoff: Option<Handoff>,
 }
 
 #[derive(Default)]
@@ -232,6 +241,7 @@ impl Registry {
             owner: e.owner.clone(),
             request: e.request.clone(),
             opened: e.opened,
+            handoff: e.handoff.clone(),
         })
     }
 
@@ -241,7 +251,10 @@ impl Registry {
         let client = canonical_ip(client);
         let inner = self.lock();
         let entry = inner.by_port.get(&target.port())?;
+        // A translated pinhole has no single endpoint behind it to hand
+        // to a second server.
         (entry.request.mode == DataMode::Passive
+            && entry.request.shape == Shape::Relay
             && entry.opener == client
             && entry.apparent.contains(&target_ip))
         .then_some(Resolved {
@@ -339,6 +352,7 @@ mod tests {
             connect_to: "198.51.100.20:40001".parse().unwrap(),
             client_tls: false,
             connect_from: "198.51.100.1".parse().unwrap(),
+            shape: crate::proto::Shape::Relay,
         };
         let (port, ()) = registry
             .claim(

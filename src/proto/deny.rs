@@ -75,6 +75,10 @@ pub enum DenyReason {
     /// The session kept sending refused input past its budget
     /// (`limits.max_refused_commands`) and was closed.
     RefusalBudget,
+    /// The server refused the command the gateway translated the client's
+    /// into (`server_data` conversion, RFC 6384 family translation): the
+    /// client got the matching refusal of its own command.
+    TranslationRefused,
     /// A listener that takes the PROXY protocol got a connection from a
     /// source outside `trusted_proxies`, or no valid PROXY header in time.
     ProxyHeader,
@@ -92,7 +96,7 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 33] = [
+    pub const ALL: [DenyReason; 34] = [
         DenyReason::MalformedLine,
         DenyReason::LineTooLong,
         DenyReason::MalformedCommand,
@@ -121,6 +125,7 @@ impl DenyReason {
         DenyReason::ClientSessionLimit,
         DenyReason::UpstreamUnreachable,
         DenyReason::RefusalBudget,
+        DenyReason::TranslationRefused,
         DenyReason::ProxyHeader,
         DenyReason::TlsHandshakeFailed,
         DenyReason::TlsRequired,
@@ -158,6 +163,7 @@ impl DenyReason {
             DenyReason::ClientSessionLimit => "client_session_limit",
             DenyReason::UpstreamUnreachable => "upstream_unreachable",
             DenyReason::RefusalBudget => "refusal_budget",
+            DenyReason::TranslationRefused => "translation_refused",
             DenyReason::ProxyHeader => "proxy_header",
             DenyReason::TlsHandshakeFailed => "tls_handshake_failed",
             DenyReason::TlsRequired => "tls_required",

@@ -37,6 +37,17 @@
 //! ([`Session::wants_input`] is false), so ordering is kept and memory stays
 //! bounded; the other direction keeps flowing.
 //!
+//! Translation: with [`ServerData::Passive`] a PORT/EPRT the policy allows
+//! goes upstream as PASV/EPSV, and the server's passive reply opens a
+//! pinhole of [`Shape::DialBoth`] (the gateway connects out to both ends)
+//! before the client gets its 200; with [`ServerData::Active`] a PASV/EPSV
+//! opens a [`Shape::AcceptBoth`] pinhole first, then PORT/EPRT naming it
+//! goes upstream, and the client gets the gateway's 227/229 only after the
+//! server's 2yz. A server refusal of a translated command reaches the client
+//! as the refusal its own command expects (`translation_refused`). Between
+//! an IPv6 client and an IPv4 server, EPSV/EPRT go upstream as PASV/PORT
+//! (RFC 6384; `ALGS` switches it per session).
+//!
 //! Every refusal produces exactly one [`Event::Deny`] carrying a stable
 //! [`DenyReason`] and the reply the gateway sent; the daemon turns it into a
 //! deny-log line and a counter. So that one session cannot flood the log,
@@ -57,9 +68,10 @@ pub mod session;
 pub use deny::{Denial, DenyReason};
 pub use policy::{FxpRule, Policy};
 pub use session::{
-    AuthTls, Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerdict, Endpoints, Event,
-    PassthroughRule, PinholeClose, PinholeId, PinholeRequest, Resolution, ResolveId, Resolved,
-    RewriteKind, Session, SessionConfig, SessionId, TlsPolicy, Transmit,
+    AuthTls, Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerb, DataVerdict, Endpoints,
+    Event, PassthroughRule, PinholeClose, PinholeId, PinholeRequest, Resolution, ResolveId,
+    Resolved, RewriteKind, ServerData, Session, SessionConfig, SessionId, Shape, TlsPolicy,
+    Transmit,
 };
 
 /// One end of the control connection.

@@ -7,9 +7,10 @@ use std::time::Instant;
 
 use super::Session;
 use super::output::{BAD_ARGUMENT, TOO_MANY_DATA_CONNECTIONS, UNRECOGNIZED};
-use super::pending::{Expect, LoginEnd, PassivePlan, Style, is_transfer_verb};
+use super::pending::{Expect, LoginEnd, PassivePlan, Style, ToActive, ToPassive, is_transfer_verb};
 use super::types::{
-    DataMode, Event, PinholeId, PinholeRequest, Resolution, ResolveId, RewriteKind,
+    DataMode, DataVerb, Event, PinholeId, PinholeRequest, Resolution, ResolveId, RewriteKind,
+    ServerData, Shape,
 };
 use crate::proto::Side;
 use crate::proto::command::{
@@ -44,7 +45,33 @@ impl ActiveCommand {
 pub(super) enum HeldCommand {
     Resolving(ResolveId, ActiveCommand),
     Opening(PinholeId, ActiveCommand),
+    /// A PASV/EPSV whose pinhole (both legs listening) is being opened
+    /// before the gateway sends PORT/EPRT upstream (`server_data =
+    /// "active"`).
+    OpeningBoth(PinholeId, PassiveAsk),
 }
+
+/// A client's PASV/EPSV held while its pinhole opens.
+#[derive(Debug, Clone)]
+pub(super) struct PassiveAsk {
+    client: Style,
+    verb_text: String,
+}
+
+impl PassiveAsk {
+    pub(super) fn verb_text(&self) -> &str {
+        &self.verb_text
+    }
+}
+
+/// RFC 6384 section 5: the ALGS command lets a client ask whether the
+/// gateway translates EPSV/EPRT for an IPv4 server, and switch it per
+/// session.
+const ALGS_ENABLED: &str =
+    "216 ENABLED: ftpgate translates EPSV/EPRT into PASV/PORT for this IPv4 server.";
+const ALGS_DISABLED: &str =
+    "216 DISABLED: ftpgate passes EPSV/EPRT to this IPv4 server as they are.";
+const ALGS_USAGE: &str = "501 Syntax error: use ALGS STATUS64, ALGS ENABLE64 or ALGS DISABLE64.";
 
 impl Session {
     pub(super) fn on_client_frame(&mut self, frame: Frame, now: Instant) {
@@ -119,9 +146,50 @@ impl Session {
             Verb::Other if is_transfer_verb(&cmd.verb_text) => {
                 self.forward_line(&line, Expect::Transfer)
             }
+            Verb::Other
+                if cmd.verb_text.eq_ignore_ascii_case("ALGS") && self.crosses_families() =>
+            {
+                self.on_algs(&cmd)
+            }
             Verb::Abor => self.forward_abort(&line),
             Verb::Quit | Verb::Other => self.forward_line(&line, Expect::Other),
         }
+    }
+
+    /// Whether the client and the server use different address families
+    /// (reverse publishing across families, NAT64).
+    pub(super) fn crosses_families(&self) -> bool {
+        af_number(self.peers.client) != af_number(self.peers.server)
+    }
+
+    /// Whether EPSV/EPRT from an IPv6 client become PASV/PORT toward an
+    /// IPv4 server (RFC 6384; the default, `ALGS DISABLE64` turns it off
+    /// for the session).
+    fn translates_to_ipv4(&self) -> bool {
+        self.alg64 && self.crosses_families() && self.peers.server.is_ipv4()
+    }
+
+    fn on_algs(&mut self, cmd: &Command) {
+        let arg = String::from_utf8_lossy(cmd.arg.unwrap_or_default()).to_ascii_uppercase();
+        let reply = match arg.trim() {
+            "STATUS64" => {
+                if self.alg64 {
+                    ALGS_ENABLED
+                } else {
+                    ALGS_DISABLED
+                }
+            }
+            "ENABLE64" => {
+                self.alg64 = true;
+                ALGS_ENABLED
+            }
+            "DISABLE64" => {
+                self.alg64 = false;
+                ALGS_DISABLED
+            }
+            _ => ALGS_USAGE,
+        };
+        self.reply_locally(reply);
     }
 
     /// The checks every data-connection command shares. `Err` carries the
@@ -206,8 +274,11 @@ impl Session {
                     .rule(rule);
                 self.refuse_client(denial, "504 Data connection target refused by policy.");
             }
+            Decision::Relay { endpoint, .. } if self.cfg.server_data == ServerData::Passive => {
+                self.convert_to_passive(cmd, endpoint);
+            }
             Decision::Relay { endpoint, .. } => {
-                let Some(id) = self.reserve_slot(DataMode::Active, self.peers.server) else {
+                let Some(id) = self.reserve_slot(DataMode::Active, vec![self.peers.server]) else {
                     let denial =
                         with_command(Denial::new(DenyReason::PinholeLimit, Side::Client), &cmd);
                     return self.refuse_client(denial, TOO_MANY_DATA_CONNECTIONS);
@@ -220,6 +291,7 @@ impl Session {
                     connect_to: endpoint,
                     connect_from: self.ep.client_local.ip(),
                     client_tls: self.client_data_tls(),
+                    shape: Shape::Relay,
                 }));
                 self.held_command = Some(HeldCommand::Opening(id, cmd));
             }
@@ -238,17 +310,94 @@ impl Session {
     }
 
     pub(super) fn forward_active(&mut self, cmd: &ActiveCommand, listen: SocketAddr) {
-        let line = active_line(cmd.verb, listen);
-        let kind = if line.starts_with("PORT") {
-            RewriteKind::Port
+        // RFC 6384: an IPv6 client's EPRT reaches an IPv4 server as PORT.
+        let verb = if self.translates_to_ipv4() {
+            Verb::Port
         } else {
-            RewriteKind::Eprt
+            cmd.verb
+        };
+        let line = active_line(verb, listen);
+        let server = if line.starts_with("PORT") {
+            DataVerb::Port
+        } else {
+            DataVerb::Eprt
         };
         self.forward_line(line.as_bytes(), Expect::Other);
         self.events.push_back(Event::Rewrite {
-            kind,
+            kind: RewriteKind::for_verbs(active_verb(cmd.verb), server),
             address_replaced: true,
         });
+    }
+
+    /// `server_data = "passive"`: the client's PORT/EPRT (its target
+    /// allowed by policy) goes upstream as PASV/EPSV; the server's reply
+    /// opens a pinhole that connects out to both (see `replies`).
+    fn convert_to_passive(&mut self, cmd: ActiveCommand, target: SocketAddr) {
+        let upstream = if self.peers.server.is_ipv4() {
+            Style::Pasv
+        } else {
+            Style::Epsv
+        };
+        let plan = ToPassive {
+            client: active_verb(cmd.verb),
+            upstream,
+            target,
+            verb_text: cmd.verb_text,
+            arg: cmd.arg,
+        };
+        self.forward_line(upstream.line(), Expect::ToPassive(plan));
+    }
+
+    /// `server_data = "active"`: the client's PASV/EPSV gets a pinhole
+    /// listening for both peers on one port; once it is open the gateway
+    /// sends PORT/EPRT naming it upstream, and answers the client only
+    /// after the server accepted that (see `replies`).
+    fn convert_to_active(&mut self, cmd: &Command, client: Style) {
+        let peers = vec![self.peers.client, self.peers.server];
+        let Some(id) = self.reserve_slot(DataMode::Passive, peers) else {
+            return self.refuse_client(
+                command_denial(DenyReason::PinholeLimit, cmd),
+                TOO_MANY_DATA_CONNECTIONS,
+            );
+        };
+        self.events.push_back(Event::OpenPinhole(PinholeRequest {
+            id,
+            mode: DataMode::Passive,
+            listen_ip: self.ep.client_local.ip(),
+            expected_peer: self.peers.client,
+            connect_to: SocketAddr::new(self.peers.server, 0),
+            connect_from: self.ep.server_local.ip(),
+            client_tls: self.client_data_tls(),
+            shape: Shape::AcceptBoth {
+                server_listen: self.ep.server_local.ip(),
+                server: self.peers.server,
+            },
+        }));
+        let ask = PassiveAsk {
+            client,
+            verb_text: cmd.verb_text.clone(),
+        };
+        self.held_command = Some(HeldCommand::OpeningBoth(id, ask));
+    }
+
+    /// The pinhole of a converted PASV/EPSV is open on `port`: the
+    /// server is told to connect to the gateway's address on its side.
+    pub(super) fn forward_converted_port(&mut self, id: PinholeId, ask: PassiveAsk, port: u16) {
+        let listen = SocketAddr::new(self.ep.server_local.ip(), port);
+        let line = active_line(Verb::Port, listen);
+        let upstream = if line.starts_with("PORT") {
+            DataVerb::Port
+        } else {
+            DataVerb::Eprt
+        };
+        let plan = ToActive {
+            client: ask.client,
+            upstream,
+            id,
+            port,
+            verb_text: ask.verb_text,
+        };
+        self.forward_line(line.as_bytes(), Expect::ToActive(plan));
     }
 
     fn on_passive_command(&mut self, cmd: &Command, line: &[u8]) {
@@ -266,6 +415,12 @@ impl Session {
             _ => match command::parse_epsv_arg(cmd.arg) {
                 Ok(EpsvArg::All) => {
                     self.epsv_all = true;
+                    if self.cfg.server_data != ServerData::AsClient || self.crosses_families() {
+                        // The gateway may still send PASV, PORT or EPRT
+                        // upstream for this client: the server must not
+                        // refuse them.
+                        return self.reply_locally(EPSV_ALL_OK);
+                    }
                     return self.forward_line(line, Expect::Other);
                 }
                 Ok(EpsvArg::Any) => Style::Epsv,
@@ -277,17 +432,34 @@ impl Session {
                 }
             },
         };
-        // The upstream side may use another family than the client side.
-        let upstream = if client == Style::Pasv && af_number(self.peers.server) == 1 {
+        if self.cfg.server_data == ServerData::Active {
+            return self.convert_to_active(cmd, client);
+        }
+        // The upstream side may use another family than the client side;
+        // an IPv6 client's EPSV reaches an IPv4 server as PASV (RFC 6384).
+        let upstream = if af_number(self.peers.server) == 1
+            && (client == Style::Pasv || self.translates_to_ipv4())
+        {
             Style::Pasv
         } else {
             Style::Epsv
         };
-        let verb: &[u8] = match upstream {
-            Style::Pasv => b"PASV",
-            Style::Epsv => b"EPSV",
-        };
-        self.forward_line(verb, Expect::Passive(PassivePlan { client, upstream }));
+        self.forward_line(
+            upstream.line(),
+            Expect::Passive(PassivePlan { client, upstream }),
+        );
+    }
+}
+
+/// The gateway's own answer to EPSV ALL when it may translate later
+/// commands (RFC 2428 section 4).
+const EPSV_ALL_OK: &str = "200 EPSV ALL command successful.";
+
+fn active_verb(verb: Verb) -> DataVerb {
+    if verb == Verb::Port {
+        DataVerb::Port
+    } else {
+        DataVerb::Eprt
     }
 }
 

@@ -18,9 +18,9 @@ mod tls;
 mod types;
 
 pub use types::{
-    AuthTls, Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerdict, Endpoints, Event,
-    PassthroughRule, PinholeClose, PinholeId, PinholeRequest, Resolution, ResolveId, Resolved,
-    RewriteKind, SessionConfig, SessionId, TlsPolicy, Transmit,
+    AuthTls, Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerb, DataVerdict, Endpoints,
+    Event, PassthroughRule, PinholeClose, PinholeId, PinholeRequest, Resolution, ResolveId,
+    Resolved, RewriteKind, ServerData, SessionConfig, SessionId, Shape, TlsPolicy, Transmit,
 };
 
 use std::collections::VecDeque;
@@ -36,7 +36,7 @@ use super::policy::{ControlPeers, canonical, canonical_ip};
 use super::reply::Code;
 use abuse::DenyTally;
 use commands::{HeldCommand, with_command};
-use output::{IDLE_TIMED_OUT, LOGIN_TIMED_OUT, Route, SHUTTING_DOWN};
+use output::{IDLE_TIMED_OUT, LOGIN_TIMED_OUT, NO_PINHOLE, Route, SHUTTING_DOWN};
 use pending::{MAX_PENDING, Pending};
 use pinholes::{Slot, SlotState};
 use replies::{HeldReply, PassiveLines};
@@ -64,6 +64,9 @@ pub struct Session {
     seen_server_line: bool,
     logged_in: bool,
     epsv_all: bool,
+    /// RFC 6384 translation for an IPv6 client of an IPv4 server (ALGS
+    /// ENABLE64/DISABLE64; on by default).
+    alg64: bool,
     closed: bool,
     held_command: Option<HeldCommand>,
     held_reply: Option<HeldReply>,
@@ -114,6 +117,7 @@ impl Session {
             seen_server_line: false,
             logged_in: false,
             epsv_all: false,
+            alg64: true,
             closed: false,
             held_command: None,
             held_reply: None,
@@ -218,6 +222,9 @@ impl Session {
             Some(HeldCommand::Opening(held_id, cmd)) if held_id == id => {
                 self.forward_active(&cmd, listen);
             }
+            Some(HeldCommand::OpeningBoth(held_id, ask)) if held_id == id => {
+                self.forward_converted_port(id, ask, listen.port());
+            }
             other => self.held_command = other,
         }
         if self.held_reply.as_ref().is_some_and(|h| h.id == id)
@@ -233,16 +240,24 @@ impl Session {
         self.tick(now);
         self.slots.retain(|s| s.id != id);
         let refusal = Denial::new(DenyReason::PinholeUnavailable, Side::Client);
-        const REPLY: &str = "425 Can't open data connection: no pinhole available.";
         match self.held_command.take() {
             Some(HeldCommand::Opening(held_id, cmd)) if held_id == id => {
-                self.refuse(with_command(refusal.clone(), &cmd), REPLY, Route::Queued);
+                self.refuse(
+                    with_command(refusal.clone(), &cmd),
+                    NO_PINHOLE,
+                    Route::Queued,
+                );
+            }
+            Some(HeldCommand::OpeningBoth(held_id, ask)) if held_id == id => {
+                let mut refusal = refusal.clone();
+                refusal.verb = Some(ask.verb_text().to_string());
+                self.refuse(refusal, NO_PINHOLE, Route::Queued);
             }
             other => self.held_command = other,
         }
         if self.held_reply.as_ref().is_some_and(|h| h.id == id) {
             self.held_reply = None;
-            self.refuse(refusal, REPLY, Route::InPlace);
+            self.refuse(refusal, NO_PINHOLE, Route::InPlace);
             self.flush_local_replies();
         }
         self.drain(now);

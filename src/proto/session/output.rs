@@ -13,6 +13,9 @@ use crate::proto::framing::{IP_SYNCH, SYNCH_URGENT, telnet_encode_into};
 /// than a session may hold.
 pub(super) const TOO_MANY_DATA_CONNECTIONS: &str =
     "425 Can't open data connection: too many open data connections.";
+/// Sent when the pinhole a data connection needs could not be opened, or
+/// is gone.
+pub(super) const NO_PINHOLE: &str = "425 Can't open data connection: no pinhole available.";
 /// Sent for a verb the gateway does not pass on: not a clean token, or a
 /// lookalike of an address verb (RFC 959 section 4.2.1: 500, syntax error,
 /// command unrecognized).
@@ -81,6 +84,14 @@ impl Session {
                 _ => return,
             }
         }
+    }
+
+    /// The gateway's own reply to a command it answers itself (no
+    /// refusal): queued behind earlier commands.
+    pub(super) fn reply_locally(&mut self, reply: &str) {
+        self.pending
+            .push_back(Pending::Local(format!("{reply}\r\n").into_bytes()));
+        self.flush_local_replies();
     }
 
     /// A server line the gateway will not pass on: logged, nobody answered.

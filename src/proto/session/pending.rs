@@ -1,6 +1,10 @@
 //! The FIFO that pairs replies with commands: what each forwarded command
 //! expects of its final reply, and the gateway's own replies queued in order.
 
+use std::net::SocketAddr;
+
+use super::types::{DataVerb, PinholeId};
+
 /// Pipelined commands tolerated without replies before the core stops
 /// reading the client (backpressure, not loss).
 pub(super) const MAX_PENDING: usize = 256;
@@ -21,6 +25,48 @@ pub(super) struct PassivePlan {
     pub(super) upstream: Style,
 }
 
+impl Style {
+    pub(super) fn verb(self) -> DataVerb {
+        match self {
+            Style::Pasv => DataVerb::Pasv,
+            Style::Epsv => DataVerb::Epsv,
+        }
+    }
+
+    pub(super) fn line(self) -> &'static [u8] {
+        match self {
+            Style::Pasv => b"PASV",
+            Style::Epsv => b"EPSV",
+        }
+    }
+}
+
+/// A client PORT/EPRT sent to the server as PASV/EPSV
+/// (`server_data = "passive"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ToPassive {
+    /// PORT or EPRT.
+    pub(super) client: DataVerb,
+    pub(super) upstream: Style,
+    /// The client's data endpoint, allowed by policy.
+    pub(super) target: SocketAddr,
+    pub(super) verb_text: String,
+    pub(super) arg: String,
+}
+
+/// A client PASV/EPSV sent to the server as PORT/EPRT naming pinhole `id`
+/// (`server_data = "active"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ToActive {
+    pub(super) client: Style,
+    /// PORT or EPRT.
+    pub(super) upstream: DataVerb,
+    pub(super) id: PinholeId,
+    /// The pinhole's port, on both of its addresses.
+    pub(super) port: u16,
+    pub(super) verb_text: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Expect {
     /// USER/PASS/ACCT: a 230 or 232 logs in.
@@ -28,6 +74,8 @@ pub(super) enum Expect {
     /// REIN.
     Rein(LoginEnd),
     Passive(PassivePlan),
+    ToPassive(ToPassive),
+    ToActive(ToActive),
     /// A command that moves data (RETR, STOR, LIST, ...): its final reply
     /// means its data connection is over (RFC 959 section 5.4: the server
     /// closes or aborts the data connection before the 226/4yz/5yz).

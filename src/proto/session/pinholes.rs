@@ -7,6 +7,7 @@ use std::time::Instant;
 use super::Session;
 use super::output::Route;
 use super::types::{DataMode, DataVerdict, Event, PinholeClose, PinholeId};
+use crate::proto::Side;
 use crate::proto::deny::{Denial, DenyReason};
 use crate::proto::policy::canonical_ip;
 
@@ -25,6 +26,11 @@ pub(super) struct Slot {
     pub(super) id: PinholeId,
     pub(super) mode: DataMode,
     pub(super) expected_peer: IpAddr,
+    /// Every peer the pinhole carries a connection from (two for
+    /// [`super::types::Shape::AcceptBoth`]).
+    pub(super) peers: Vec<IpAddr>,
+    /// Those of `peers` that have not connected yet.
+    pub(super) awaiting: Vec<IpAddr>,
     pub(super) state: SlotState,
 }
 
@@ -49,16 +55,20 @@ impl Session {
             // Superseded, expired or already over: nothing waits here.
             return DataVerdict::Refuse;
         };
-        let listen = match slot.state {
-            SlotState::Waiting { .. } if peer_ip == slot.expected_peer => {
-                slot.state = SlotState::Connected;
+        let awaited = slot.awaiting.iter().position(|p| *p == peer_ip);
+        let listen = match (slot.state, awaited) {
+            (SlotState::Waiting { .. }, Some(i)) => {
+                slot.awaiting.swap_remove(i);
+                if slot.awaiting.is_empty() {
+                    slot.state = SlotState::Connected;
+                }
                 self.last_activity = now;
                 return DataVerdict::Accept;
             }
-            SlotState::Waiting { listen, .. } => Some(listen),
-            SlotState::Requested | SlotState::Connected => None,
+            (SlotState::Waiting { listen, .. }, None) => Some(listen),
+            (SlotState::Requested | SlotState::Connected, _) => None,
         };
-        if peer_ip != slot.expected_peer {
+        if !slot.peers.contains(&peer_ip) {
             let mut denial = Denial::new(DenyReason::PasvTheft, slot.mode.connecting_side())
                 .expected_peer(slot.expected_peer)
                 .peer(peer)
@@ -93,11 +103,7 @@ impl Session {
 
     /// Claims a pinhole slot. A new data-connection offer supersedes the
     /// ones still waiting (RFC 959: the server keeps one data address).
-    pub(super) fn reserve_slot(
-        &mut self,
-        mode: DataMode,
-        expected_peer: IpAddr,
-    ) -> Option<PinholeId> {
+    pub(super) fn reserve_slot(&mut self, mode: DataMode, peers: Vec<IpAddr>) -> Option<PinholeId> {
         let mut superseded = Vec::new();
         self.slots.retain(|s| match s.state {
             SlotState::Waiting { .. } => {
@@ -122,7 +128,9 @@ impl Session {
         self.slots.push(Slot {
             id,
             mode,
-            expected_peer,
+            expected_peer: peers.first().copied()?,
+            awaiting: peers.clone(),
+            peers,
             state: SlotState::Requested,
         });
         Some(id)
@@ -155,9 +163,16 @@ impl Session {
                 id: slot.id,
                 cause: PinholeClose::Expired,
             });
-            let denial = Denial::new(DenyReason::PinholeExpired, slot.mode.connecting_side())
+            // A two-leg pinhole names the leg that never came.
+            let (side, missing) = match slot.awaiting.as_slice() {
+                [only] if slot.peers.len() > 1 && *only != slot.expected_peer => {
+                    (Side::Server, *only)
+                }
+                _ => (slot.mode.connecting_side(), slot.expected_peer),
+            };
+            let denial = Denial::new(DenyReason::PinholeExpired, side)
                 .target(listen)
-                .expected_peer(slot.expected_peer);
+                .expected_peer(missing);
             self.refuse(denial, "", Route::Silent);
         }
     }

@@ -6,9 +6,12 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use super::Session;
-use super::output::{Route, TOO_MANY_DATA_CONNECTIONS};
-use super::pending::{Expect, LoginEnd, PassivePlan, Pending, Style};
-use super::types::{CloseReason, DataMode, Event, PinholeId, PinholeRequest, RewriteKind};
+use super::output::{NO_PINHOLE, Route, TOO_MANY_DATA_CONNECTIONS};
+use super::pending::{Expect, LoginEnd, PassivePlan, Pending, Style, ToActive, ToPassive};
+use super::types::{
+    CloseReason, DataMode, DataVerb, Event, PinholeClose, PinholeId, PinholeRequest, RewriteKind,
+    Shape,
+};
 use crate::proto::Side;
 use crate::proto::deny::{Denial, DenyReason};
 use crate::proto::framing::{Frame, check_line_bytes, telnet_decode};
@@ -34,9 +37,22 @@ const NEUTRAL_CODE: Code = Code(200);
 #[derive(Debug, Clone)]
 pub(super) struct HeldReply {
     pub(super) id: PinholeId,
-    plan: PassivePlan,
+    answer: Answer,
     replaced: bool,
 }
+
+/// What the client gets once a held reply's pinhole is open.
+#[derive(Debug, Clone)]
+enum Answer {
+    /// The gateway's 227/229 for the client's PASV/EPSV.
+    Passive(PassivePlan),
+    /// 200 for the client's PORT/EPRT, sent upstream as PASV/EPSV.
+    PortAccepted(ToPassive),
+}
+
+/// The client's PORT/EPRT was carried out as PASV/EPSV toward the server.
+const PORT_OK: &str = "200 PORT command successful.";
+const EPRT_OK: &str = "200 EPRT command successful.";
 
 /// The lines of a multi-line reply to PASV/EPSV before its final line: only
 /// passed on when that reply turns out to be an error or preliminary.
@@ -97,7 +113,9 @@ impl Session {
     pub(super) fn answers_passive(&self) -> bool {
         matches!(
             self.pending.front(),
-            Some(Pending::Command(Expect::Passive(_)))
+            Some(Pending::Command(
+                Expect::Passive(_) | Expect::ToPassive(_) | Expect::ToActive(_)
+            ))
         )
     }
 
@@ -186,6 +204,12 @@ impl Session {
                 self.relay_line(end, line);
                 self.on_auth_reply(code, ports);
             }
+            Some(Pending::Command(Expect::ToPassive(plan))) => {
+                self.on_to_passive_reply(plan, code, line, malformed);
+            }
+            Some(Pending::Command(Expect::ToActive(plan))) => {
+                self.on_to_active_reply(plan, code);
+            }
             Some(local @ Pending::Local(_)) => {
                 // A reply nobody asked for while a local one waits.
                 self.pending.push_front(local);
@@ -204,6 +228,27 @@ impl Session {
         }
     }
 
+    /// The server's data endpoint in a final 227/229 to the PASV/EPSV
+    /// the gateway sent as `upstream`.
+    fn announced(
+        &self,
+        upstream: Style,
+        code: Code,
+        line: &[u8],
+        malformed: bool,
+    ) -> Option<SocketAddr> {
+        let announced = match (malformed, upstream, code) {
+            (false, Style::Pasv, Code(227)) => {
+                reply::parse_227(line).map(|p| SocketAddr::V4(p.addr))
+            }
+            (false, Style::Epsv, Code(229)) => {
+                reply::parse_229(line).map(|p| SocketAddr::new(self.peers.server, p.port))
+            }
+            _ => None,
+        };
+        announced.map(canonical)
+    }
+
     fn on_passive_reply(&mut self, plan: PassivePlan, code: Code, line: Vec<u8>, malformed: bool) {
         if code != Code(227) && code != Code(229) {
             // An error reply: passed on, lookalikes withheld.
@@ -213,47 +258,55 @@ impl Session {
         // Whatever the server wrote around its final line goes: the client
         // gets the gateway's canonical line or the gateway's 425.
         self.passive = PassiveLines::default();
-        let announced = match (malformed, plan.upstream, code) {
-            (false, Style::Pasv, Code(227)) => {
-                reply::parse_227(&line).map(|p| SocketAddr::V4(p.addr))
-            }
-            (false, Style::Epsv, Code(229)) => {
-                reply::parse_229(&line).map(|p| SocketAddr::new(self.peers.server, p.port))
-            }
-            _ => None,
+        let Some(announced) = self.announced(plan.upstream, code, &line, malformed) else {
+            return self.refuse_unusable_passive_reply();
         };
-        let Some(announced) = announced else {
+        let Some((endpoint, replaced)) = self.passive_endpoint(announced) else {
+            return;
+        };
+        let Some(id) = self.reserve_slot(DataMode::Passive, vec![self.peers.client]) else {
             return self.refuse(
-                Denial::new(DenyReason::MalformedPassiveReply, Side::Server),
-                "425 Can't open data connection: unusable passive reply from server.",
+                Denial::new(DenyReason::PinholeLimit, Side::Client),
+                TOO_MANY_DATA_CONNECTIONS,
                 Route::InPlace,
             );
         };
-        let announced = canonical(announced);
+        self.events.push_back(Event::OpenPinhole(PinholeRequest {
+            id,
+            mode: DataMode::Passive,
+            listen_ip: self.ep.client_local.ip(),
+            expected_peer: self.peers.client,
+            connect_to: endpoint,
+            connect_from: self.ep.server_local.ip(),
+            client_tls: self.client_data_tls(),
+            shape: Shape::Relay,
+        }));
+        self.held_reply = Some(HeldReply {
+            id,
+            answer: Answer::Passive(plan),
+            replaced,
+        });
+    }
+
+    fn refuse_unusable_passive_reply(&mut self) {
+        self.refuse(
+            Denial::new(DenyReason::MalformedPassiveReply, Side::Server),
+            "425 Can't open data connection: unusable passive reply from server.",
+            Route::InPlace,
+        );
+    }
+
+    /// Where the gateway connects for a server's passive reply naming
+    /// `announced` (policy: the control address unless a rule allows
+    /// another), and whether that replaced the server's address. `None`:
+    /// refused, the client has its 425.
+    fn passive_endpoint(&mut self, announced: SocketAddr) -> Option<(SocketAddr, bool)> {
         match self
             .cfg
             .policy
             .decide(self.peers, DataRequest::Passive { announced })
         {
-            Decision::Relay { endpoint, replaced } => {
-                let Some(id) = self.reserve_slot(DataMode::Passive, self.peers.client) else {
-                    return self.refuse(
-                        Denial::new(DenyReason::PinholeLimit, Side::Client),
-                        TOO_MANY_DATA_CONNECTIONS,
-                        Route::InPlace,
-                    );
-                };
-                self.events.push_back(Event::OpenPinhole(PinholeRequest {
-                    id,
-                    mode: DataMode::Passive,
-                    listen_ip: self.ep.client_local.ip(),
-                    expected_peer: self.peers.client,
-                    connect_to: endpoint,
-                    connect_from: self.ep.server_local.ip(),
-                    client_tls: self.client_data_tls(),
-                }));
-                self.held_reply = Some(HeldReply { id, plan, replaced });
-            }
+            Decision::Relay { endpoint, replaced } => Some((endpoint, replaced)),
             Decision::Deny { reason, rule } => {
                 let denial = Denial::new(reason, Side::Server)
                     .target(announced)
@@ -263,9 +316,128 @@ impl Session {
                     "425 Can't open data connection: passive address refused by policy.",
                     Route::InPlace,
                 );
+                None
             }
             Decision::Direct { .. } => unreachable!("passive requests are always relayed"),
         }
+    }
+
+    /// The server's reply to the PASV/EPSV that stands for the client's
+    /// PORT/EPRT (`server_data = "passive"`): a pinhole that connects out
+    /// to the server's passive port and to the client's port; the client
+    /// gets its 200 once it is open.
+    fn on_to_passive_reply(&mut self, plan: ToPassive, code: Code, line: Vec<u8>, malformed: bool) {
+        self.passive = PassiveLines::default();
+        if code != Code(227) && code != Code(229) {
+            let arg = Some(plan.arg.as_str()).filter(|a| !a.is_empty());
+            return self.translation_refused(
+                code,
+                plan.client,
+                plan.upstream.verb(),
+                &plan.verb_text,
+                arg,
+            );
+        }
+        let Some(announced) = self.announced(plan.upstream, code, &line, malformed) else {
+            return self.refuse_unusable_passive_reply();
+        };
+        let Some((endpoint, replaced)) = self.passive_endpoint(announced) else {
+            return;
+        };
+        let Some(id) = self.reserve_slot(DataMode::Active, vec![self.peers.server]) else {
+            return self.refuse(
+                Denial::new(DenyReason::PinholeLimit, Side::Client),
+                TOO_MANY_DATA_CONNECTIONS,
+                Route::InPlace,
+            );
+        };
+        self.events.push_back(Event::OpenPinhole(PinholeRequest {
+            id,
+            mode: DataMode::Active,
+            listen_ip: self.ep.client_local.ip(),
+            expected_peer: self.peers.server,
+            connect_to: plan.target,
+            connect_from: self.ep.client_local.ip(),
+            client_tls: self.client_data_tls(),
+            shape: Shape::DialBoth {
+                dial: endpoint,
+                dial_from: self.ep.server_local.ip(),
+            },
+        }));
+        self.held_reply = Some(HeldReply {
+            id,
+            answer: Answer::PortAccepted(plan),
+            replaced,
+        });
+    }
+
+    /// The server's reply to the PORT/EPRT that stands for the client's
+    /// PASV/EPSV (`server_data = "active"`): accepted, the client gets the
+    /// gateway's 227/229 naming the pinhole; refused, the pinhole goes and
+    /// the client gets the matching refusal.
+    fn on_to_active_reply(&mut self, plan: ToActive, code: Code) {
+        self.passive = PassiveLines::default();
+        let waiting = self.slots.iter().any(|s| s.id == plan.id);
+        if code.0 / 100 == 2 && !waiting {
+            // The server took the PORT, but the pinhole it names is gone
+            // (expired while the server was slow, or superseded).
+            return self.refuse(
+                Denial::new(DenyReason::PinholeUnavailable, Side::Client),
+                NO_PINHOLE,
+                Route::InPlace,
+            );
+        }
+        if code.0 / 100 != 2 {
+            if waiting {
+                self.slots.retain(|s| s.id != plan.id);
+                self.events.push_back(Event::ClosePinhole {
+                    id: plan.id,
+                    cause: PinholeClose::ServerRefused,
+                });
+            }
+            return self.translation_refused(
+                code,
+                plan.client.verb(),
+                plan.upstream,
+                &plan.verb_text,
+                None,
+            );
+        }
+        self.send_passive_line(plan.client, plan.port);
+        self.events.push_back(Event::Rewrite {
+            kind: RewriteKind::for_verbs(plan.client.verb(), plan.upstream),
+            address_replaced: true,
+        });
+    }
+
+    /// The server refused (`code`) the command the gateway sent instead of
+    /// the client's: the client gets the refusal its own command expects
+    /// (RFC 959 section 4.2: 4yz transient, 5yz permanent; 421 and 530
+    /// keep their meaning), and the deny log names the translation.
+    fn translation_refused(
+        &mut self,
+        code: Code,
+        client: DataVerb,
+        server: DataVerb,
+        verb_text: &str,
+        argument: Option<&str>,
+    ) {
+        let mapped = match code.0 {
+            421 | 530 => code.0,
+            400..=499 => 425,
+            _ => 502,
+        };
+        let reply = format!(
+            "{mapped} Can't open data connection: the server refused {} (ftpgate sent it for {}) with {}.",
+            verb_name(server),
+            verb_name(client),
+            code.0
+        );
+        let mut denial = Denial::new(DenyReason::TranslationRefused, Side::Server)
+            .rule(RewriteKind::for_verbs(client, server).as_str());
+        denial.verb = Some(verb_text.to_string());
+        denial.argument = argument.map(str::to_string);
+        self.refuse(denial, &reply, Route::InPlace);
     }
 
     /// The gateway address a 227 names: the advertised address, else the
@@ -278,10 +450,32 @@ impl Session {
     }
 
     pub(super) fn send_passive_reply(&mut self, held: HeldReply, listen: SocketAddr) {
-        let port = listen.port();
+        let (client, server) = match &held.answer {
+            Answer::Passive(plan) => {
+                self.send_passive_line(plan.client, listen.port());
+                (plan.client.verb(), plan.upstream.verb())
+            }
+            Answer::PortAccepted(plan) => {
+                let ok = match plan.client {
+                    DataVerb::Port => PORT_OK,
+                    _ => EPRT_OK,
+                };
+                self.send_line_to_client(ok.as_bytes());
+                (plan.client, plan.upstream.verb())
+            }
+        };
+        self.events.push_back(Event::Rewrite {
+            kind: RewriteKind::for_verbs(client, server),
+            address_replaced: held.replaced,
+        });
+        self.flush_local_replies();
+    }
+
+    /// The gateway's canonical 227/229 naming `port`.
+    fn send_passive_line(&mut self, client: Style, port: u16) {
         // Always the gateway's own line (DESIGN.md "State"): none of the
         // server's text reaches the client.
-        let line = match held.plan.client {
+        let line = match client {
             Style::Pasv => {
                 let Some(ip) = self.pasv_announce_ip() else {
                     // The endpoints never change, and on_passive_command
@@ -293,14 +487,6 @@ impl Session {
             Style::Epsv => reply::canonical_229(port),
         };
         self.send_line_to_client(&line);
-        self.events.push_back(Event::Rewrite {
-            kind: match held.plan.client {
-                Style::Pasv => RewriteKind::Pasv,
-                Style::Epsv => RewriteKind::Epsv,
-            },
-            address_replaced: held.replaced,
-        });
-        self.flush_local_replies();
     }
 
     /// Passes on the passive-reply lines held so far (lookalikes already
@@ -313,6 +499,15 @@ impl Session {
         for line in held.lines {
             self.send_line_to_client(&line);
         }
+    }
+}
+
+fn verb_name(verb: DataVerb) -> &'static str {
+    match verb {
+        DataVerb::Port => "PORT",
+        DataVerb::Eprt => "EPRT",
+        DataVerb::Pasv => "PASV",
+        DataVerb::Epsv => "EPSV",
     }
 }
 

@@ -12,10 +12,37 @@ use crate::proto::policy::Policy;
 /// `limits.max_refused_commands`).
 pub const DEFAULT_MAX_REFUSALS: usize = 50;
 
+/// How the gateway opens data connections toward the server (per
+/// listener, `server_data`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServerData {
+    /// As the client asked: PORT/EPRT stay active, PASV/EPSV passive.
+    #[default]
+    AsClient,
+    /// Every PORT/EPRT becomes PASV/EPSV toward the server: the gateway
+    /// connects out to the server's passive port and to the client's port.
+    Passive,
+    /// Every PASV/EPSV becomes PORT/EPRT toward the server: the gateway
+    /// listens for the server's connection and for the client's.
+    Active,
+}
+
+impl ServerData {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerData::AsClient => "as-client",
+            ServerData::Passive => "passive",
+            ServerData::Active => "active",
+        }
+    }
+}
+
 /// Everything a session needs to know that does not change during it.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     pub policy: Policy,
+    /// How data connections toward the server are opened.
+    pub server_data: ServerData,
     /// Longest command line accepted from the client, in bytes.
     pub max_command_line: usize,
     /// Longest reply line accepted from the server, in bytes.
@@ -75,6 +102,7 @@ impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
             policy: Policy::default(),
+            server_data: ServerData::AsClient,
             max_command_line: 2048,
             max_reply_line: 8192,
             max_pinholes: 2,
@@ -141,7 +169,8 @@ impl DataMode {
 
 /// What the daemon must open: listen on `listen_ip` (a free port of its
 /// range), accept one connection from `expected_peer` only, then connect
-/// from `connect_from` to `connect_to` and relay.
+/// from `connect_from` to `connect_to` and relay. A translated data
+/// connection ([`ServerData`]) changes one leg, as `shape` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PinholeRequest {
     pub id: PinholeId,
@@ -153,6 +182,28 @@ pub struct PinholeRequest {
     /// The client's leg speaks TLS (PROT P on a terminated session): the
     /// gateway is its TLS server, whichever side connects.
     pub client_tls: bool,
+    pub shape: Shape,
+}
+
+/// The legs of a pinhole. Translated shapes are always relayed in
+/// userland, whatever the data plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// One leg in (the expected peer connects to the pinhole), one out.
+    Relay,
+    /// `server_data = "active"`: both legs come in on the same port. The
+    /// client (`expected_peer`) connects to `listen_ip`; the server
+    /// connects to `server_listen` after the gateway's PORT/EPRT.
+    /// `connect_to` and `connect_from` are unused.
+    AcceptBoth {
+        server_listen: IpAddr,
+        server: IpAddr,
+    },
+    /// `server_data = "passive"`: both legs go out, nothing listens. The
+    /// gateway connects from `dial_from` to the server's passive endpoint
+    /// `dial` (the server is `expected_peer`), and from `connect_from` to
+    /// the client's PORT/EPRT target `connect_to`.
+    DialBoth { dial: SocketAddr, dial_from: IpAddr },
 }
 
 /// The endpoint behind a pinhole of the gateway, found by [`Event::Resolve`].
@@ -187,6 +238,9 @@ pub enum PinholeClose {
     /// Another session of the same client sent its address to a second
     /// server (FXP): the servers now connect to each other directly.
     TakenOver,
+    /// The server refused the PORT/EPRT the gateway sent for it
+    /// (`server_data = "active"`).
+    ServerRefused,
 }
 
 /// The core's answer to a connection that arrived at one of its pinholes.
@@ -206,16 +260,63 @@ pub enum RewriteKind {
     Epsv,
     /// A PORT/EPRT passed on for a server-to-server transfer.
     Fxp,
+    /// The client's command became another one toward the server: a data
+    /// mode conversion (`server_data`) or an address family translation
+    /// (RFC 6384), named `<client verb>_to_<server verb>`.
+    Translated {
+        client: DataVerb,
+        server: DataVerb,
+    },
+}
+
+/// The four data-connection verbs, for naming translations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataVerb {
+    Port,
+    Eprt,
+    Pasv,
+    Epsv,
 }
 
 impl RewriteKind {
     pub fn as_str(self) -> &'static str {
+        use DataVerb::*;
         match self {
             RewriteKind::Port => "port",
             RewriteKind::Eprt => "eprt",
             RewriteKind::Pasv => "pasv",
             RewriteKind::Epsv => "epsv",
             RewriteKind::Fxp => "fxp",
+            RewriteKind::Translated { client, server } => match (client, server) {
+                (Port, Pasv) => "port_to_pasv",
+                (Port, Epsv) => "port_to_epsv",
+                (Eprt, Pasv) => "eprt_to_pasv",
+                (Eprt, Epsv) => "eprt_to_epsv",
+                (Pasv, Port) => "pasv_to_port",
+                (Pasv, Eprt) => "pasv_to_eprt",
+                (Epsv, Port) => "epsv_to_port",
+                (Epsv, Eprt) => "epsv_to_eprt",
+                (Pasv, Epsv) => "pasv_to_epsv",
+                (Epsv, Pasv) => "epsv_to_pasv",
+                (Port, Eprt) => "port_to_eprt",
+                (Eprt, Port) => "eprt_to_port",
+                (Port, Port) => "port",
+                (Eprt, Eprt) => "eprt",
+                (Pasv, Pasv) => "pasv",
+                (Epsv, Epsv) => "epsv",
+            },
+        }
+    }
+
+    /// The kind for a client verb that went upstream as `server`: the
+    /// plain kind when they are the same verb.
+    pub fn for_verbs(client: DataVerb, server: DataVerb) -> RewriteKind {
+        match (client, server) {
+            (DataVerb::Port, DataVerb::Port) => RewriteKind::Port,
+            (DataVerb::Eprt, DataVerb::Eprt) => RewriteKind::Eprt,
+            (DataVerb::Pasv, DataVerb::Pasv) => RewriteKind::Pasv,
+            (DataVerb::Epsv, DataVerb::Epsv) => RewriteKind::Epsv,
+            (client, server) => RewriteKind::Translated { client, server },
         }
     }
 }
