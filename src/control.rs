@@ -163,6 +163,7 @@ pub async fn serve(
     let data_tls = (settings.client_tls.is_some() || connector.is_some()).then(|| DataTls {
         acceptor: settings.client_tls.as_ref().map(|t| t.acceptor.clone()),
         upstream: connector,
+        deny: shared.deny.clone(),
     });
     let info = Arc::new(info);
     m::session_started(settings.mode);

@@ -234,6 +234,9 @@ pub struct DataTls {
     /// Toward the server: the gateway is the TLS client, resuming its
     /// control connection's session.
     pub upstream: Option<(TlsConnector, ServerName<'static>)>,
+    /// Where a failed data-connection handshake is logged
+    /// (`tls_handshake_failed`).
+    pub deny: crate::denylog::DenyLog,
 }
 
 impl DataTls {

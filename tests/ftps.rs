@@ -193,3 +193,42 @@ async fn check_config_reports_unreadable_and_mismatched_certificates() {
     let (code, said) = check(config(&cert, &cert.replace("a.pem", "a.key")));
     assert_eq!(code, Some(0), "{said}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_connection_that_skips_its_tls_handshake_is_logged() {
+    let test = "a_data_connection_that_skips_its_tls_handshake_is_logged";
+    let Some(s) = setup(test, "52800-52899", "").await else {
+        return;
+    };
+    // PROT P, then a plain connection to the pinhole: the gateway's TLS
+    // server side sees no ClientHello.
+    let script = format!(
+        "import ftplib, socket, ssl\n\
+         ctx = ssl.create_default_context(cafile='{}')\n\
+         f = ftplib.FTP_TLS(context=ctx, timeout=10)\n\
+         f.connect('127.0.0.1', {})\n\
+         f.auth(); f.login('ftptest', 'ftptest'); f.prot_p()\n\
+         port = ftplib.parse227(f.sendcmd('PASV'))[1]\n\
+         d = socket.create_connection(('127.0.0.1', port), timeout=10)\n\
+         d.sendall(b'not a ClientHello\\r\\n' * 8)\n\
+         d.settimeout(10)\n\
+         print('DATA', d.recv(100))\n",
+        s.cert,
+        s.gw.addr.port()
+    );
+    let o = tokio::process::Command::new("timeout")
+        .args(["30", "python3", "-c", &script])
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        said.contains("DATA"),
+        "{said}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let d = s.gw.wait_denial("tls_handshake_failed").await;
+    assert_eq!(d["side"], "client");
+    assert_eq!(d["rule"], "data_tls");
+    drop(s.server);
+}

@@ -27,7 +27,7 @@ use crate::proto::{
 use crate::proxy_protocol::{self, HEADER_TIMEOUT, HeaderError};
 use crate::relay;
 use crate::tasks::Tasks;
-use crate::tls::{DataLeg, DataTls};
+use crate::tls::DataLeg;
 
 /// Pinhole listeners accept only one connection; a small backlog still lets
 /// a thief's connection be accepted, logged and closed.
@@ -539,10 +539,14 @@ async fn tls_legs(
     request: &PinholeRequest,
     owner: &Owner,
 ) -> Option<(DataLeg, DataLeg)> {
-    let tls = owner.tls.clone().unwrap_or(DataTls {
-        acceptor: None,
-        upstream: None,
-    });
+    let Some(tls) = owner.tls.clone() else {
+        // needs_userland: PROT P exists only where the listener has TLS.
+        tracing::warn!(
+            session = owner.info.id,
+            "TLS data connection without TLS settings"
+        );
+        return None;
+    };
     let (client, server) = match request.mode {
         DataMode::Passive => (inbound, outbound),
         DataMode::Active => (outbound, inbound),
@@ -558,20 +562,25 @@ async fn tls_legs(
     if tls.any() {
         m::tls_handshake("server_data", side(&server));
     }
+    // One deny line, for the leg that failed (the client's first): "the
+    // transfer hangs after 150" is what an operator sees.
+    let failed = |who: Side, e: io::Error| {
+        tracing::info!(
+            session = owner.info.id,
+            "data connection TLS handshake failed ({}): {e}",
+            who.as_str()
+        );
+        let mut denial =
+            Denial::new(DenyReason::TlsHandshakeFailed, who).target(request.connect_to);
+        denial.argument = Some(format!("data connection: {e}"));
+        denial.rule = Some("data_tls".into());
+        tls.deny.record(&owner.info, &denial);
+        None
+    };
     let (client, server) = match (client, server) {
         (Ok(c), Ok(s)) => (c, s),
-        (c, s) => {
-            let e = c
-                .err()
-                .or(s.err())
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            tracing::info!(
-                session = owner.info.id,
-                "data connection TLS handshake failed: {e}"
-            );
-            return None;
-        }
+        (Err(e), _) => return failed(Side::Client, e),
+        (_, Err(e)) => return failed(Side::Server, e),
     };
     Some(match request.mode {
         DataMode::Passive => (client, server),
