@@ -7,7 +7,7 @@
 //! the lab CA) with an explicit TLS leg upstream, verified against the lab
 //! CA; one listener verifies against another CA (a wrong certificate), one
 //! is implicit toward the client, one speaks implicit TLS to vsftpd on port
-//! 990. The transparent listener passes AUTH TLS through to vsftpd
+//! 990; the proftpd listener verifies a DNS name (`upstream_tls_name`). The transparent listener passes AUTH TLS through to vsftpd
 //! only (`[[policy.tls_passthrough]]`). Clients: curl `--ssl-reqd` (EPSV
 //! and PASV), lftp `ftp:ssl-force` (passive and active), Python's
 //! `ftplib.FTP_TLS` with session reuse (passive and active). Every
@@ -175,7 +175,7 @@ path = "{}/deny.jsonl"
 bind = "127.0.0.1:9121"
 "#,
         reverse(2100, SRV1, &ca, ""),
-        reverse(2101, SRV2, &ca, ""),
+        reverse(2101, SRV2, &ca, "upstream_tls_name = \"srv2.fglab\""),
         reverse(2102, SRV1, &other, ""),
         reverse(2103, SRV1, &ca, "tls_implicit = true"),
         reverse(2104, &format!("{SRV1}:990"), &ca, ""),
