@@ -14,8 +14,16 @@ use serde::Deserialize;
 
 use crate::clients::Caps;
 use crate::proto::policy::canonical_ip;
-use crate::proto::{DEFAULT_MAX_REFUSALS, FxpRule, Policy, ServerData, SessionConfig};
+use crate::proto::{
+    AuthTls, DEFAULT_MAX_REFUSALS, FxpRule, Policy, ServerData, SessionConfig, TlsPolicy,
+};
 use crate::proxy_protocol::TrustedProxies;
+use crate::tls::{ListenerTls, UpstreamTls};
+
+mod tls;
+
+pub use tls::{AuthTlsSetting, TlsSettings};
+use tls::{RawPassthrough, tls_settings};
 
 /// All problems found in a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +70,10 @@ pub struct Listener {
     /// from one of `trusted_proxies`, whose source is the client.
     pub proxy_protocol: bool,
     pub trusted_proxies: TrustedProxies,
+    /// Client-facing TLS (reverse mode, `tls_cert` and `tls_key`).
+    pub tls: Option<Arc<ListenerTls>>,
+    /// TLS toward the upstream server (`upstream_tls`).
+    pub upstream_tls: Option<Arc<UpstreamTls>>,
 }
 
 /// The address announced in 227 replies: none (the address the client
@@ -196,6 +208,7 @@ pub struct Config {
     pub limits: Limits,
     pub deny_log: DenyLogConfig,
     pub admin: Option<SocketAddr>,
+    pub tls: TlsSettings,
 }
 
 impl Config {
@@ -225,7 +238,26 @@ impl Config {
         }
     }
 
-    /// What one control session needs, derived once.
+    /// The TLS policy of sessions on `listener`.
+    fn tls_policy_for(&self, listener: &Listener) -> TlsPolicy {
+        let auth = match (self.tls.auth_tls, &listener.tls, listener.mode) {
+            (Some(AuthTlsSetting::Refuse), _, _) => AuthTls::Refuse,
+            (Some(AuthTlsSetting::Passthrough), _, Mode::Transparent) => {
+                AuthTls::Passthrough(self.tls.passthrough.clone())
+            }
+            (_, Some(tls), Mode::Reverse) => AuthTls::Terminate {
+                implicit: tls.implicit,
+            },
+            _ => AuthTls::Refuse,
+        };
+        TlsPolicy {
+            auth,
+            require_tls: self.tls.require_tls,
+        }
+    }
+
+    /// What one control session needs, derived once (no listener: no
+    /// TLS).
     pub fn session_config(&self) -> Arc<SessionConfig> {
         self.session_config_for(None)
     }
@@ -242,6 +274,7 @@ impl Config {
             login_timeout: self.limits.login_timeout,
             idle_timeout: self.limits.idle_timeout,
             max_refusals: self.limits.max_refused_commands,
+            tls: listener.map_or_else(TlsPolicy::default, |l| self.tls_policy_for(l)),
         })
     }
 }
@@ -283,6 +316,13 @@ struct RawListener {
     proxy_protocol: bool,
     #[serde(default)]
     trusted_proxies: Vec<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    #[serde(default)]
+    tls_implicit: bool,
+    upstream_tls: Option<String>,
+    upstream_tls_name: Option<String>,
+    upstream_ca: Option<String>,
 }
 
 fn default_server_data() -> String {
@@ -333,16 +373,20 @@ impl Default for RawData {
 #[serde(default)]
 struct RawPolicy {
     deny_ports: Vec<u16>,
-    auth_tls: String,
+    auth_tls: Option<String>,
+    require_tls: bool,
     fxp: Vec<RawFxp>,
+    tls_passthrough: Vec<RawPassthrough>,
 }
 
 impl Default for RawPolicy {
     fn default() -> Self {
         RawPolicy {
             deny_ports: vec![1433, 3306, 3389, 5432, 5900, 6379],
-            auth_tls: "refuse".into(),
+            auth_tls: None,
+            require_tls: false,
             fxp: Vec::new(),
+            tls_passthrough: Vec::new(),
         }
     }
 }
@@ -603,6 +647,8 @@ impl RawListener {
                 key("proxy_protocol")
             ));
         }
+        let tls = self.client_tls(i, mode, problems);
+        let upstream_tls = self.upstream_tls(i, mode, upstream, problems);
         Listener {
             mode: mode.unwrap_or(Mode::Reverse),
             bind,
@@ -614,6 +660,8 @@ impl RawListener {
             nat64_prefix,
             proxy_protocol: self.proxy_protocol,
             trusted_proxies: TrustedProxies::new(trusted),
+            tls,
+            upstream_tls,
         }
     }
 }
@@ -782,12 +830,7 @@ impl RawConfig {
         };
 
         let p = self.policy;
-        if p.auth_tls != "refuse" {
-            problems.push(format!(
-                "`policy.auth_tls` = {:?}: only \"refuse\" is supported",
-                p.auth_tls
-            ));
-        }
+        let tls = tls_settings(&p, &listeners, problems);
         let mut deny_ports = p.deny_ports;
         deny_ports.sort_unstable();
         deny_ports.dedup();
@@ -870,6 +913,7 @@ impl RawConfig {
             limits,
             deny_log,
             admin,
+            tls,
         }
     }
 }

@@ -24,6 +24,11 @@ use crate::proto::{
     Resolution, Session, SessionConfig, SessionId, Side, Transmit,
 };
 use crate::proxy_protocol::TrustedProxies;
+use crate::tls::{self as ftls, DataTls, ListenerTls, UpstreamTls};
+
+mod ftps;
+
+use ftps::{Ctl, Got, upstream_prelude};
 
 const READ_BUFFER: usize = 16 * 1024;
 
@@ -49,6 +54,8 @@ pub struct Shared {
     pub deny: DenyLog,
     /// The gateway's own addresses (never data targets).
     pub local: LocalAddrs,
+    /// Live TLS passthrough grants (transparent mode).
+    pub passthrough: Arc<crate::dataplane::passthrough::Grants>,
 }
 
 /// The per-session settings taken from the configuration at accept time.
@@ -63,6 +70,10 @@ pub struct SessionSettings {
     pub connect_timeout: Duration,
     pub data: DataTimeouts,
     pub data_caps: DataCaps,
+    /// The listener's client-facing TLS (reverse mode with a certificate).
+    pub client_tls: Option<Arc<ListenerTls>>,
+    /// TLS toward the upstream server.
+    pub upstream_tls: Option<Arc<UpstreamTls>>,
 }
 
 /// Connects to `info.server` and runs the session until either side
@@ -71,7 +82,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     settings: SessionSettings,
     info: SessionInfo,
-    mut client: TcpStream,
+    client: TcpStream,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (Some(upstream), Ok(client_local)) = (info.server, client.local_addr()) else {
@@ -86,6 +97,25 @@ pub async fn serve(
     if let Err(e) = SockRef::from(&client).set_out_of_band_inline(true) {
         tracing::debug!(session = id, "SO_OOBINLINE: {e}");
     }
+    let _ = client.set_nodelay(true);
+    // Implicit FTPS: the connection starts with the handshake.
+    let mut client = match &settings.client_tls {
+        Some(tls) if tls.implicit => match ftls::bounded(tls.acceptor.accept(client)).await {
+            Ok(s) => {
+                m::tls_handshake("client", "ok");
+                Ctl::Tls(Box::new(s.into()))
+            }
+            Err(e) => {
+                m::tls_handshake("client", "failed");
+                let mut denial = Denial::new(DenyReason::TlsHandshakeFailed, Side::Client);
+                denial.argument = Some(e.to_string());
+                shared.deny.record(&info, &denial);
+                m::session_refused(info.mode, denial.reason.as_str());
+                return;
+            }
+        },
+        _ => Ctl::Plain(client),
+    };
     let began = std::time::Instant::now();
     // The control connection leaves from the address routing picks; data
     // connections toward the server later leave from that same address.
@@ -101,13 +131,40 @@ pub async fn serve(
             let denial =
                 Denial::new(DenyReason::UpstreamUnreachable, Side::Server).target(upstream);
             let reply = "421 Service not available: cannot reach the server.";
-            return refuse_connection(&shared.deny, &mut client, &info, denial, reply).await;
+            return refuse_ctl(&shared.deny, &mut client, &info, denial, reply).await;
         }
     };
-    let _ = client.set_nodelay(true);
     let Ok(server_local) = server.local_addr() else {
         return;
     };
+    // The upstream TLS leg is set up before the session starts: the
+    // client's AUTH/PBSZ/PROT are the gateway's to answer.
+    let (server, greeting, connector) = match &settings.upstream_tls {
+        None => (Ctl::Plain(server), Vec::new(), None),
+        Some(up) => {
+            let connector = up.for_session();
+            match upstream_prelude(server, up, &connector).await {
+                Ok((server, greeting)) => {
+                    m::tls_handshake("server", "ok");
+                    (server, greeting, Some((connector, up.name.clone())))
+                }
+                Err(failure) => {
+                    m::tls_handshake("server", "failed");
+                    tracing::warn!(session = id, %upstream, "upstream TLS: {}", failure.detail);
+                    let mut denial = Denial::new(DenyReason::TlsUpstreamVerifyFailed, Side::Server)
+                        .target(upstream);
+                    denial.argument = Some(failure.detail);
+                    return refuse_ctl(&shared.deny, &mut client, &info, denial, failure.reply)
+                        .await;
+                }
+            }
+        }
+    };
+    let data_tls = (settings.client_tls.is_some() || connector.is_some()).then(|| DataTls {
+        acceptor: settings.client_tls.as_ref().map(|t| t.acceptor.clone()),
+        upstream: connector,
+        deny: shared.deny.clone(),
+    });
     let info = Arc::new(info);
     m::session_started(settings.mode);
     tracing::debug!(session = id, client = %client_addr, %upstream, "session started");
@@ -132,6 +189,7 @@ pub async fn serve(
             info: Arc::clone(&info),
             timeouts: settings.data,
             caps: settings.data_caps,
+            tls: data_tls,
             proxied: settings.data_proxy.clone().map(|trusted| {
                 Arc::new(DataProxy {
                     trusted,
@@ -148,8 +206,19 @@ pub async fn serve(
         info,
         events: events_rx,
         last_close: None,
+        start_tls: false,
+        passthrough: None,
+        tls_state: "plain",
     };
+    if client.is_tls() || server.is_tls() {
+        run.tls_state = "terminated";
+    }
+    if !greeting.is_empty() {
+        run.session
+            .handle_input(Side::Server, &greeting, Instant::now().into_std());
+    }
     let outcome = run.drive(client, server, &mut shutdown).await;
+    m::tls_session(run.tls_state);
     m::session_ended(run.settings.mode, outcome);
     tracing::debug!(session = id, outcome, "session ended");
 }
@@ -171,31 +240,52 @@ pub async fn refuse_connection(
     let _ = stream.shutdown().await;
 }
 
+/// Refuses on a control connection that may already speak TLS.
+async fn refuse_ctl(
+    deny: &DenyLog,
+    stream: &mut Ctl,
+    info: &SessionInfo,
+    mut denial: Denial,
+    reply: &str,
+) {
+    if let Ctl::Plain(tcp) = stream {
+        return refuse_connection(deny, tcp, info, denial, reply).await;
+    }
+    denial.reply = Some(reply.to_string());
+    deny.record(info, &denial);
+    m::session_refused(info.mode, denial.reason.as_str());
+    let line = format!("{reply}\r\n");
+    let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, stream.write_all(line.as_bytes())).await;
+    stream.shutdown().await;
+}
+
 async fn connect_any(to: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
     tokio::time::timeout(limit, TcpStream::connect(to))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
-async fn write_timeout(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
+async fn write_timeout(stream: &mut Ctl, bytes: &[u8]) -> io::Result<()> {
     tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(bytes))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "peer does not read"))?
 }
 
 /// Writes what the core produced for one peer, in order, each byte it
-/// marked urgent with MSG_OOB (the Synch in front of ABOR).
-async fn send(stream: &mut TcpStream, out: &Transmit) -> io::Result<()> {
-    if out.urgent.is_empty() {
+/// marked urgent with MSG_OOB (the Synch in front of ABOR). TLS has no
+/// urgent data: there the byte goes in the stream like the rest.
+async fn send(stream: &mut Ctl, out: &Transmit) -> io::Result<()> {
+    if out.urgent.is_empty() || stream.is_tls() {
         if !out.is_empty() {
             write_timeout(stream, &out.bytes).await?;
         }
         return Ok(());
     }
     for chunk in out.chunks() {
-        match chunk {
-            Chunk::Stream(bytes) => write_timeout(stream, bytes).await?,
-            Chunk::Urgent(byte) => send_urgent(stream, byte).await?,
+        match (chunk, &mut *stream) {
+            (Chunk::Stream(bytes), _) => write_timeout(stream, bytes).await?,
+            (Chunk::Urgent(byte), Ctl::Plain(tcp)) => send_urgent(tcp, byte).await?,
+            (Chunk::Urgent(byte), _) => write_timeout(stream, &[byte]).await?,
         }
     }
     Ok(())
@@ -248,15 +338,26 @@ struct Running {
     events: mpsc::Receiver<PlaneEvent>,
     _pinholes: SessionPinholes,
     last_close: Option<CloseReason>,
+    /// The core asked for the client handshake (its 234 is queued).
+    start_tls: bool,
+    /// The server accepted AUTH under a passthrough rule.
+    passthrough: Option<(IpAddr, (u16, u16))>,
+    /// For the sessions-by-TLS-state counter.
+    tls_state: &'static str,
 }
 
 impl Running {
     async fn drive(
         &mut self,
-        mut client: TcpStream,
-        mut server: TcpStream,
+        mut client: Ctl,
+        mut server: Ctl,
         shutdown: &mut watch::Receiver<bool>,
     ) -> &'static str {
+        // TLS streams are read into buffers of their own (a plain one
+        // borrows the thread's buffer, see READ_BUF): only TLS sessions
+        // pay for them.
+        let mut client_buf = Vec::new();
+        let mut server_buf = Vec::new();
         let outcome = loop {
             self.process_events();
             if let Err(e) = self.flush(&mut client, &mut server).await {
@@ -266,14 +367,34 @@ impl Running {
             if self.session.is_closed() {
                 break self.close_reason();
             }
+            if std::mem::take(&mut self.start_tls) {
+                client = self.client_handshake(client).await;
+                continue;
+            }
+            if let Some((to, ports)) = self.passthrough.take() {
+                let (c, s) = (
+                    std::mem::replace(&mut client, Ctl::Gone),
+                    std::mem::replace(&mut server, Ctl::Gone),
+                );
+                break self.opaque(c, s, to, ports, shutdown).await;
+            }
+            for (stream, buf) in [(&client, &mut client_buf), (&server, &mut server_buf)] {
+                if stream.is_tls() && buf.is_empty() {
+                    buf.resize(READ_BUFFER, 0);
+                }
+            }
             let deadline = self.session.poll_timeout().map(Instant::from_std);
             let (client_rd, server_rd) = (
                 self.session.wants_input(Side::Client),
                 self.session.wants_input(Side::Server),
             );
             tokio::select! {
-                r = client.readable(), if client_rd => self.input(Side::Client, r, &client),
-                r = server.readable(), if server_rd => self.input(Side::Server, r, &server),
+                r = client.wait(&mut client_buf), if client_rd => {
+                    self.input(Side::Client, r, &client, &client_buf)
+                }
+                r = server.wait(&mut server_buf), if server_rd => {
+                    self.input(Side::Server, r, &server, &server_buf)
+                }
                 Some(event) = self.events.recv() => self.plane_event(event),
                 () = sleep_until_opt(deadline) => {
                     self.session.handle_timeout(Instant::now().into_std());
@@ -286,8 +407,8 @@ impl Running {
                 }
             }
         };
-        let _ = client.shutdown().await;
-        let _ = server.shutdown().await;
+        client.shutdown().await;
+        server.shutdown().await;
         outcome
     }
 
@@ -295,10 +416,98 @@ impl Running {
         self.last_close.map_or("closed", CloseReason::as_str)
     }
 
+    /// The TLS handshake on the client connection after the core's 234
+    /// (RFC 4217 section 4).
+    async fn client_handshake(&mut self, client: Ctl) -> Ctl {
+        let now = || Instant::now().into_std();
+        let (Ctl::Plain(tcp), Some(tls)) = (client, self.settings.client_tls.clone()) else {
+            self.session
+                .handle_tls_failed("no plain connection to upgrade", now());
+            return Ctl::Gone;
+        };
+        match ftls::bounded(tls.acceptor.accept(tcp)).await {
+            Ok(s) => {
+                m::tls_handshake("client", "ok");
+                self.tls_state = "terminated";
+                self.session.handle_tls_established(now());
+                Ctl::Tls(Box::new(s.into()))
+            }
+            Err(e) => {
+                m::tls_handshake("client", "failed");
+                tracing::debug!(session = self.info.id, "client TLS handshake: {e}");
+                self.session.handle_tls_failed(&e.to_string(), now());
+                self.process_events();
+                Ctl::Gone
+            }
+        }
+    }
+
+    /// Passthrough: the server accepted the client's AUTH under a rule.
+    /// From here the control connection is relayed as it is (neither side
+    /// can be read any more), and the client may reach the server's
+    /// passive range until it ends.
+    async fn opaque(
+        &mut self,
+        client: Ctl,
+        server: Ctl,
+        to: IpAddr,
+        ports: (u16, u16),
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> &'static str {
+        m::tls_passthrough();
+        self.tls_state = "passthrough";
+        let (Ctl::Plain(client), Ctl::Plain(server)) = (client, server) else {
+            return "closed";
+        };
+        let grant = self.shared.passthrough.grant(
+            self.session.endpoints().client.ip(),
+            to,
+            ports,
+            self.settings.core.max_pinholes,
+            self.owner.clone(),
+        );
+        // The control connection's idle clock stops while a data
+        // connection of this grant is relayed (see `idle_ended`).
+        use crate::dataplane::passthrough::{LastRead, Watched, idle_ended};
+        let last = LastRead::new();
+        let idle = self.settings.core.idle_timeout;
+        let ended = async {
+            tokio::select! {
+                _ = shutdown.changed() => {}
+                () = idle_ended(&last, &grant, idle) => {}
+            }
+        };
+        let client = Watched {
+            inner: client,
+            last: last.clone(),
+        };
+        let server = Watched {
+            inner: server,
+            last: last.clone(),
+        };
+        // The relay's own idle clock would count only control bytes.
+        let never = Duration::from_secs(365 * 24 * 3600);
+        let (_, result) = crate::relay::relay_streams(client, server, never, ended).await;
+        drop(grant);
+        match result {
+            Ok(()) => "passthrough_closed",
+            Err(_) => "passthrough_ended",
+        }
+    }
+
     /// `from` is readable (or failed): reads what is there into the
-    /// thread's buffer and feeds it to the core.
-    fn input(&mut self, from: Side, ready: io::Result<()>, stream: &TcpStream) {
+    /// thread's buffer and feeds it to the core. A TLS stream has read
+    /// already, into `tls_buf`.
+    fn input(&mut self, from: Side, got: Got, stream: &Ctl, tls_buf: &[u8]) {
         let now = Instant::now().into_std();
+        let ready = match got {
+            Got::Read(Ok(0)) | Got::Read(Err(_)) => return self.session.handle_eof(from, now),
+            Got::Read(Ok(n)) => return self.session.handle_input(from, &tls_buf[..n], now),
+            Got::Ready(r) => r,
+        };
+        let Ctl::Plain(stream) = stream else {
+            return;
+        };
         if ready.is_err() {
             return self.session.handle_eof(from, now);
         }
@@ -334,7 +543,7 @@ impl Running {
         }
     }
 
-    async fn flush(&mut self, client: &mut TcpStream, server: &mut TcpStream) -> io::Result<()> {
+    async fn flush(&mut self, client: &mut Ctl, server: &mut Ctl) -> io::Result<()> {
         let to_server = self.session.take_transmit(Side::Server);
         send(server, &to_server).await?;
         let to_client = self.session.take_transmit(Side::Client);
@@ -369,6 +578,10 @@ impl Running {
                     tracing::debug!(session = self.info.id, "logged in");
                 }
                 Event::Close(reason) => self.last_close = Some(reason),
+                Event::StartTls => self.start_tls = true,
+                Event::Passthrough { server, data_ports } => {
+                    self.passthrough = Some((server, data_ports));
+                }
             }
         }
     }

@@ -105,6 +105,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Running> {
         plane: dataplane::start(&cfg.data, tasks.clone()).await?,
         deny: deny.clone(),
         local: LocalAddrs::new(),
+        passthrough: dataplane::passthrough::Grants::new(),
     });
     let cfg = Arc::new(cfg);
     let (config_tx, config_rx) = watch::channel(Arc::clone(&cfg));

@@ -27,3 +27,4 @@ pub mod relay;
 pub mod server;
 pub mod sockets;
 pub mod tasks;
+pub mod tls;

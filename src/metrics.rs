@@ -32,6 +32,9 @@ pub const UPSTREAM_FAILURES: &str = "ftpgate_upstream_connect_failures_total";
 pub const CONFIG_RELOADS: &str = "ftpgate_config_reloads_total";
 pub const COMMANDS: &str = "ftpgate_commands_total";
 pub const ACCEPT_FAILURES: &str = "ftpgate_accept_failures_total";
+pub const TLS_HANDSHAKES: &str = "ftpgate_tls_handshakes_total";
+pub const TLS_SESSIONS: &str = "ftpgate_tls_sessions_total";
+pub const TLS_PASSTHROUGH: &str = "ftpgate_tls_passthrough_sessions_total";
 pub const CONNTRACK_OVERRUNS: &str = "ftpgate_conntrack_event_overruns_total";
 pub const KERNEL_FLOWS_RETRIED: &str = "ftpgate_kernel_flows_retried_total";
 
@@ -71,6 +74,24 @@ pub fn deny_log_write_error() {
 /// `n` refusals that got no deny-log line of their own (summarised).
 pub fn deny_log_suppressed(reason: &'static str, n: u64) {
     counter!(DENY_LOG_SUPPRESSED, "reason" => reason).increment(n);
+}
+
+/// A TLS handshake the gateway took part in: `side` is "client" or
+/// "server" (the control connection), "client_data" or "server_data";
+/// `result` "ok" or "failed".
+pub fn tls_handshake(side: &'static str, result: &'static str) {
+    counter!(TLS_HANDSHAKES, "side" => side, "result" => result).increment(1);
+}
+
+/// A session ended in TLS state `state`: "plain", "terminated" (TLS
+/// toward the client, the server or both), "passthrough".
+pub fn tls_session(state: &'static str) {
+    counter!(TLS_SESSIONS, "state" => state).increment(1);
+}
+
+/// A session went opaque under a passthrough rule.
+pub fn tls_passthrough() {
+    counter!(TLS_PASSTHROUGH).increment(1);
 }
 
 pub fn session_started(mode: Mode) {

@@ -20,6 +20,47 @@ use std::fmt::Write;
 
 use crate::config::{Config, Mode, Plane};
 
+/// TLS passthrough: connections from the inside to a rule's servers on
+/// its `data_ports` go to the listener too, which relays them only for a
+/// client whose session the server accepted AUTH TLS on (see
+/// `dataplane::passthrough`). Both planes: the gateway cannot read those
+/// bytes, so they need no pinhole, only this redirect.
+fn passthrough_redirects(
+    out: &mut String,
+    cfg: &Config,
+    iif: &str,
+    v4: Option<u16>,
+    v6: Option<u16>,
+) {
+    if cfg.tls.auth_tls != Some(crate::config::AuthTlsSetting::Passthrough) {
+        return;
+    }
+    for rule in &cfg.tls.passthrough {
+        let (a, b) = rule.data_ports;
+        let _ = writeln!(
+            out,
+            "\t\t# TLS passthrough ({}): the servers' passive range, to the listener",
+            rule.name
+        );
+        for (family, port, want_v4) in [("ip", v4, true), ("ip6", v6, false)] {
+            let nets: Vec<String> = rule
+                .servers
+                .iter()
+                .filter(|n| matches!(n, ipnet::IpNet::V4(_)) == want_v4)
+                .map(ToString::to_string)
+                .collect();
+            let Some(port) = port.filter(|_| !nets.is_empty()) else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "\t\t{iif}{family} daddr {{ {} }} tcp dport {a}-{b} redirect to :{port}",
+                nets.join(", ")
+            );
+        }
+    }
+}
+
 pub fn ruleset(cfg: &Config, source: &str) -> String {
     let mut out = String::new();
     let (low, high) = cfg.data.ports;
@@ -90,6 +131,7 @@ pub fn ruleset(cfg: &Config, source: &str) -> String {
                 "\t\t{iif}{family}tcp dport {intercept} redirect to :{port}"
             );
         }
+        passthrough_redirects(&mut out, cfg, &iif, v4, v6);
         if kernel {
             // The pinhole rules below come first; what they leave goes to
             // the fall-through listener.

@@ -100,6 +100,46 @@ pub async fn relay_until(
     run(engine(Mover::default()), a, b, idle, cancel).await
 }
 
+/// Like [`relay_until`] for streams splice cannot serve (TLS legs, whose
+/// bytes must be decrypted and encrypted again): always the copy loop.
+pub async fn relay_streams<A, B>(
+    a: A,
+    b: B,
+    idle: Duration,
+    cancel: impl std::future::Future<Output = ()>,
+) -> (Relayed, io::Result<()>)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let clock = IdleClock::new();
+    let a_to_b = Count::default();
+    let b_to_a = Count::default();
+    let moved = async {
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        let forward = copy_pump(ar, bw, &clock, &a_to_b);
+        let backward = copy_pump(br, aw, &clock, &b_to_a);
+        tokio::try_join!(forward, backward).map(|_| ())
+    };
+    let result = tokio::select! {
+        r = moved => r,
+        () = clock.expired(idle) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "data connection idle",
+        )),
+        () = cancel => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "control session ended",
+        )),
+    };
+    let counts = Relayed {
+        a_to_b: a_to_b.get(),
+        b_to_a: b_to_a.get(),
+    };
+    (counts, result)
+}
+
 /// [`relay`] with a chosen [`Mover`], for comparing the two.
 pub async fn relay_with(
     mover: Mover,

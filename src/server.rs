@@ -136,6 +136,18 @@ impl Gateway {
                 }
             }
         }
+        if listener.mode == Mode::Transparent
+            && let Some(to) = original_dst(&stream)
+            && to.port() != listener.intercept_port
+            && cfg.tls.passthrough.iter().any(|r| {
+                (r.data_ports.0..=r.data_ports.1).contains(&to.port())
+                    && r.servers.iter().any(|n| n.contains(&canonical(to).ip()))
+            })
+        {
+            return self
+                .passthrough_data(stream, info.client, canonical(to))
+                .await;
+        }
         let upstream = match self.upstream(&listener, &stream) {
             Ok(u) => u,
             Err(reason) => {
@@ -189,12 +201,44 @@ impl Gateway {
                 idle: cfg.data.idle_timeout,
             },
             data_caps: cfg.data.caps,
+            client_tls: listener.tls.clone(),
+            upstream_tls: listener.upstream_tls.clone(),
         };
         #[cfg(any(test, feature = "test-util"))]
         if self.panic_sessions.load(Ordering::Relaxed) {
             panic!("test hook: session {id} panics");
         }
         control::serve(Arc::clone(&self.shared), settings, info, stream, stop).await;
+    }
+
+    /// A connection redirected to a TLS passthrough server's passive range:
+    /// relayed if a live passthrough session of this client holds a grant
+    /// for it, else closed.
+    async fn passthrough_data(&self, stream: TcpStream, peer: SocketAddr, to: SocketAddr) {
+        let Some(grant_use) = self.shared.passthrough.find(peer.ip(), to) else {
+            crate::metrics::pinhole_refused();
+            tracing::debug!(%peer, %to, "passthrough data connection without a grant refused");
+            return;
+        };
+        let owner = &grant_use.owner;
+        let timeouts = owner.timeouts;
+        let connected = tokio::time::timeout(timeouts.connect, TcpStream::connect(to)).await;
+        let Ok(Ok(outbound)) = connected else {
+            tracing::debug!(session = owner.info.id, %to, "passthrough data connection onward failed");
+            return;
+        };
+        let _ = outbound.set_nodelay(true);
+        let _active = crate::metrics::DataConnectionActive::start();
+        let began = std::time::Instant::now();
+        let (counts, _) =
+            crate::relay::relay_until(stream, outbound, timeouts.idle, owner.ended()).await;
+        crate::metrics::data_connection(
+            "proxy",
+            "passthrough",
+            counts.b_to_a,
+            counts.a_to_b,
+            began.elapsed(),
+        );
     }
 
     fn upstream(&self, listener: &Listener, stream: &TcpStream) -> Result<SocketAddr, DenyReason> {
@@ -352,6 +396,7 @@ mod tests {
             plane: Plane::Proxy(ProxyPlane::new(cfg.data.ports, crate::tasks::Tasks::new())),
             deny,
             local: crate::localaddrs::LocalAddrs::new(),
+            passthrough: crate::dataplane::passthrough::Grants::new(),
         });
         let (_config, config_rx) = watch::channel(Arc::new(cfg));
         let gateway = Gateway::new(shared, config_rx);

@@ -87,6 +87,7 @@ fn port_becomes_pasv_and_the_gateway_dials_both_ends_before_the_client_gets_200(
             expected_peer: ip(SERVER),
             connect_to: sa("192.0.2.10:6446"),
             connect_from: ip(GATEWAY_INSIDE),
+            client_tls: false,
             shape: Shape::DialBoth {
                 dial: sa("198.51.100.20:51210"),
                 dial_from: ip(GATEWAY_OUTSIDE),
@@ -190,6 +191,7 @@ fn pasv_becomes_port_and_the_client_gets_227_only_after_the_server_accepted_it()
             expected_peer: ip(CLIENT),
             connect_to: sa("198.51.100.20:0"),
             connect_from: ip(GATEWAY_OUTSIDE),
+            client_tls: false,
             shape: Shape::AcceptBoth {
                 server_listen: ip(GATEWAY_OUTSIDE),
                 server: ip(SERVER),

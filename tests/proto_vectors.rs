@@ -595,6 +595,7 @@ fn pasv_address_is_replaced_by_the_server_control_address() {
                 expected_peer: ip(CLIENT),
                 connect_to: sa("198.51.100.20:51210"),
                 connect_from: ip(GATEWAY_OUTSIDE),
+                client_tls: false,
                 shape: Shape::Relay,
             }),
             Event::Rewrite {
@@ -867,6 +868,7 @@ fn port_from_the_clients_own_address_opens_a_pinhole_and_is_rewritten() {
                 expected_peer: ip(SERVER),
                 connect_to: sa("192.0.2.10:6446"),
                 connect_from: ip(GATEWAY_INSIDE),
+                client_tls: false,
                 shape: Shape::Relay,
             }),
             Event::Rewrite {

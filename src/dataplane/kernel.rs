@@ -259,7 +259,14 @@ impl KernelPlane {
         let mut taken = 0;
         let (port, ()) = self.registry.claim(
             |port| {
-                let ops = elements(request, &apparent, port, self.tag, Some(timeout));
+                // A TLS data connection gets no elements: it falls through
+                // to the listener and is relayed (and re-encrypted) in
+                // userland.
+                let ops = if owner.needs_userland(request) {
+                    Vec::new()
+                } else {
+                    elements(request, &apparent, port, self.tag, Some(timeout))
+                };
                 match self.nft.apply(&ops) {
                     // Elements of this port that are still there (another
                     // gateway process on the same range, or a delete that

@@ -26,6 +26,7 @@
 //! event channel closes, the kernel plane deletes the session's conntrack
 //! flows.
 
+pub mod passthrough;
 pub mod proxy;
 mod registry;
 
@@ -77,9 +78,21 @@ pub struct Owner {
     pub timeouts: DataTimeouts,
     /// The caps its pinholes and data connections are counted against.
     pub caps: DataCaps,
+    /// The session's data TLS (a terminated FTPS session): its data
+    /// connections are relayed in userland, where the bytes can be
+    /// decrypted and encrypted again.
+    pub tls: Option<crate::tls::DataTls>,
     /// Set when its passive data connections come through a balancer
     /// with a PROXY header.
     pub proxied: Option<Arc<DataProxy>>,
+}
+
+impl Owner {
+    /// Whether `request`'s connection needs TLS on either leg: then no
+    /// plane may hand it to the kernel.
+    pub fn needs_userland(&self, request: &PinholeRequest) -> bool {
+        request.client_tls || self.tls.as_ref().is_some_and(|t| t.any())
+    }
 }
 
 /// Passive data connections that arrive through a balancer: the PROXY

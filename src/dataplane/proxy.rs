@@ -27,6 +27,7 @@ use crate::proto::{
 use crate::proxy_protocol::{self, HEADER_TIMEOUT, HeaderError};
 use crate::relay;
 use crate::tasks::Tasks;
+use crate::tls::DataLeg;
 
 /// Pinhole listeners accept only one connection; a small backlog still lets
 /// a thief's connection be accepted, logged and closed.
@@ -479,6 +480,20 @@ pub async fn carry(
         )),
     };
     match connected {
+        Ok(outbound) if owner.needs_userland(request) => {
+            let began = Instant::now();
+            let Some(legs) = tls_legs(inbound, outbound, request, owner).await else {
+                owner.report(PlaneEvent::Closed { id: request.id }).await;
+                return;
+            };
+            let (counts, result) =
+                relay::relay_streams(legs.0, legs.1, timeouts.idle, owner.ended()).await;
+            let (down, up) = directions(request.mode, counts.a_to_b, counts.b_to_a);
+            m::data_connection("proxy", mode_label(request.mode), down, up, began.elapsed());
+            if let Err(e) = result {
+                tracing::debug!(session = owner.info.id, "TLS data relay ended: {e}");
+            }
+        }
         Ok(outbound) => relay_and_report(inbound, outbound, request, owner).await,
         Err(e) => {
             tracing::warn!(
@@ -510,6 +525,67 @@ async fn relay_and_report(
         tracing::debug!(session = owner.info.id, "data relay ended: {e}");
     }
     owner.report(PlaneEvent::Closed { id: request.id }).await;
+}
+
+/// Runs the TLS handshakes of a data connection's legs, both at once (a
+/// server may only start its handshake once the client has sent its
+/// transfer command, and the client may wait for the server). The gateway
+/// is the TLS server toward the client and the TLS client toward the
+/// server (RFC 4217 section 10.2: the FTP client is the TLS client,
+/// whoever connects). Returns (inbound, outbound) legs.
+async fn tls_legs(
+    inbound: TcpStream,
+    outbound: TcpStream,
+    request: &PinholeRequest,
+    owner: &Owner,
+) -> Option<(DataLeg, DataLeg)> {
+    let Some(tls) = owner.tls.clone() else {
+        // needs_userland: PROT P exists only where the listener has TLS.
+        tracing::warn!(
+            session = owner.info.id,
+            "TLS data connection without TLS settings"
+        );
+        return None;
+    };
+    let (client, server) = match request.mode {
+        DataMode::Passive => (inbound, outbound),
+        DataMode::Active => (outbound, inbound),
+    };
+    let (client, server) = tokio::join!(
+        tls.client_leg(client, request.client_tls),
+        tls.server_leg(server)
+    );
+    let side = |r: &io::Result<DataLeg>| if r.is_ok() { "ok" } else { "failed" };
+    if request.client_tls {
+        m::tls_handshake("client_data", side(&client));
+    }
+    if tls.any() {
+        m::tls_handshake("server_data", side(&server));
+    }
+    // One deny line, for the leg that failed (the client's first): "the
+    // transfer hangs after 150" is what an operator sees.
+    let failed = |who: Side, e: io::Error| {
+        tracing::info!(
+            session = owner.info.id,
+            "data connection TLS handshake failed ({}): {e}",
+            who.as_str()
+        );
+        let mut denial =
+            Denial::new(DenyReason::TlsHandshakeFailed, who).target(request.connect_to);
+        denial.argument = Some(format!("data connection: {e}"));
+        denial.rule = Some("data_tls".into());
+        tls.deny.record(&owner.info, &denial);
+        None
+    };
+    let (client, server) = match (client, server) {
+        (Ok(c), Ok(s)) => (c, s),
+        (Err(e), _) => return failed(Side::Client, e),
+        (_, Err(e)) => return failed(Side::Server, e),
+    };
+    Some(match request.mode {
+        DataMode::Passive => (client, server),
+        DataMode::Active => (server, client),
+    })
 }
 
 /// Connects to `to` from the local address `from` (servers check that data

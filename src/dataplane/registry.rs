@@ -370,6 +370,7 @@ mod tests {
             per_client: 100,
         };
         Owner {
+            tls: None,
             events: mpsc::channel(1).0,
             info: Arc::new(SessionInfo {
                 id: session,
@@ -403,6 +404,7 @@ mod tests {
             listen_ip: ip(GATEWAY_INSIDE),
             expected_peer: owner.info.client.ip(),
             connect_to: "198.51.100.20:40001".parse().unwrap(),
+            client_tls: false,
             connect_from: "198.51.100.1".parse().unwrap(),
             shape: crate::proto::Shape::Relay,
         };

@@ -82,10 +82,21 @@ pub enum DenyReason {
     /// A listener that takes the PROXY protocol got a connection from a
     /// source outside `trusted_proxies`, or no valid PROXY header in time.
     ProxyHeader,
+    /// The TLS handshake with the client failed (or timed out).
+    TlsHandshakeFailed,
+    /// `require_tls`: a login before AUTH TLS, or a data connection
+    /// without PROT P, on a terminating listener.
+    TlsRequired,
+    /// The upstream server's certificate did not verify (or its TLS
+    /// handshake failed): the session ends.
+    TlsUpstreamVerifyFailed,
+    /// Not a refusal: a session went opaque under a passthrough rule, with
+    /// the data ports its client may reach (logged once per session).
+    TlsPassthrough,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 30] = [
+    pub const ALL: [DenyReason; 34] = [
         DenyReason::MalformedLine,
         DenyReason::LineTooLong,
         DenyReason::MalformedCommand,
@@ -116,6 +127,10 @@ impl DenyReason {
         DenyReason::RefusalBudget,
         DenyReason::TranslationRefused,
         DenyReason::ProxyHeader,
+        DenyReason::TlsHandshakeFailed,
+        DenyReason::TlsRequired,
+        DenyReason::TlsUpstreamVerifyFailed,
+        DenyReason::TlsPassthrough,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -150,6 +165,10 @@ impl DenyReason {
             DenyReason::RefusalBudget => "refusal_budget",
             DenyReason::TranslationRefused => "translation_refused",
             DenyReason::ProxyHeader => "proxy_header",
+            DenyReason::TlsHandshakeFailed => "tls_handshake_failed",
+            DenyReason::TlsRequired => "tls_required",
+            DenyReason::TlsUpstreamVerifyFailed => "tls_upstream_verify_failed",
+            DenyReason::TlsPassthrough => "tls_passthrough",
         }
     }
 }

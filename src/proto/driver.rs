@@ -226,6 +226,8 @@ impl Driver {
                     let answer = (self.resolve)(target);
                     self.session.handle_resolved(id, answer, self.now);
                 }
+                // The shell's handshake, done at once.
+                Event::StartTls => self.session.handle_tls_established(self.now),
                 _ => {}
             }
         }

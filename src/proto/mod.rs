@@ -68,9 +68,10 @@ pub mod session;
 pub use deny::{Denial, DenyReason};
 pub use policy::{FxpRule, Policy};
 pub use session::{
-    Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerb, DataVerdict, Endpoints, Event,
-    PinholeClose, PinholeId, PinholeRequest, Resolution, ResolveId, Resolved, RewriteKind,
-    ServerData, Session, SessionConfig, SessionId, Shape, Transmit,
+    AuthTls, Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerb, DataVerdict, Endpoints,
+    Event, PassthroughRule, PinholeClose, PinholeId, PinholeRequest, Resolution, ResolveId,
+    Resolved, RewriteKind, ServerData, Session, SessionConfig, SessionId, Shape, TlsPolicy,
+    Transmit,
 };
 
 /// One end of the control connection.

@@ -136,6 +136,19 @@ impl Gateway {
         data_keys: &str,
         deny_log_keys: &str,
     ) -> Gateway {
+        Gateway::reverse_full(upstream, ports, "", extra, data_keys, deny_log_keys).await
+    }
+
+    /// Like [`Gateway::reverse_with`]; `listener_keys` add keys to the
+    /// reverse listener (e.g. `tls_cert`).
+    pub async fn reverse_full(
+        upstream: SocketAddr,
+        ports: &str,
+        listener_keys: &str,
+        extra: &str,
+        data_keys: &str,
+        deny_log_keys: &str,
+    ) -> Gateway {
         let accept = if data_keys.contains("accept_timeout") {
             ""
         } else {
@@ -149,6 +162,7 @@ impl Gateway {
 mode = "reverse"
 bind = ["127.0.0.1:0"]
 upstream = "{upstream}"
+{listener_keys}
 
 [data]
 ports = "{ports}"

@@ -26,6 +26,10 @@
 #   FG_DATA_SIZE    size in bytes of data.bin (default 3145728 = 3 MiB)
 #   FG_OUT3_PORT    port of the connection recorder on out3 (default 2525)
 #   FG_PASV_MIN / FG_PASV_MAX  servers' passive port range (40000-40100)
+#   FG_TLS=1        start-servers: FTPS only (vsftpd ssl_enable, require_ssl_reuse,
+#                   force_local_logins_ssl, and implicit FTPS on port 990; proftpd
+#                   mod_tls TLSRequired), with a
+#                   CA and certificates made in $FG_STATE/tls (see README.md)
 set -euo pipefail
 
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -398,6 +402,64 @@ while True:
 EOF
 }
 
+# make_certs: a lab CA, the servers' certificate (their addresses as
+# subject alternative names), the gateway's (its inside address) and a
+# second CA that signed none of them (a wrong upstream_ca), in $STATE/tls.
+make_certs() {
+  local t=$STATE/tls
+  [ -f "$t/server.pem" ] && [ -f "$t/gw.pem" ] && [ -f "$t/other-ca.pem" ] && return 0
+  command -v openssl >/dev/null || die "openssl missing: run scripts/install-test-deps"
+  mkdir -p "$t"
+  log "making lab certificates in $t"
+  local ca
+  for ca in ca other-ca; do
+    openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=fglab $ca" \
+      -keyout "$t/$ca.key" -out "$t/$ca.pem" >/dev/null 2>&1 || die "openssl: $ca"
+  done
+  sign() {
+    local name=$1 san=$2
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=fglab $name" \
+      -keyout "$t/$name.key" -out "$t/$name.csr" >/dev/null 2>&1 || die "openssl: $name request"
+    printf 'subjectAltName=%s\n' "$san" >"$t/$name.ext"
+    openssl x509 -req -in "$t/$name.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial \
+      -days 30 -extfile "$t/$name.ext" -out "$t/$name.pem" >/dev/null 2>&1 || die "openssl: $name"
+  }
+  sign server "IP:198.51.100.20,IP:198.51.100.21,IP:2001:db8:2::20,IP:2001:db8:2::21,DNS:srv1.fglab,DNS:srv2.fglab"
+  sign gw "IP:$GW_IN4,IP:$GW_IN6,DNS:gw.fglab"
+  chmod 644 "$t"/*.pem "$t"/*.key
+}
+
+vsftpd_tls_conf() {
+  [ "${FG_TLS:-0}" = 1 ] || { echo "ssl_enable=NO"; return; }
+  cat <<EOF
+ssl_enable=YES
+rsa_cert_file=$STATE/tls/server.pem
+rsa_private_key_file=$STATE/tls/server.key
+# what FTPS servers demand: TLS logins and data, and data connections that
+# resume the control connection's TLS session
+force_local_logins_ssl=YES
+force_local_data_ssl=YES
+require_ssl_reuse=YES
+ssl_ciphers=HIGH
+EOF
+}
+
+proftpd_tls_conf() {
+  [ "${FG_TLS:-0}" = 1 ] || return 0
+  local modules
+  modules=$(dirname "$(dirname "$(find_proftpd)")")/lib/proftpd
+  cat <<EOF
+ModulePath            $modules
+LoadModule            mod_tls.c
+TLSEngine             on
+TLSRequired           on
+TLSProtocol           TLSv1.2 TLSv1.3
+TLSRSACertificateFile $STATE/tls/server.pem
+TLSRSACertificateKeyFile $STATE/tls/server.key
+TLSLog                $STATE/srv2/tls.log
+EOF
+}
+
 write_vsftpd_conf() {
   local dir=$1
   cat >"$dir/vsftpd.conf" <<EOF
@@ -417,7 +479,7 @@ secure_chroot_dir=$dir/empty
 pam_service_name=vsftpd
 userlist_enable=NO
 tcp_wrappers=NO
-ssl_enable=NO
+$(vsftpd_tls_conf)
 seccomp_sandbox=NO
 isolate_network=NO
 pasv_enable=YES
@@ -493,6 +555,7 @@ TimeoutStalled        120
 <Limit ALL>
   AllowAll
 </Limit>
+$(proftpd_tls_conf)
 EOF
   chmod 644 "$dir/proftpd.conf"
 }
@@ -525,6 +588,7 @@ cmd_start_servers() {
   proftpd=$(find_proftpd)
   pureftpd_root=$(find_pureftpd_root)
   ensure_user
+  if [ "${FG_TLS:-0}" = 1 ]; then make_certs; fi
 
   # srv1: vsftpd
   dir=$STATE/srv1
@@ -534,6 +598,12 @@ cmd_start_servers() {
   write_vsftpd_conf "$dir"
   log "starting vsftpd in ${P}srv1 (config $dir/vsftpd.conf)"
   start_daemon "${P}srv1" "$dir/vsftpd.pid" "$dir/vsftpd.stderr" "$(command -v vsftpd)" "$dir/vsftpd.conf"
+  if [ "${FG_TLS:-0}" = 1 ]; then
+    # implicit FTPS (TLS from the first byte) on port 990, same root
+    sed -e 's/^listen_port=21$/listen_port=990/' -e 's/^ssl_enable=YES$/ssl_enable=YES\nimplicit_ssl=YES/' \
+      -e "s|^vsftpd_log_file=.*|vsftpd_log_file=$dir/vsftpd990.log|" "$dir/vsftpd.conf" >"$dir/vsftpd990.conf"
+    start_daemon "${P}srv1" "$dir/vsftpd990.pid" "$dir/vsftpd990.stderr" "$(command -v vsftpd)" "$dir/vsftpd990.conf"
+  fi
 
   # srv2: proftpd
   dir=$STATE/srv2
@@ -583,6 +653,7 @@ cmd_start_servers() {
     "$PYTHON" "$HERE/listener.py" --port "$OUT3_PORT" --log "$dir/connections.log"
 
   wait_listen "${P}srv1" 21 vsftpd
+  if [ "${FG_TLS:-0}" = 1 ]; then wait_listen "${P}srv1" 990 "vsftpd (implicit FTPS)"; fi
   wait_listen "${P}srv2" 21 proftpd
   wait_listen "${P}srv3" 21 pure-ftpd
   wait_listen "${P}out3" "$OUT3_PORT" listener
@@ -605,7 +676,7 @@ cmd_stop_servers() {
   for name in srv1 srv2 srv3 out3; do
     kill_ns_procs "$P$name"
   done
-  rm -f "$STATE/srv1/vsftpd.pid" "$STATE/srv2/proftpd.run.pid" "$STATE/srv2/proftpd.pid" \
+  rm -f "$STATE/srv1/vsftpd.pid" "$STATE/srv1/vsftpd990.pid" "$STATE/srv2/proftpd.run.pid" "$STATE/srv2/proftpd.pid" \
     "$STATE/srv3/pure-ftpd.run.pid" "$STATE/srv3/pure-ftpd.pid" "$STATE/srv3/syslog.pid" \
     "$STATE/out3/listener.pid" 2>/dev/null || true
 }

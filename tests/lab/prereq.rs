@@ -41,6 +41,9 @@ pub fn lab_missing(tools: &[&str]) -> Option<String> {
 /// The namespace prefix of a lab: `base` (e.g. "fgt-") plus FG_LAB_TAG
 /// (letters and digits, at most 8), which makes the names unique to one
 /// checkout, so labs of several checkouts can run side by side.
+// Not every test that includes this file builds a prefixed lab
+// (tests/scale_out.rs does not).
+#[allow(dead_code)]
 pub fn lab_prefix(base: &str) -> String {
     let tag: String = std::env::var("FG_LAB_TAG")
         .unwrap_or_default()

@@ -120,6 +120,9 @@ pub struct Setup {
     pub one_pinhole: bool,
     /// 227 replies advertise [`ADVERTISED`] (a NAT in front).
     pub advertise: bool,
+    /// The listener terminates TLS (AUTH TLS answered 234; the driver
+    /// reports every handshake as done).
+    pub terminate_tls: bool,
 }
 
 /// The address a [`Setup`] with `advertise` announces in 227 replies.
@@ -147,11 +150,14 @@ impl Setup {
                 servers: vec![FXP_NETWORK.parse().unwrap()],
             });
         }
-        let cfg = SessionConfig {
+        let mut cfg = SessionConfig {
             policy,
             max_pinholes: if self.one_pinhole { 1 } else { 2 },
             ..SessionConfig::default()
         };
+        if self.terminate_tls {
+            cfg.tls.auth = crate::proto::AuthTls::Terminate { implicit: false };
+        }
         let mut ep = lab_endpoints();
         if self.advertise {
             ep.advertise = Some(ADVERTISED);
@@ -448,6 +454,7 @@ pub fn script_from_bytes(data: &[u8]) -> Vec<Step> {
                 fxp: arg & 1 != 0,
                 one_pinhole: arg & 2 != 0,
                 advertise: arg & 4 != 0,
+                terminate_tls: arg & 8 != 0,
             }),
         };
         steps.push(step);

@@ -108,9 +108,13 @@ impl Session {
                 command_denial(DenyReason::UnsupportedCommand, &cmd),
                 "502 Command not implemented: use EPRT or EPSV.",
             ),
-            Verb::Auth | Verb::Protected => self.refuse_client(
-                command_denial(DenyReason::AuthRefused, &cmd).rule("auth_tls"),
-                "534 Request denied for policy reasons: the control channel must stay inspectable.",
+            Verb::Auth => self.on_auth(&cmd, command_denial(DenyReason::AuthRefused, &cmd)),
+            Verb::Protected => {
+                self.on_protection_command(&cmd, command_denial(DenyReason::AuthRefused, &cmd))
+            }
+            Verb::User | Verb::Pass | Verb::Acct if self.login_needs_tls() => self.refuse_client(
+                command_denial(DenyReason::TlsRequired, &cmd).rule("require_tls"),
+                super::tls::TLS_REQUIRED,
             ),
             Verb::User | Verb::Pass | Verb::Acct => {
                 let mut end = LoginEnd::NoLogin;
@@ -194,6 +198,9 @@ impl Session {
         if !self.logged_in {
             return Err((DenyReason::NotLoggedIn, "530 Please log in first."));
         }
+        if self.data_needs_prot_p() && !is_epsv_all(cmd) {
+            return Err((DenyReason::TlsRequired, super::tls::PROT_P_REQUIRED));
+        }
         if self.epsv_all && !(cmd.verb == Verb::Epsv) {
             return Err((
                 DenyReason::EpsvAll,
@@ -205,7 +212,7 @@ impl Session {
 
     fn on_active_command(&mut self, cmd: &Command) {
         if let Err((reason, reply)) = self.data_command_allowed(cmd) {
-            return self.refuse_client(command_denial(reason, cmd), reply);
+            return self.refuse_client(data_denial(reason, cmd), reply);
         }
         let arg = cmd.arg.unwrap_or_default();
         let parsed = match cmd.verb {
@@ -283,6 +290,7 @@ impl Session {
                     expected_peer: self.peers.server,
                     connect_to: endpoint,
                     connect_from: self.ep.client_local.ip(),
+                    client_tls: self.client_data_tls(),
                     shape: Shape::Relay,
                 }));
                 self.held_command = Some(HeldCommand::Opening(id, cmd));
@@ -359,6 +367,7 @@ impl Session {
             expected_peer: self.peers.client,
             connect_to: SocketAddr::new(self.peers.server, 0),
             connect_from: self.ep.server_local.ip(),
+            client_tls: self.client_data_tls(),
             shape: Shape::AcceptBoth {
                 server_listen: self.ep.server_local.ip(),
                 server: self.peers.server,
@@ -393,7 +402,7 @@ impl Session {
 
     fn on_passive_command(&mut self, cmd: &Command, line: &[u8]) {
         if let Err((reason, reply)) = self.data_command_allowed(cmd) {
-            return self.refuse_client(command_denial(reason, cmd), reply);
+            return self.refuse_client(data_denial(reason, cmd), reply);
         }
         let client_af = af_number(self.peers.client);
         let client = match cmd.verb {
@@ -454,6 +463,10 @@ fn active_verb(verb: Verb) -> DataVerb {
     }
 }
 
+fn is_epsv_all(cmd: &Command) -> bool {
+    cmd.verb == Verb::Epsv && matches!(command::parse_epsv_arg(cmd.arg), Ok(EpsvArg::All))
+}
+
 fn request_endpoint(request: DataRequest) -> SocketAddr {
     match request {
         DataRequest::Active {
@@ -482,6 +495,16 @@ fn loggable_arg(cmd: &Command) -> String {
             text.chars().take(MAX_LOGGED_ARG).collect()
         }
         None => String::new(),
+    }
+}
+
+/// The refusal of a data command, with the rule for `tls_required`.
+fn data_denial(reason: DenyReason, cmd: &Command) -> Denial {
+    let d = command_denial(reason, cmd);
+    if reason == DenyReason::TlsRequired {
+        d.rule("require_tls")
+    } else {
+        d
     }
 }
 

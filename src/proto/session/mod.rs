@@ -14,12 +14,13 @@ mod output;
 mod pending;
 mod pinholes;
 mod replies;
+mod tls;
 mod types;
 
 pub use types::{
-    Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerb, DataVerdict, Endpoints, Event,
-    PinholeClose, PinholeId, PinholeRequest, Resolution, ResolveId, Resolved, RewriteKind,
-    ServerData, SessionConfig, SessionId, Shape, Transmit,
+    AuthTls, Chunk, CloseReason, DEFAULT_MAX_REFUSALS, DataMode, DataVerb, DataVerdict, Endpoints,
+    Event, PassthroughRule, PinholeClose, PinholeId, PinholeRequest, Resolution, ResolveId,
+    Resolved, RewriteKind, ServerData, SessionConfig, SessionId, Shape, TlsPolicy, Transmit,
 };
 
 use std::collections::VecDeque;
@@ -83,6 +84,10 @@ pub struct Session {
     /// Refused client lines so far, against `cfg.max_refusals`.
     refusals: usize,
     tally: DenyTally,
+    /// AUTH/PBSZ/PROT state (RFC 4217).
+    tls: tls::TlsState,
+    /// The passthrough rule an AUTH awaiting the server's reply went under.
+    pending_rule: Option<String>,
 }
 
 impl Session {
@@ -125,6 +130,8 @@ impl Session {
             clock: now,
             refusals: 0,
             tally: DenyTally::default(),
+            tls: tls::TlsState::new(&cfg.tls.auth),
+            pending_rule: None,
             cfg,
             ep,
         }
@@ -147,8 +154,12 @@ impl Session {
     pub fn wants_input(&self, from: Side) -> bool {
         !self.closed
             && match from {
-                Side::Client => self.held_command.is_none() && self.pending.len() < MAX_PENDING,
-                Side::Server => self.held_reply.is_none(),
+                Side::Client => {
+                    self.held_command.is_none()
+                        && self.pending.len() < MAX_PENDING
+                        && self.tls.reads_client()
+                }
+                Side::Server => self.held_reply.is_none() && self.tls.reads_server(),
             }
     }
 

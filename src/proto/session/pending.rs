@@ -80,6 +80,9 @@ pub(super) enum Expect {
     /// means its data connection is over (RFC 959 section 5.4: the server
     /// closes or aborts the data connection before the 226/4yz/5yz).
     Transfer,
+    /// AUTH sent to the server under a passthrough rule granting this
+    /// passive range.
+    AuthPassthrough((u16, u16)),
     Other,
 }
 

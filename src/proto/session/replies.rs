@@ -200,6 +200,10 @@ impl Session {
             Some(Pending::Command(Expect::Passive(plan))) => {
                 self.on_passive_reply(plan, code, line, malformed);
             }
+            Some(Pending::Command(Expect::AuthPassthrough(ports))) => {
+                self.relay_line(end, line);
+                self.on_auth_reply(code, ports);
+            }
             Some(Pending::Command(Expect::ToPassive(plan))) => {
                 self.on_to_passive_reply(plan, code, line, malformed);
             }
@@ -274,6 +278,7 @@ impl Session {
             expected_peer: self.peers.client,
             connect_to: endpoint,
             connect_from: self.ep.server_local.ip(),
+            client_tls: self.client_data_tls(),
             shape: Shape::Relay,
         }));
         self.held_reply = Some(HeldReply {
@@ -353,6 +358,7 @@ impl Session {
             expected_peer: self.peers.server,
             connect_to: plan.target,
             connect_from: self.ep.client_local.ip(),
+            client_tls: self.client_data_tls(),
             shape: Shape::DialBoth {
                 dial: endpoint,
                 dial_from: self.ep.server_local.ip(),

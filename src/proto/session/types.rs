@@ -58,6 +58,44 @@ pub struct SessionConfig {
     pub idle_timeout: Duration,
     /// Refused client lines a session may send; one more closes it with 421.
     pub max_refusals: usize,
+    /// What AUTH TLS does on this session (RFC 4217).
+    pub tls: TlsPolicy,
+}
+
+/// How a session answers AUTH TLS (RFC 4217), from the listener and
+/// `[policy] auth_tls`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AuthTls {
+    /// 534: the control channel must stay inspectable.
+    #[default]
+    Refuse,
+    /// The gateway is the TLS server toward the client (reverse mode with
+    /// a certificate): it answers AUTH, PBSZ and PROT itself and still sees
+    /// the plaintext. `implicit`: the connection started with TLS (port 990
+    /// style), so the session is secure from its first byte.
+    Terminate { implicit: bool },
+    /// Transparent mode: AUTH goes to servers named in a rule; after their
+    /// 234 the control channel is relayed opaquely. Others get 534.
+    Passthrough(Vec<PassthroughRule>),
+}
+
+/// A `[[policy.tls_passthrough]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassthroughRule {
+    pub name: String,
+    pub servers: Vec<ipnet::IpNet>,
+    /// The servers' published passive range: what the client may connect
+    /// to for the rest of the session.
+    pub data_ports: (u16, u16),
+}
+
+/// The session's TLS policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsPolicy {
+    pub auth: AuthTls,
+    /// Refuse USER/PASS before AUTH TLS (530), and data connections
+    /// without PROT P (521), on a terminating session.
+    pub require_tls: bool,
 }
 
 impl Default for SessionConfig {
@@ -72,6 +110,7 @@ impl Default for SessionConfig {
             login_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(15 * 60),
             max_refusals: DEFAULT_MAX_REFUSALS,
+            tls: TlsPolicy::default(),
         }
     }
 }
@@ -140,6 +179,9 @@ pub struct PinholeRequest {
     pub expected_peer: IpAddr,
     pub connect_to: SocketAddr,
     pub connect_from: IpAddr,
+    /// The client's leg speaks TLS (PROT P on a terminated session): the
+    /// gateway is its TLS server, whichever side connects.
+    pub client_tls: bool,
     pub shape: Shape,
 }
 
@@ -290,6 +332,8 @@ pub enum CloseReason {
     RefusalBudget,
     /// The gateway is shutting down.
     Shutdown,
+    /// The TLS handshake on the control connection failed.
+    TlsFailed,
 }
 
 impl CloseReason {
@@ -302,6 +346,7 @@ impl CloseReason {
             CloseReason::NotFtp => "not_ftp",
             CloseReason::RefusalBudget => "refusal_budget",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::TlsFailed => "tls_failed",
         }
     }
 }
@@ -386,6 +431,20 @@ pub enum Event {
     },
     /// The user logged in.
     LoggedIn,
+    /// The gateway's 234 to AUTH TLS is the last byte queued for the
+    /// client: flush it, then run the TLS handshake as server on the client
+    /// connection and answer with `handle_tls_established` or
+    /// `handle_tls_failed`. The core reads nothing from the client until
+    /// then.
+    StartTls,
+    /// The server accepted AUTH TLS under a passthrough rule: from now on
+    /// the shell relays the control connection opaquely (the core reads
+    /// nothing more), and the client, only it, may open data connections
+    /// to the server on `data_ports` until the session ends.
+    Passthrough {
+        server: IpAddr,
+        data_ports: (u16, u16),
+    },
     /// Flush what is queued for each side, then close the session.
     Close(CloseReason),
 }
