@@ -99,8 +99,11 @@ pub fn pinhole_mark(tag: u32, port: u16) -> u32 {
 
 /// How long a withdrawn pinhole is still recognised when conntrack reports
 /// its flow late (the first connection raced its withdrawal): its flow is
-/// then still accounted and ended with its session.
-const RECENT: Duration = Duration::from_secs(10);
+/// then still accounted and ended with its session. Its port stays out of
+/// use as long (or until that report), so the report cannot find the next
+/// pinhole there: a pinhole withdrawn unused keeps its port this much
+/// longer.
+const RECENT: Duration = Duration::from_secs(2);
 
 /// How long after a pinhole's kernel flow appeared a connection from the
 /// same client socket to the same address is taken as that client's retry
@@ -307,6 +310,23 @@ impl KernelPlane {
             let mut recent = lock_recent(&self.recent);
             recent.retain(|_, (_, at)| at.elapsed() < RECENT);
             recent.insert(port, (found, Instant::now()));
+            drop(recent);
+            // No report came: forget it, and give the port back.
+            let recent = Arc::clone(&self.recent);
+            let registry = Arc::clone(&self.registry);
+            let stopping = self.tasks.stopping();
+            self.tasks.spawn(async move {
+                tokio::select! {
+                    () = tokio::time::sleep(RECENT) => {}
+                    () = stopping => return,
+                }
+                let mut recent = lock_recent(&recent);
+                if recent.get(&port).is_some_and(|(f, _)| f.id == id) {
+                    recent.remove(&port);
+                }
+                drop(recent);
+                registry.sweep();
+            });
         }
     }
 

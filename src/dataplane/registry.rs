@@ -187,6 +187,15 @@ impl Registry {
         self.size() - inner.by_port.len() - inner.quarantined.len()
     }
 
+    /// Ports whose holds have run out go back to the pool.
+    pub fn sweep(&self) {
+        let mut inner = self.lock();
+        inner.sweep(Instant::now());
+        let free = self.size() - inner.by_port.len() - inner.quarantined.len();
+        drop(inner);
+        m::port_pool_free(free);
+    }
+
     /// The flow `port` was held for has been seen.
     pub fn flow_seen(&self, port: u16) {
         let mut inner = self.lock();

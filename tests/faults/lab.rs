@@ -216,6 +216,19 @@ bind = "127.0.0.1:9121"
         metric(&self.metrics(), name, &[])
     }
 
+    /// Waits (bounded) until metric `name` reads `want`.
+    pub fn wait_metric(&self, name: &str, want: f64, within: Duration) {
+        let until = Instant::now() + within;
+        loop {
+            let now = self.metric(name);
+            if now == want {
+                return;
+            }
+            assert!(Instant::now() < until, "{name} is {now}, not {want}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Live kernel pinhole elements (`ftpgate pinholes`), one per line.
     pub fn elements(&self) -> usize {
         let o = self.exec("gw", &[env!("CARGO_BIN_EXE_ftpgate"), "pinholes"]);
