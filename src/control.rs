@@ -100,20 +100,25 @@ pub async fn serve(
     let _ = client.set_nodelay(true);
     // Implicit FTPS: the connection starts with the handshake.
     let mut client = match &settings.client_tls {
-        Some(tls) if tls.implicit => match ftls::bounded(tls.acceptor.accept(client)).await {
-            Ok(s) => {
-                m::tls_handshake("client", "ok");
-                Ctl::Tls(Box::new(s.into()))
+        // Boxed, like every TLS and passthrough step below: an async fn's
+        // state is as large as its largest await, and a plain idle session
+        // should not carry a handshake's worth of it (2.4 KiB each).
+        Some(tls) if tls.implicit => {
+            match Box::pin(ftls::bounded(tls.acceptor.accept(client))).await {
+                Ok(s) => {
+                    m::tls_handshake("client", "ok");
+                    Ctl::Tls(Box::new(s.into()))
+                }
+                Err(e) => {
+                    m::tls_handshake("client", "failed");
+                    let mut denial = Denial::new(DenyReason::TlsHandshakeFailed, Side::Client);
+                    denial.argument = Some(e.to_string());
+                    shared.deny.record(&info, &denial);
+                    m::session_refused(info.mode, denial.reason.as_str());
+                    return;
+                }
             }
-            Err(e) => {
-                m::tls_handshake("client", "failed");
-                let mut denial = Denial::new(DenyReason::TlsHandshakeFailed, Side::Client);
-                denial.argument = Some(e.to_string());
-                shared.deny.record(&info, &denial);
-                m::session_refused(info.mode, denial.reason.as_str());
-                return;
-            }
-        },
+        }
         _ => Ctl::Plain(client),
     };
     let began = std::time::Instant::now();
@@ -143,7 +148,7 @@ pub async fn serve(
         None => (Ctl::Plain(server), Vec::new(), None),
         Some(up) => {
             let connector = up.for_session();
-            match upstream_prelude(server, up, &connector).await {
+            match Box::pin(upstream_prelude(server, up, &connector)).await {
                 Ok((server, greeting)) => {
                     m::tls_handshake("server", "ok");
                     (server, greeting, Some((connector, up.name.clone())))
@@ -368,7 +373,7 @@ impl Running {
                 break self.close_reason();
             }
             if std::mem::take(&mut self.start_tls) {
-                client = self.client_handshake(client).await;
+                client = Box::pin(self.client_handshake(client)).await;
                 continue;
             }
             if let Some((to, ports)) = self.passthrough.take() {
@@ -376,7 +381,7 @@ impl Running {
                     std::mem::replace(&mut client, Ctl::Gone),
                     std::mem::replace(&mut server, Ctl::Gone),
                 );
-                break self.opaque(c, s, to, ports, shutdown).await;
+                break Box::pin(self.opaque(c, s, to, ports, shutdown)).await;
             }
             for (stream, buf) in [(&client, &mut client_buf), (&server, &mut server_buf)] {
                 if stream.is_tls() && buf.is_empty() {

@@ -246,6 +246,7 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     raise_fd_limit();
+    warn_ephemeral_overlap(cfg.data.ports);
     let running = start(cfg).await?;
     let (mut grace, mut drain) = (grace, drain);
     loop {
@@ -300,6 +301,50 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
 /// from a shell (soft limit 1024) would die of EMFILE at a few hundred
 /// sessions although the hard limit (systemd: 65536 in the shipped unit;
 /// often 524288) allows far more.
+/// The kernel hands out local ports for outgoing connections (ftpgate's own
+/// upstream connections among them) from net.ipv4.ip_local_port_range; a
+/// data port taken that way cannot hold a pinhole, and the kernel plane's
+/// fall-through listener cannot start on it. Says so when the data range
+/// overlaps that range without being reserved.
+fn warn_ephemeral_overlap((low, high): (u16, u16)) {
+    let read = |name: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"));
+    let (Ok(range), Ok(reserved)) = (read("ip_local_port_range"), read("ip_local_reserved_ports"))
+    else {
+        return;
+    };
+    if let Some(n) = unreserved_ephemeral((low, high), &range, &reserved) {
+        tracing::warn!(
+            "{n} of the data ports {low}-{high} are in net.ipv4.ip_local_port_range ({}) and not reserved: \
+             outgoing connections can take them; set net.ipv4.ip_local_reserved_ports={low}-{high}",
+            range.split_whitespace().collect::<Vec<_>>().join("-")
+        );
+    }
+}
+
+/// How many ports of `data` the kernel may hand out for outgoing
+/// connections, given the sysctl texts of ip_local_port_range ("32768
+/// 60999") and ip_local_reserved_ports ("50000-50999,8080"); None if none.
+fn unreserved_ephemeral((low, high): (u16, u16), range: &str, reserved: &str) -> Option<usize> {
+    let mut bounds = range
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok());
+    let (from, to) = (bounds.next()?, bounds.next()?);
+    let reserved: Vec<(u32, u32)> = reserved
+        .trim()
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| match p.split_once('-') {
+            Some((a, b)) => Some((a.trim().parse().ok()?, b.trim().parse().ok()?)),
+            None => p.trim().parse().ok().map(|a| (a, a)),
+        })
+        .collect();
+    let n = (u32::from(low)..=u32::from(high))
+        .filter(|p| (from..=to).contains(p))
+        .filter(|p| !reserved.iter().any(|(a, b)| (*a..=*b).contains(p)))
+        .count();
+    (n > 0).then_some(n)
+}
+
 fn raise_fd_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -325,4 +370,20 @@ fn raise_fd_limit() {
 
 pub fn load(path: &Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn data_ports_in_the_ephemeral_range_are_found_unless_reserved() {
+        use super::unreserved_ephemeral as u;
+        assert_eq!(u((50000, 50999), "32768\t60999\n", "\n"), Some(1000));
+        assert_eq!(u((50000, 50999), "32768 60999", "50000-50999\n"), None);
+        assert_eq!(
+            u((50000, 50999), "32768 60999", "8080,50000-50499"),
+            Some(500)
+        );
+        assert_eq!(u((20000, 20999), "32768 60999", ""), None);
+        assert_eq!(u((60900, 61099), "32768 60999", "60950"), Some(99));
+    }
 }

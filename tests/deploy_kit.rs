@@ -405,6 +405,16 @@ fn kernel_plane_drop_in_verifies_and_grants_only_netlink_admin() {
     ] {
         assert!(sysctl.contains(key), "{key} missing from the sysctl file");
     }
+    // Both planes: the shipped data range is reserved from ephemeral use.
+    let ports = read(&deploy("sysctl/90-ftpgate-data-ports.conf"));
+    assert!(
+        ports.contains("net.ipv4.ip_local_reserved_ports = 50000-50999"),
+        "the data-port sysctl file reserves the shipped range"
+    );
+    assert!(
+        read(&deploy("systemd/ftpgate.toml")).contains("ports = \"50000-50999\""),
+        "the systemd config's data range is the one the sysctl file reserves"
+    );
     let Some(analyze) = tool("systemd-analyze") else {
         return skip(
             test,
