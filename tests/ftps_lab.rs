@@ -111,13 +111,7 @@ impl Drop for Lab {
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use prereq::text;
 
 fn sha256_file(path: &Path) -> String {
     let o = Command::new("sha256sum").arg(path).output().unwrap();

@@ -62,13 +62,7 @@ fn exec(host: &str, cmd: &[&str]) -> Output {
     lab(&all)
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use prereq::text;
 
 fn missing_prerequisite() -> Option<String> {
     prereq::lab_missing(&["ip", "nft", "vsftpd", "curl", "lftp"])

@@ -51,13 +51,7 @@ const PORTS: (u16, u16) = (50000, 50299);
 const ADMIN_PORT: u16 = 9121;
 const FILE: &str = "small.bin";
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use prereq::text;
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("run a command")

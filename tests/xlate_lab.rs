@@ -62,13 +62,7 @@ impl Drop for Lab {
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use prereq::text;
 
 impl Lab {
     fn lab(&self, args: &[&str]) -> Output {

@@ -1,9 +1,9 @@
 //! What the namespace lab needs, shared by the tests that build it
 //! (`tests/nat_lab.rs`, `tests/faults.rs`): why the lab cannot run here, if
-//! it cannot, and the namespace prefix of a lab.
+//! it cannot, the namespace prefix of a lab, and a command's output as text.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
 /// `None` when the lab can run: root, the given tools, and the lab's copies
 /// of proftpd and pure-ftpd (`scripts/install-test-deps` installs them all).
@@ -56,4 +56,14 @@ pub fn lab_prefix(base: &str) -> String {
     } else {
         format!("{base}{tag}-")
     }
+}
+
+/// A finished command's standard output and error, as text.
+#[allow(dead_code)]
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }

@@ -3,15 +3,9 @@
 //! that build the lab (`tests/nat_lab.rs`, `tests/faults.rs`).
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use super::prereq::text;
 
 /// Loads the rules `ftpgate nft-rules` prints for `config` into the
 /// gateway namespace `gw_ns` (a copy is kept in `dir/rules.nft`). For the
