@@ -122,6 +122,18 @@ where
         let backward = copy_pump(br, aw, &clock, &b_to_a);
         tokio::try_join!(forward, backward).map(|_| ())
     };
+    watch(moved, &clock, idle, cancel, [&a_to_b, &b_to_a]).await
+}
+
+/// Runs `moved` until it ends, the connection has been idle for `idle`
+/// (on `clock`), or `cancel` fires; then the bytes counted each way.
+async fn watch(
+    moved: impl std::future::Future<Output = io::Result<()>>,
+    clock: &IdleClock,
+    idle: Duration,
+    cancel: impl std::future::Future<Output = ()>,
+    [a_to_b, b_to_a]: [&Count; 2],
+) -> (Relayed, io::Result<()>) {
     let result = tokio::select! {
         r = moved => r,
         () = clock.expired(idle) => Err(io::Error::new(
@@ -191,22 +203,7 @@ async fn run(
             Engine::Copy => copy(a, b, &clock, &a_to_b, &b_to_a).await,
         }
     };
-    let result = tokio::select! {
-        r = moved => r,
-        () = clock.expired(idle) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "data connection idle",
-        )),
-        () = cancel => Err(io::Error::new(
-            io::ErrorKind::ConnectionAborted,
-            "control session ended",
-        )),
-    };
-    let counts = Relayed {
-        a_to_b: a_to_b.get(),
-        b_to_a: b_to_a.get(),
-    };
-    (counts, result)
+    watch(moved, &clock, idle, cancel, [&a_to_b, &b_to_a]).await
 }
 
 #[cfg(target_os = "linux")]
