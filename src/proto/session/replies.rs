@@ -258,18 +258,12 @@ impl Session {
         // Whatever the server wrote around its final line goes: the client
         // gets the gateway's canonical line or the gateway's 425.
         self.passive = PassiveLines::default();
-        let Some(announced) = self.announced(plan.upstream, code, &line, malformed) else {
-            return self.refuse_unusable_passive_reply();
-        };
-        let Some((endpoint, replaced)) = self.passive_endpoint(announced) else {
+        let Some((id, endpoint, replaced)) = self.passive_leg(
+            (plan.upstream, code, &line, malformed),
+            DataMode::Passive,
+            self.peers.client,
+        ) else {
             return;
-        };
-        let Some(id) = self.reserve_slot(DataMode::Passive, vec![self.peers.client]) else {
-            return self.refuse(
-                Denial::new(DenyReason::PinholeLimit, Side::Client),
-                TOO_MANY_DATA_CONNECTIONS,
-                Route::InPlace,
-            );
         };
         self.events.push_back(Event::OpenPinhole(PinholeRequest {
             id,
@@ -286,6 +280,33 @@ impl Session {
             answer: Answer::Passive(plan),
             replaced,
         });
+    }
+
+    /// The server's 227/229 `reply` (style, code, line, malformed) read and
+    /// policed, and a slot reserved for a pinhole of `mode` expecting
+    /// `peer`: its key, the endpoint the gateway connects to and whether
+    /// the announced address was replaced. None once the client has been
+    /// refused (unusable reply, policy, or no slot).
+    fn passive_leg(
+        &mut self,
+        (upstream, code, line, malformed): (Style, Code, &[u8], bool),
+        mode: DataMode,
+        peer: IpAddr,
+    ) -> Option<(PinholeId, SocketAddr, bool)> {
+        let Some(announced) = self.announced(upstream, code, line, malformed) else {
+            self.refuse_unusable_passive_reply();
+            return None;
+        };
+        let (endpoint, replaced) = self.passive_endpoint(announced)?;
+        let Some(id) = self.reserve_slot(mode, vec![peer]) else {
+            self.refuse(
+                Denial::new(DenyReason::PinholeLimit, Side::Client),
+                TOO_MANY_DATA_CONNECTIONS,
+                Route::InPlace,
+            );
+            return None;
+        };
+        Some((id, endpoint, replaced))
     }
 
     fn refuse_unusable_passive_reply(&mut self) {
@@ -338,18 +359,12 @@ impl Session {
                 arg,
             );
         }
-        let Some(announced) = self.announced(plan.upstream, code, &line, malformed) else {
-            return self.refuse_unusable_passive_reply();
-        };
-        let Some((endpoint, replaced)) = self.passive_endpoint(announced) else {
+        let Some((id, endpoint, replaced)) = self.passive_leg(
+            (plan.upstream, code, &line, malformed),
+            DataMode::Active,
+            self.peers.server,
+        ) else {
             return;
-        };
-        let Some(id) = self.reserve_slot(DataMode::Active, vec![self.peers.server]) else {
-            return self.refuse(
-                Denial::new(DenyReason::PinholeLimit, Side::Client),
-                TOO_MANY_DATA_CONNECTIONS,
-                Route::InPlace,
-            );
         };
         self.events.push_back(Event::OpenPinhole(PinholeRequest {
             id,
