@@ -504,7 +504,27 @@ def report_main(args):
                 )
                 return f"{p50:.1f} / {p99:.1f}; {slow} ≥ 1 s, {drops} overflows; {failed} failed"
 
+            def scpu(p, runs=runs, conc=conc):
+                cpu = [r for r in rows if r.get("part") == "session_cpu" and r["path"] == p and r["concurrency"] == conc]
+                per = []
+                for c in cpu:
+                    done = [r["ok"] for r in runs[p] if r.get("round") == c["round"]]
+                    if done and done[0]:
+                        per.append(c["fg_cpu_s"] / done[0] * 1e6)
+                return fmt(median(per)) if per and p in ("proxy", "kernel") else "–"
+
             table.append([f"sessions/s, concurrency {conc}", *cells(srate)])
+            def spackets(p, runs=runs, conc=conc):
+                cpu = [r for r in rows if r.get("part") == "session_cpu" and r["path"] == p and r["concurrency"] == conc]
+                per = []
+                for c in cpu:
+                    done = [r["ok"] + r["failed"] for r in runs[p] if r.get("round") == c["round"]]
+                    if done and done[0] and "edge_packets" in c:
+                        per.append(c["edge_packets"] / done[0])
+                return fmt(median(per), 1) if per else "–"
+
+            table.append([f"c={conc}: ftpgate CPU µs per session", *cells(scpu)])
+            table.append([f"c={conc}: packets through the edge's interfaces per session", *cells(spackets)])
             table.append(
                 [
                     f"c={conc}: session ms p50 / p99; sessions ≥ 1 s, vsftpd listen-queue overflows; failures",
