@@ -209,6 +209,9 @@ pub struct Config {
     pub deny_log: DenyLogConfig,
     pub admin: Option<SocketAddr>,
     pub tls: TlsSettings,
+    /// What a session on each listener needs, by listener index: derived
+    /// once per load, not per accepted connection.
+    sessions: Vec<Arc<SessionConfig>>,
 }
 
 impl Config {
@@ -260,6 +263,12 @@ impl Config {
     /// TLS).
     pub fn session_config(&self) -> Arc<SessionConfig> {
         self.session_config_for(None)
+    }
+
+    /// What a control session accepted by listener number `index` needs
+    /// (shared by all of them, made when the configuration was loaded).
+    pub fn listener_session_config(&self, index: usize) -> Option<Arc<SessionConfig>> {
+        self.sessions.get(index).cloned()
     }
 
     /// What a control session accepted by `listener` needs.
@@ -906,7 +915,7 @@ impl RawConfig {
             }
         });
 
-        Config {
+        let mut config = Config {
             listeners,
             data,
             policy: Policy { deny_ports, fxp },
@@ -914,7 +923,12 @@ impl RawConfig {
             deny_log,
             admin,
             tls,
-        }
+            sessions: Vec::new(),
+        };
+        config.sessions = (config.listeners.iter())
+            .map(|l| config.session_config_for(Some(l)))
+            .collect();
+        config
     }
 }
 

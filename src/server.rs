@@ -18,6 +18,7 @@ use crate::denylog::SessionInfo;
 use crate::proto::policy::canonical;
 use crate::proto::{Denial, DenyReason, Side};
 use crate::proxy_protocol::{self, HEADER_TIMEOUT, HeaderError};
+use crate::sockets::original_dst_at;
 pub use crate::sockets::{bind, original_dst};
 
 /// The gateway's running state shared by all listeners.
@@ -102,7 +103,9 @@ impl Gateway {
         stop: watch::Receiver<bool>,
     ) {
         let cfg = self.config.borrow().clone();
-        let Some(listener) = cfg.listeners.get(index).cloned() else {
+        let (Some(listener), Some(core)) =
+            (cfg.listeners.get(index), cfg.listener_session_config(index))
+        else {
             return;
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -136,8 +139,13 @@ impl Gateway {
                 }
             }
         }
-        if listener.mode == Mode::Transparent
-            && let Some(to) = original_dst(&stream)
+        // A redirected connection's addresses, asked of the kernel once.
+        let local = stream.local_addr().ok();
+        let original = match (listener.mode, local) {
+            (Mode::Transparent, Some(local)) => original_dst_at(&stream, local),
+            _ => None,
+        };
+        if let Some(to) = original
             && to.port() != listener.intercept_port
             && cfg.tls.passthrough.iter().any(|r| {
                 (r.data_ports.0..=r.data_ports.1).contains(&to.port())
@@ -148,7 +156,7 @@ impl Gateway {
                 .passthrough_data(stream, info.client, canonical(to))
                 .await;
         }
-        let upstream = match self.upstream(&listener, &stream) {
+        let upstream = match self.upstream(listener, local, original) {
             Ok(u) => u,
             Err(reason) => {
                 let reply = match reason {
@@ -182,7 +190,7 @@ impl Gateway {
             }
         };
         let settings = SessionSettings {
-            core: cfg.session_config_for(Some(&listener)),
+            core,
             mode: listener.mode,
             // Passive replies name what the client connected to: the
             // configured address for this client's network, else the
@@ -241,14 +249,20 @@ impl Gateway {
         );
     }
 
-    fn upstream(&self, listener: &Listener, stream: &TcpStream) -> Result<SocketAddr, DenyReason> {
+    /// Where a session goes: a reverse listener's server, or a redirected
+    /// connection's original destination (`original`; `local` is the
+    /// address it reached the gateway on).
+    fn upstream(
+        &self,
+        listener: &Listener,
+        local: Option<SocketAddr>,
+        original: Option<SocketAddr>,
+    ) -> Result<SocketAddr, DenyReason> {
         match listener.mode {
             Mode::Reverse => listener.upstream.ok_or(DenyReason::Loop),
             Mode::Transparent => {
-                let orig = original_dst(stream).map(|o| nat64_embedded(o, listener.nat64_prefix));
-                transparent_upstream(stream.local_addr().ok(), orig, |ip| {
-                    self.shared.local.contains(ip)
-                })
+                let orig = original.map(|o| nat64_embedded(o, listener.nat64_prefix));
+                transparent_upstream(local, orig, |ip| self.shared.local.contains(ip))
             }
         }
     }

@@ -29,7 +29,11 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// The destination a redirected connection was addressed to
 /// (SO_ORIGINAL_DST, IPv4 or IPv6), canonicalised.
 pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
-    let local = stream.local_addr().ok()?;
+    original_dst_at(stream, stream.local_addr().ok()?)
+}
+
+/// [`original_dst`] of a stream whose local address the caller has.
+pub fn original_dst_at(stream: &TcpStream, local: SocketAddr) -> Option<SocketAddr> {
     let sock = SockRef::from(stream);
     let orig = match local {
         SocketAddr::V4(_) => sock.original_dst_v4(),

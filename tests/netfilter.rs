@@ -343,6 +343,23 @@ fn a_failing_add_rolls_back_the_whole_batch_and_names_the_operation() {
                 nft.list("armed4")?.len() == 1,
                 "the fresh key must not stay"
             );
+            // Only a batch's last message asks for an ACK: the failure of
+            // an earlier one must still be heard, and still undo the batch.
+            let err = nft
+                .apply(&[
+                    ElemOp::add("armed4", SetElem::new(&taken).with_timeout(t)),
+                    ElemOp::add("armed4", SetElem::new(&fresh).with_timeout(t)),
+                ])
+                .err()
+                .context("adding an existing key first must fail too")?;
+            ensure!(
+                matches!(&err, NftError::Kernel { errno, .. } if *errno == libc::EEXIST),
+                "{err}"
+            );
+            ensure!(
+                nft.list("armed4")?.len() == 1,
+                "the fresh key must not stay when an earlier message failed"
+            );
             Ok(())
         },
     );

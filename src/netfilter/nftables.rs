@@ -3,11 +3,14 @@
 //! Changes go in one nfnetlink batch (NFNL_MSG_BATCH_BEGIN ... END,
 //! linux/netfilter/nfnetlink.h): nf_tables applies every message of a batch
 //! in one transaction or none, so the elements of one pinhole appear
-//! together. Every message asks for an ACK, and nfnetlink answers each one
-//! (it keeps going after an error to report them all), so the reply count is
-//! known in advance. The kernel handles a batch inside `sendmsg`, so the
-//! answers are queued before `send` returns; SO_RCVTIMEO still bounds the
-//! wait in case one is lost.
+//! together. nfnetlink reports every failed message of a batch (it keeps
+//! going after an error to report them all) and queues those reports in
+//! message order once the whole batch has been handled; only the last
+//! message asks for an ACK, so its answer, success or error, is the last of
+//! the batch's, and one datagram (one receive) answers a batch that worked
+//! instead of one per message. The kernel handles a batch inside `sendmsg`,
+//! so the answers are queued before `send` returns; SO_RCVTIMEO still bounds
+//! the wait in case one is lost.
 //!
 //! The API is synchronous behind a Mutex: one exchange takes microseconds,
 //! far less than a tokio task switch, and startup checks can call it before
@@ -508,6 +511,9 @@ impl Inner {
     }
 
     fn batch(&mut self, table: &str, ops: &[&ElemOp]) -> Result<Outcome, NftError> {
+        if ops.is_empty() {
+            return Ok(Outcome::Committed);
+        }
         let count = ops.len() as u32;
         let begin = self.next_seq(count + 2);
         let mut w = Writer::new();
@@ -527,6 +533,7 @@ impl Inner {
                 op,
                 begin + 1 + i as u32,
                 self.destroy,
+                i + 1 == ops.len(),
             ));
         }
         w.begin(
@@ -544,9 +551,10 @@ impl Inner {
         self.send(w.as_bytes(), &batch_op)?;
 
         let deadline = Instant::now() + REPLY_TIMEOUT;
+        // Errors of earlier messages, then the last message's answer.
         let mut answers: Vec<Option<msg::ErrorMsg>> = vec![None; ops.len()];
-        let mut missing = ops.len();
-        while missing > 0 {
+        let last = ops.len() - 1;
+        while answers[last].is_none() {
             self.recv(&batch_op, deadline)?;
             for m in msg::messages(&self.buf).filter(|m| m.ty == NLMSG_ERROR) {
                 let Some(e) = msg::parse_error(&m) else {
@@ -554,9 +562,6 @@ impl Inner {
                 };
                 let idx = e.seq.wrapping_sub(begin + 1) as usize;
                 if idx < ops.len() {
-                    if answers[idx].is_none() {
-                        missing -= 1;
-                    }
                     answers[idx] = Some(e);
                 } else if (e.seq == begin || e.seq == begin + count + 1) && e.errno != 0 {
                     // The batch as a whole was refused (EPERM without

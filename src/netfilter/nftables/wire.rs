@@ -63,21 +63,22 @@ pub(super) fn encode_op(
     op: &ElemOp,
     seq: u32,
     destroy: bool,
+    ack: bool,
 ) -> usize {
     let (ty, flags) = match op {
         ElemOp::Add { .. } => (
             NFT_MSG_NEWSETELEM,
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL,
         ),
         // An absent element makes DELSETELEM fail, and a failed element
         // rolls the whole transaction back; an abort waits out an RCU grace
         // period in the kernel. DESTROYSETELEM deletes what is there.
-        ElemOp::Delete { .. } if destroy => (NFT_MSG_DESTROYSETELEM, NLM_F_REQUEST | NLM_F_ACK),
+        ElemOp::Delete { .. } if destroy => (NFT_MSG_DESTROYSETELEM, NLM_F_REQUEST),
         // DELSETELEM without NFTA_SET_ELEM_LIST_ELEMENTS flushes the set.
-        ElemOp::Delete { .. } | ElemOp::Flush { .. } => {
-            (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
-        }
+        ElemOp::Delete { .. } | ElemOp::Flush { .. } => (NFT_MSG_DELSETELEM, NLM_F_REQUEST),
     };
+    // An error is reported whether or not an ACK was asked for.
+    let flags = if ack { flags | NLM_F_ACK } else { flags };
     w.begin(nft_type(ty), flags, seq, NFPROTO_INET, 0);
     w.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
     w.attr_str(NFTA_SET_ELEM_LIST_SET, op.set());
@@ -191,7 +192,7 @@ mod tests {
                 .with_timeout(Duration::from_millis(1500)),
         );
         let mut w = Writer::new();
-        let at = encode_op(&mut w, "ftpgate", &op, 5, false);
+        let at = encode_op(&mut w, "ftpgate", &op, 5, false, true);
         let m = msg::messages(w.as_bytes()).next().expect("one message");
         assert_eq!(m.ty, nft_type(NFT_MSG_NEWSETELEM));
         assert_eq!(m.flags & NLM_F_EXCL, NLM_F_EXCL);
@@ -215,7 +216,7 @@ mod tests {
     #[test]
     fn flush_is_a_delete_without_elements() {
         let mut w = Writer::new();
-        encode_op(&mut w, "ftpgate", &ElemOp::flush("armed4"), 1, false);
+        encode_op(&mut w, "ftpgate", &ElemOp::flush("armed4"), 1, false, true);
         let m = msg::messages(w.as_bytes()).next().expect("one message");
         assert_eq!(m.ty, nft_type(NFT_MSG_DELSETELEM));
         assert!(m.attrs().all(|a| a.ty != NFTA_SET_ELEM_LIST_ELEMENTS));
