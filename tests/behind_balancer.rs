@@ -15,79 +15,37 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{FtpServer, http_get, metric, parse_227, parse_229, scrape, skip};
-use ftpgate::config::Config;
-use ftpgate::daemon::{self, Running};
+use common::{FtpServer, Gateway, http_get, metric, parse_227, parse_229, scrape, skip};
 use proxy_header::{ProxiedAddress, ProxyHeader};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 const VIP: &str = "198.51.100.5";
 
-struct Gw {
-    running: Running,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    deny_log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-async fn gateway(upstream: SocketAddr, ports: &str, trusted: &str, extra: &str) -> Gw {
-    let dir = tempfile::tempdir().unwrap();
-    let deny_log = dir.path().join("deny.jsonl");
-    let text = format!(
-        r#"
-[[listener]]
-mode = "reverse"
-bind = ["127.0.0.1:0"]
-upstream = "{upstream}"
-proxy_protocol = true
-trusted_proxies = ["{trusted}"]
-
-[data]
-ports = "{ports}"
-accept_timeout = "5s"
-proxy_protocol = true
-
-[deny_log]
-path = "{}"
-
-[admin]
-bind = "127.0.0.1:0"
-{extra}
-"#,
-        deny_log.display()
-    );
-    let cfg = Config::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let running = daemon::start(cfg).await.unwrap();
-    Gw {
-        addr: running.listeners[0].1,
-        admin: running.admin.unwrap(),
-        running,
-        deny_log,
-        _dir: dir,
-    }
-}
-
-impl Gw {
-    fn denials(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.deny_log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    async fn wait_denial(&self, reason: &str) -> serde_json::Value {
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(v) = self.denials().into_iter().find(|v| v["reason"] == reason) {
-                return v;
-            }
-            assert!(Instant::now() < until, "no {reason}: {:?}", self.denials());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+/// pyftpdlib and a gateway in front of it that reads PROXY headers on the
+/// control listener (from `trusted`) and on its pinholes (`ports`);
+/// `extra` is appended to its config. `None` (the skip said for `test`)
+/// without pyftpdlib.
+async fn server_and_gateway(
+    test: &str,
+    ports: &str,
+    trusted: &str,
+    extra: &str,
+) -> Option<(FtpServer, Gateway)> {
+    let Some(server) = FtpServer::start(None) else {
+        skip(test, "Debian's python3-pyftpdlib is not installed");
+        return None;
+    };
+    let gw = Gateway::reverse_full(
+        server.addr,
+        ports,
+        &format!("proxy_protocol = true\ntrusted_proxies = [\"{trusted}\"]"),
+        extra,
+        "accept_timeout = \"5s\"\nproxy_protocol = true",
+        "",
+    )
+    .await;
+    Some((server, gw))
 }
 
 fn v2(client: &str, to: SocketAddr) -> Vec<u8> {
@@ -146,6 +104,19 @@ impl Ctl {
         self.line().await
     }
 
+    /// `RETR file.bin` over a data connection to `pinhole` that begins
+    /// with `header`: the bytes between the 1xx and the 226.
+    async fn retr(&mut self, pinhole: SocketAddr, header: &[u8]) -> Vec<u8> {
+        let mut data = TcpStream::connect(pinhole).await.unwrap();
+        data.write_all(header).await.unwrap();
+        assert!(self.cmd("RETR file.bin").await.starts_with('1'));
+        let mut got = Vec::new();
+        data.read_to_end(&mut got).await.unwrap();
+        drop(data);
+        assert!(self.line().await.starts_with("226"));
+        got
+    }
+
     async fn login(addr: SocketAddr, header: &[u8]) -> Ctl {
         let (mut c, greeting) = Ctl::open(addr, header, "").await;
         assert!(greeting.starts_with("220"), "{greeting}");
@@ -159,17 +130,18 @@ impl Ctl {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_header_names_the_client_for_policy_limits_pinholes_and_logs() {
     const TEST: &str = "the_proxy_header_names_the_client";
-    let Some(server) = FtpServer::start(None) else {
-        return skip(TEST, "Debian's python3-pyftpdlib is not installed");
-    };
-    let file = server.put_file("file.bin", 300_000);
-    let gw = gateway(
-        server.addr,
+    let Some((server, gw)) = server_and_gateway(
+        TEST,
         "54600-54699",
         "127.0.0.0/8",
         "[limits]\nmax_sessions_per_client = 1\n",
     )
-    .await;
+    .await
+    else {
+        return;
+    };
+    let file = server.put_file("file.bin", 300_000);
+    let admin = gw.running.admin.unwrap();
     let vip: SocketAddr = format!("{VIP}:21").parse().unwrap();
 
     // The header and the first command in one segment: nothing of the
@@ -224,33 +196,17 @@ async fn the_proxy_header_names_the_client_for_policy_limits_pinholes_and_logs()
     let line = gw.wait_denial("proxy_header").await;
     assert_eq!(line["rule"], "proxy_protocol", "{line}");
     // The expected peer, with its header: the download arrives whole.
-    let mut data = TcpStream::connect(pinhole).await.unwrap();
-    data.write_all(&v2("192.0.2.10:40100", pinhole))
-        .await
-        .unwrap();
-    assert!(a.cmd("RETR file.bin").await.starts_with('1'));
-    let mut got = Vec::new();
-    data.read_to_end(&mut got).await.unwrap();
-    drop(data);
+    let got = a.retr(pinhole, &v2("192.0.2.10:40100", pinhole)).await;
     assert!(got == file, "download differs ({} bytes)", got.len());
-    assert!(a.line().await.starts_with("226"));
 
     // EPSV likewise, for the other client.
     let port = parse_229(&other.cmd("EPSV").await);
     let pinhole = SocketAddr::new("127.0.0.1".parse().unwrap(), port);
-    let mut data = TcpStream::connect(pinhole).await.unwrap();
-    data.write_all(&v1("192.0.2.20:40200", pinhole))
-        .await
-        .unwrap();
-    assert!(other.cmd("RETR file.bin").await.starts_with('1'));
-    let mut got = Vec::new();
-    data.read_to_end(&mut got).await.unwrap();
-    drop(data);
-    assert!(got == file);
-    assert!(other.line().await.starts_with("226"));
+    let got = other.retr(pinhole, &v1("192.0.2.20:40200", pinhole)).await;
+    assert!(got == file, "download differs ({} bytes)", got.len());
 
     // The recorder is the process's, shared with the other tests here.
-    let samples = scrape(gw.admin).await;
+    let samples = scrape(admin).await;
     assert!(
         metric(
             &samples,
@@ -260,12 +216,7 @@ async fn the_proxy_header_names_the_client_for_policy_limits_pinholes_and_logs()
     );
     // Counted when the relay has ended, which may follow the 226.
     let until = Instant::now() + Duration::from_secs(5);
-    while metric(
-        &scrape(gw.admin).await,
-        "ftpgate_data_connections_total",
-        &[],
-    ) < 2.0
-    {
+    while metric(&scrape(admin).await, "ftpgate_data_connections_total", &[]) < 2.0 {
         assert!(Instant::now() < until, "data connections not counted");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -276,10 +227,10 @@ async fn the_proxy_header_names_the_client_for_policy_limits_pinholes_and_logs()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_from_untrusted_sources_or_without_a_header_get_421() {
     const TEST: &str = "connections_from_untrusted_sources_or_without_a_header_get_421";
-    let Some(server) = FtpServer::start(None) else {
-        return skip(TEST, "Debian's python3-pyftpdlib is not installed");
+    let Some((_server, gw)) = server_and_gateway(TEST, "54700-54799", "127.0.0.1", "").await else {
+        return;
     };
-    let gw = gateway(server.addr, "54700-54799", "127.0.0.1", "").await;
+    let admin = gw.running.admin.unwrap();
     let vip: SocketAddr = format!("{VIP}:21").parse().unwrap();
     let refused = "421 Service not available: no PROXY header from a trusted proxy.\r\n";
 
@@ -306,7 +257,7 @@ async fn connections_from_untrusted_sources_or_without_a_header_get_421() {
     let (_c, reply) = Ctl::open(gw.addr, b"PROXY TCP4 192.0.2.10 ", "").await;
     assert_eq!(reply, refused);
 
-    let samples = scrape(gw.admin).await;
+    let samples = scrape(admin).await;
     assert!(
         metric(
             &samples,

@@ -49,12 +49,54 @@ fn rewrites(t: &Transcript) -> Vec<&'static str> {
 }
 
 fn session(server_data: ServerData) -> Driver {
+    session_at(server_data, lab_endpoints())
+}
+
+/// A logged-in session converting per `server_data`, between `ep`.
+fn session_at(server_data: ServerData, ep: ftpgate::proto::Endpoints) -> Driver {
     let cfg = SessionConfig {
         server_data,
         ..SessionConfig::default()
     };
-    let mut d = Driver::new(cfg, lab_endpoints());
+    let mut d = Driver::new(cfg, ep);
     d.login();
+    d
+}
+
+/// A session converting per `server_data` after the client's bytes
+/// `client` and the server's answer `server`.
+fn converted(server_data: ServerData, client: &[u8], server: &[u8]) -> Driver {
+    let mut d = session(server_data);
+    d.input(Side::Client, client);
+    d.input(Side::Server, server);
+    d
+}
+
+/// The client sends `command`, which the gateway sends on converted as
+/// `to_server`; the server refuses that with `refusal`, and the client
+/// gets `code` (the refusal its own command expects) naming both verbs
+/// and the server's code. Returns the session for more checks.
+fn refused_conversion(
+    server_data: ServerData,
+    command: &str,
+    to_server: &str,
+    refusal: &str,
+    code: &str,
+) -> Driver {
+    let d = converted(
+        server_data,
+        format!("{command}\r\n").as_bytes(),
+        format!("{refusal}\r\n").as_bytes(),
+    );
+    let verb = |line: &str| line.split_whitespace().next().unwrap().to_string();
+    let (sent, asked, theirs) = (verb(to_server), verb(command), &refusal[..3]);
+    assert_wire(
+        &d.transcript,
+        &format!(
+            "{code} Can't open data connection: the server refused {sent} (ftpgate sent it for {asked}) with {theirs}.\r\n"
+        ),
+        to_server,
+    );
     d
 }
 
@@ -108,9 +150,11 @@ fn port_becomes_pasv_and_the_gateway_dials_both_ends_before_the_client_gets_200(
 
 #[test]
 fn eprt_becomes_pasv_toward_an_ipv4_server_and_gets_200() {
-    let mut d = session(ServerData::Passive);
-    d.input(Side::Client, b"EPRT |1|192.0.2.10|6446|\r\n");
-    d.input(Side::Server, b"227 ok (198,51,100,20,200,10)\r\n");
+    let d = converted(
+        ServerData::Passive,
+        b"EPRT |1|192.0.2.10|6446|\r\n",
+        b"227 ok (198,51,100,20,200,10)\r\n",
+    );
     assert_wire(
         &d.transcript,
         "200 EPRT command successful.\r\n",
@@ -140,16 +184,12 @@ fn a_refused_pasv_reaches_the_client_as_the_refusal_of_its_port() {
         ("425 Cannot open passive connection.", "425"),
         ("530 Not logged in.", "530"),
     ] {
-        let mut d = session(ServerData::Passive);
-        d.input(Side::Client, b"PORT 192,0,2,10,25,46\r\n");
-        d.input(Side::Server, format!("{server}\r\n").as_bytes());
-        let code = &server[..3];
-        assert_wire(
-            &d.transcript,
-            &format!(
-                "{client} Can't open data connection: the server refused PASV (ftpgate sent it for PORT) with {code}.\r\n"
-            ),
+        let d = refused_conversion(
+            ServerData::Passive,
+            "PORT 192,0,2,10,25,46",
             "PASV\r\n",
+            server,
+            client,
         );
         let all = d.transcript.denials();
         assert_eq!(all.len(), 1, "{server}");
@@ -163,10 +203,9 @@ fn a_refused_pasv_reaches_the_client_as_the_refusal_of_its_port() {
 
 #[test]
 fn a_multi_line_passive_reply_never_reaches_a_converted_client() {
-    let mut d = session(ServerData::Passive);
-    d.input(Side::Client, b"PORT 192,0,2,10,25,46\r\n");
-    d.input(
-        Side::Server,
+    let d = converted(
+        ServerData::Passive,
+        b"PORT 192,0,2,10,25,46\r\n",
         b"227-Entering Passive Mode (10,0,0,5,1,1)\r\n227 (198,51,100,20,200,10)\r\n",
     );
     assert_wire(
@@ -230,9 +269,7 @@ fn pasv_becomes_port_and_the_client_gets_227_only_after_the_server_accepted_it()
 
 #[test]
 fn epsv_becomes_port_and_the_client_gets_229() {
-    let mut d = session(ServerData::Active);
-    d.input(Side::Client, b"EPSV\r\n");
-    d.input(Side::Server, b"200 ok\r\n");
+    let d = converted(ServerData::Active, b"EPSV\r\n", b"200 ok\r\n");
     assert_wire(
         &d.transcript,
         "229 Entering Extended Passive Mode (|||50001|)\r\n",
@@ -247,16 +284,12 @@ fn a_refused_port_reaches_the_client_as_the_refusal_of_its_pasv_and_the_pinhole_
         ("500 Illegal PORT command.", "502"),
         ("425 Security: Bad IP connecting.", "425"),
     ] {
-        let mut d = session(ServerData::Active);
-        d.input(Side::Client, b"PASV\r\n");
-        d.input(Side::Server, format!("{server}\r\n").as_bytes());
-        let code = &server[..3];
-        assert_wire(
-            &d.transcript,
-            &format!(
-                "{client} Can't open data connection: the server refused PORT (ftpgate sent it for PASV) with {code}.\r\n"
-            ),
+        let mut d = refused_conversion(
+            ServerData::Active,
+            "PASV",
             "PORT 198,51,100,1,195,81\r\n",
+            server,
+            client,
         );
         assert!(d.transcript.events.contains(&Event::ClosePinhole {
             id: pinhole(1),
@@ -524,12 +557,7 @@ fn an_ipv6_clients_eprt_becomes_pasv_toward_an_ipv4_server() {
         client_local: sa("[2001:db8:1::1]:2121"),
         ..lab_endpoints()
     };
-    let cfg = SessionConfig {
-        server_data: ServerData::Passive,
-        ..SessionConfig::default()
-    };
-    let mut d = Driver::new(cfg, ep);
-    d.login();
+    let mut d = session_at(ServerData::Passive, ep);
     d.input(Side::Client, b"EPRT |2|2001:db8:1::10|6446|\r\n");
     d.input(Side::Server, b"227 ok (198,51,100,20,200,10)\r\n");
     assert_wire(
@@ -548,12 +576,7 @@ fn an_ipv6_clients_eprt_becomes_pasv_toward_an_ipv4_server() {
         }
     );
     // And "active": the IPv6 client's EPSV becomes PORT for the IPv4 server.
-    let cfg = SessionConfig {
-        server_data: ServerData::Active,
-        ..SessionConfig::default()
-    };
-    let mut d = Driver::new(cfg, ep);
-    d.login();
+    let mut d = session_at(ServerData::Active, ep);
     d.input(Side::Client, b"EPSV\r\n");
     d.input(Side::Server, b"200 ok\r\n");
     assert_wire(
@@ -565,9 +588,7 @@ fn an_ipv6_clients_eprt_becomes_pasv_toward_an_ipv4_server() {
 
 #[test]
 fn an_active_conversion_whose_server_never_connects_expires_naming_the_server() {
-    let mut d = session(ServerData::Active);
-    d.input(Side::Client, b"PASV\r\n");
-    d.input(Side::Server, b"200 ok\r\n");
+    let mut d = converted(ServerData::Active, b"PASV\r\n", b"200 ok\r\n");
     assert_eq!(
         d.connect_from(1, sa("192.0.2.10:40100")),
         DataVerdict::Accept
