@@ -19,65 +19,47 @@
 //!
 //! Root only; prints `SKIPPED` and passes otherwise.
 
+#[path = "lab/kit.rs"]
+mod kit;
 #[path = "lab/prereq.rs"]
 mod prereq;
+#[path = "lab/rules.rs"]
+mod rules;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const SRV1: &str = "198.51.100.20";
-const SRV2: &str = "198.51.100.21";
-const SRV1_V6: &str = "2001:db8:2::20";
-const GW_IN: &str = "192.0.2.1";
+use kit::{GW_IN, LabGuard, LabSh, SRV1, SRV1_V6, SRV2, sha256_file};
+use prereq::text;
+
 const ATTACKER_TARGET: &str = "198.51.100.30:2525";
 
+/// The lab with FTPS-only servers, torn down when the test ends.
 struct Lab {
-    prefix: String,
-    gateway: Option<Child>,
+    guard: LabGuard,
 }
 
 impl Lab {
+    fn sh(&self) -> &LabSh {
+        &self.guard.sh
+    }
+
     fn state(&self) -> PathBuf {
-        PathBuf::from(format!("/tmp/fglab-{}", self.prefix))
+        self.sh().state.clone()
     }
 
     fn tls(&self, file: &str) -> String {
         self.state().join("tls").join(file).display().to_string()
     }
 
-    fn lab(&self, args: &[&str]) -> Output {
-        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/lab.sh"))
-            .args(args)
-            .env("FG_PREFIX", &self.prefix)
-            .env("FG_STATE", self.state())
-            .env("FG_TLS", "1")
-            .output()
-            .expect("run lab.sh")
-    }
-
     /// Runs `cmd` in lab host `host`, bounded in time.
-    fn exec(&self, host: &str, cmd: &[&str]) -> Output {
-        let mut all = vec!["exec", host, "timeout", "60"];
-        all.extend_from_slice(cmd);
-        self.lab(&all)
+    fn exec(&self, host: &str, cmd: &[&str]) -> std::process::Output {
+        self.sh().exec(host, cmd)
     }
 
     fn expected_sha(&self, server: &str) -> String {
-        let p = self.state().join(server).join("root/data.bin.sha256");
-        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        text.split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string()
-    }
-
-    fn denials(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.state().join("deny.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        self.sh().expected_sha(server)
     }
 
     fn wait_denial(
@@ -85,41 +67,8 @@ impl Lab {
         reason: &str,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> Option<serde_json::Value> {
-        let until = Instant::now() + Duration::from_secs(10);
-        loop {
-            let found = self
-                .denials()
-                .into_iter()
-                .find(|v| v["reason"] == reason && pred(v));
-            if found.is_some() || Instant::now() > until {
-                return found;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        kit::wait_denial(&self.state().join("deny.jsonl"), reason, pred)
     }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if let Some(mut g) = self.gateway.take() {
-            let _ = g.kill();
-            let _ = g.wait();
-        }
-        if std::env::var_os("FG_KEEP_LAB").is_none() {
-            self.lab(&["down"]);
-        }
-    }
-}
-
-use prereq::text;
-
-fn sha256_file(path: &Path) -> String {
-    let o = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&o.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }
 
 fn gateway_config(lab: &Lab, plane: &str) -> PathBuf {
@@ -147,12 +96,7 @@ mode = "transparent"
 bind = ["0.0.0.0:2121", "[::]:2121"]
 interfaces = ["br-in"]
 
-{}{}{}{}{}
-[data]
-plane = "{plane}"
-ports = "50000-50999"
-accept_timeout = "5s"
-
+{}{}{}{}{}{}
 [policy]
 auth_tls = "passthrough"
 require_tls = true
@@ -161,50 +105,17 @@ require_tls = true
 name = "lab-vsftpd"
 servers = ["{SRV1}/32", "{SRV1_V6}/128"]
 data_ports = "40000-40100"
-
-[deny_log]
-path = "{}/deny.jsonl"
-
-[admin]
-bind = "127.0.0.1:9121"
 "#,
         reverse(2100, SRV1, &ca, ""),
         reverse(2101, SRV2, &ca, "upstream_tls_name = \"srv2.fglab\""),
         reverse(2102, SRV1, &other, ""),
         reverse(2103, SRV1, &ca, "tls_implicit = true"),
         reverse(2104, &format!("{SRV1}:990"), &ca, ""),
-        lab.state().display()
+        kit::config_tables(plane, &lab.state()),
     );
     let path = lab.state().join("ftpgate.toml");
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn start_gateway(lab: &Lab, config: &Path) -> Child {
-    let log = std::fs::File::create(lab.state().join("ftpgate.stderr")).unwrap();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &format!("{}gw", lab.prefix)])
-        .arg(env!("CARGO_BIN_EXE_ftpgate"))
-        .args(["--log-level", "debug", "run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until {
-        if lab
-            .exec("gw", &["curl", "-sf", "http://127.0.0.1:9121/readyz"])
-            .status
-            .success()
-        {
-            return child;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("gateway did not become ready");
 }
 
 /// One download: the command and where its bytes land.
@@ -282,87 +193,52 @@ fn matrix(lab: &Lab, out: &Path) -> Vec<Cell> {
             );
         }
     }
-    let o = out.join("curl-implicit");
-    add(
-        "curl implicit FTPS (ftps://), vsftpd".into(),
-        "srv1",
-        vec![
-            "curl".into(),
-            "-sS".into(),
-            "--cacert".into(),
-            ca.clone(),
-            "-o".into(),
-            o.display().to_string(),
+    // curl to vsftpd: `flags` come before the CA, the output and the URL.
+    let curls: [(&str, &str, &[&str], String); 5] = [
+        (
+            "curl-implicit",
+            "curl implicit FTPS (ftps://), vsftpd",
+            &[],
             format!("ftps://ftptest:ftptest@{GW_IN}:2103/data.bin"),
-        ],
-        o,
-    );
-    let o = out.join("curl-tls12");
-    add(
-        "curl --ssl-reqd --tls-max 1.2, vsftpd".into(),
-        "srv1",
-        vec![
-            "curl".into(),
-            "-sS".into(),
-            "--ssl-reqd".into(),
-            "--tls-max".into(),
-            "1.2".into(),
-            "--cacert".into(),
-            ca.clone(),
-            "-o".into(),
-            o.display().to_string(),
+        ),
+        (
+            "curl-tls12",
+            "curl --ssl-reqd --tls-max 1.2, vsftpd",
+            &["--ssl-reqd", "--tls-max", "1.2"],
             format!("ftp://ftptest:ftptest@{GW_IN}:2100/data.bin"),
-        ],
-        o,
-    );
-    let o = out.join("curl-upstream-implicit");
-    add(
-        "curl --ssl-reqd, implicit TLS upstream (vsftpd :990)".into(),
-        "srv1",
-        vec![
-            "curl".into(),
-            "-sS".into(),
-            "--ssl-reqd".into(),
-            "--cacert".into(),
-            ca.clone(),
-            "-o".into(),
-            o.display().to_string(),
+        ),
+        (
+            "curl-upstream-implicit",
+            "curl --ssl-reqd, implicit TLS upstream (vsftpd :990)",
+            &["--ssl-reqd"],
             format!("ftp://ftptest:ftptest@{GW_IN}:2104/data.bin"),
-        ],
-        o,
-    );
-    let o = out.join("curl-passthrough");
-    add(
-        "curl --ssl-reqd through transparent passthrough, vsftpd".into(),
-        "srv1",
-        vec![
-            "curl".into(),
-            "-sS".into(),
-            "--ssl-reqd".into(),
-            "--cacert".into(),
-            ca.clone(),
-            "-o".into(),
-            o.display().to_string(),
+        ),
+        (
+            "curl-passthrough",
+            "curl --ssl-reqd through transparent passthrough, vsftpd",
+            &["--ssl-reqd"],
             format!("ftp://ftptest:ftptest@{SRV1}/data.bin"),
-        ],
-        o,
-    );
-    let o = out.join("curl-passthrough-v6");
-    add(
-        "curl --ssl-reqd through transparent passthrough over IPv6, vsftpd".into(),
-        "srv1",
-        vec![
-            "curl".into(),
-            "-sS".into(),
-            "--ssl-reqd".into(),
+        ),
+        (
+            "curl-passthrough-v6",
+            "curl --ssl-reqd through transparent passthrough over IPv6, vsftpd",
+            &["--ssl-reqd"],
+            format!("ftp://ftptest:ftptest@[{SRV1_V6}]/data.bin"),
+        ),
+    ];
+    for (file, name, flags, url) in curls {
+        let o = out.join(file);
+        let mut cmd = vec!["curl".to_string(), "-sS".into()];
+        cmd.extend(flags.iter().map(|f| f.to_string()));
+        cmd.extend([
             "--cacert".into(),
             ca.clone(),
             "-o".into(),
             o.display().to_string(),
-            format!("ftp://ftptest:ftptest@[{SRV1_V6}]/data.bin"),
-        ],
-        o,
-    );
+            url,
+        ]);
+        add(name.into(), "srv1", cmd, o);
+    }
     let o = out.join("lftp-passthrough");
     add(
         "lftp ssl-force through transparent passthrough, vsftpd".into(),
@@ -399,36 +275,19 @@ fn run_lab(base: &str, plane: &str) {
         println!("SKIPPED ftps_lab ({plane} plane): {why} (run scripts/test as root)");
         return;
     }
-    let prefix = prereq::lab_prefix(base);
+    let mut sh = LabSh::new(&prereq::lab_prefix(base));
+    sh.tls = true;
     let mut lab = Lab {
-        prefix,
-        gateway: None,
+        guard: LabGuard::new(sh),
     };
-    let up = lab.lab(&["up"]);
-    assert!(up.status.success(), "lab up failed:\n{}", text(&up));
-    let servers = lab.lab(&["start-servers"]);
-    assert!(
-        servers.status.success(),
-        "start-servers failed:\n{}",
-        text(&servers)
-    );
+    lab.sh().up_with_servers();
     let out = lab.state().join("out");
     std::fs::create_dir_all(&out).unwrap();
 
     let config = gateway_config(&lab, plane);
-    let check = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(check.status.success(), "check-config: {}", text(&check));
-    let rules = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
-        .args(["nft-rules", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(rules.status.success(), "{}", text(&rules));
-    let printed = String::from_utf8_lossy(&rules.stdout).to_string();
+    kit::check_config(&config);
+    let gw = format!("{}gw", lab.sh().prefix);
+    let printed = rules::load_printed_rules(&config, &lab.state(), &gw, plane);
     for redirect in [
         "ip daddr { 198.51.100.20/32 } tcp dport 40000-40100 redirect to :2121",
         "ip6 daddr { 2001:db8:2::20/128 } tcp dport 40000-40100 redirect to :2121",
@@ -438,23 +297,8 @@ fn run_lab(base: &str, plane: &str) {
             "nft-rules prints no {redirect}:\n{printed}"
         );
     }
-    let rules_file = lab.state().join("rules.nft");
-    std::fs::write(&rules_file, &rules.stdout).unwrap();
-    let load = lab.exec("gw", &["nft", "-f", rules_file.to_str().unwrap()]);
-    assert!(load.status.success(), "nft -f failed:\n{}", text(&load));
-    if plane == "kernel" {
-        let line = printed
-            .lines()
-            .find_map(|l| l.strip_prefix("#   ct mark "))
-            .expect("nft-rules names the forward accept line");
-        let rule = format!("ct mark {line}");
-        let add = lab.exec(
-            "gw",
-            &["nft", "add", "rule", "inet", "fglab", "forward", &rule],
-        );
-        assert!(add.status.success(), "{}", text(&add));
-    }
-    lab.gateway = Some(start_gateway(&lab, &config));
+    let log = lab.state().join("ftpgate.stderr");
+    lab.guard.gateway = Some(lab.sh().start_gateway(&config, &log, false));
 
     // ---- transfers: every checksum must match ---------------------------
     let mut failures = Vec::new();
@@ -544,21 +388,24 @@ fn run_lab(base: &str, plane: &str) {
         .display()
         .to_string();
     let scratch = out.join("scratch").display().to_string();
+    // curl on in1, what it downloads thrown away; `flags` before the URL.
+    let curl = |flags: &[&str], url: &str| {
+        let mut cmd = vec!["curl", "-sS"];
+        cmd.extend_from_slice(flags);
+        cmd.extend([url, "-o", &scratch]);
+        lab.exec("in1", &cmd)
+    };
+    // tests/lab/ftps_client.py on in1 against the vsftpd listener, with `extra`.
+    let ftps_client = |extra: &[&str]| {
+        let mut cmd = vec!["python3", &client, GW_IN, "2100", &ca, &scratch];
+        cmd.extend_from_slice(extra);
+        lab.exec("in1", &cmd)
+    };
 
     // A server whose certificate does not verify: 421 and a deny line.
-    let wrong = lab.exec(
-        "in1",
-        &[
-            "curl",
-            "-sS",
-            "-v",
-            "--ssl-reqd",
-            "--cacert",
-            &ca,
-            &format!("ftp://ftptest:ftptest@{GW_IN}:2102/data.bin"),
-            "-o",
-            &scratch,
-        ],
+    let wrong = curl(
+        &["-v", "--ssl-reqd", "--cacert", &ca],
+        &format!("ftp://ftptest:ftptest@{GW_IN}:2102/data.bin"),
     );
     assert!(!wrong.status.success());
     assert!(
@@ -575,16 +422,9 @@ fn run_lab(base: &str, plane: &str) {
     .expect("tls_upstream_verify_failed line");
 
     // require_tls: a cleartext login is refused before it reaches the server.
-    let plain = lab.exec(
-        "in1",
-        &[
-            "curl",
-            "-sS",
-            "-v",
-            &format!("ftp://ftptest:ftptest@{GW_IN}:2100/data.bin"),
-            "-o",
-            &scratch,
-        ],
+    let plain = curl(
+        &["-v"],
+        &format!("ftp://ftptest:ftptest@{GW_IN}:2100/data.bin"),
     );
     assert!(
         text(&plain).contains("< 530 TLS required"),
@@ -595,36 +435,13 @@ fn run_lab(base: &str, plane: &str) {
         .expect("tls_required line for USER");
 
     // PROT P required: a data command without it gets 521.
-    let no_prot = lab.exec(
-        "in1",
-        &[
-            "python3",
-            &client,
-            GW_IN,
-            "2100",
-            &ca,
-            &scratch,
-            "--no-prot-p",
-        ],
-    );
+    let no_prot = ftps_client(&["--no-prot-p"]);
     assert!(text(&no_prot).contains("521 "), "{}", text(&no_prot));
     lab.wait_denial("tls_required", |v| v["verb"] == "PASV")
         .expect("tls_required line for PASV");
 
     // Bounce on the terminated path: the gateway still reads the PORT.
-    let bounce = lab.exec(
-        "in1",
-        &[
-            "python3",
-            &client,
-            GW_IN,
-            "2100",
-            &ca,
-            &scratch,
-            "--bounce",
-            ATTACKER_TARGET,
-        ],
-    );
+    let bounce = ftps_client(&["--bounce", ATTACKER_TARGET]);
     assert!(
         text(&bounce).contains("RESULT reply 504"),
         "{}",
@@ -640,7 +457,7 @@ fn run_lab(base: &str, plane: &str) {
             "exec", "in1", "timeout", "30", "python3", &client, GW_IN, "2100",
         ])
         .args([&ca, &scratch, "--pasv-hold", "4"])
-        .env("FG_PREFIX", &lab.prefix)
+        .env("FG_PREFIX", &lab.sh().prefix)
         .env("FG_STATE", lab.state())
         .stdout(Stdio::piped())
         .spawn()
@@ -681,18 +498,9 @@ fn run_lab(base: &str, plane: &str) {
     );
 
     // A server no passthrough rule names keeps getting 534.
-    let other = lab.exec(
-        "in1",
-        &[
-            "curl",
-            "-sS",
-            "--ssl-reqd",
-            "--cacert",
-            &ca,
-            &format!("ftp://ftptest:ftptest@{SRV2}/data.bin"),
-            "-o",
-            &scratch,
-        ],
+    let other = curl(
+        &["--ssl-reqd", "--cacert", &ca],
+        &format!("ftp://ftptest:ftptest@{SRV2}/data.bin"),
     );
     assert!(!other.status.success());
     lab.wait_denial("auth_refused", |v| {
@@ -715,26 +523,16 @@ fn run_lab(base: &str, plane: &str) {
         .status()
         .unwrap();
     assert!(resign.success());
-    let pid = lab.gateway.as_ref().unwrap().id();
+    let pid = lab.guard.gateway.as_ref().unwrap().id();
     // The child is `ip netns exec`, which execs ftpgate: the same pid.
     let _ = Command::new("kill")
         .args(["-HUP", &pid.to_string()])
         .status();
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        let o = lab.exec(
-            "in1",
-            &[
-                "curl",
-                "-sS",
-                "-v",
-                "--ssl-reqd",
-                "--cacert",
-                &ca,
-                &format!("ftp://ftptest:ftptest@{GW_IN}:2100/data.bin"),
-                "-o",
-                &scratch,
-            ],
+        let o = curl(
+            &["-v", "--ssl-reqd", "--cacert", &ca],
+            &format!("ftp://ftptest:ftptest@{GW_IN}:2100/data.bin"),
         );
         if text(&o).contains("CN=fglab gw reloaded") && o.status.success() {
             break;
@@ -748,8 +546,7 @@ fn run_lab(base: &str, plane: &str) {
     }
 
     // ---- metrics ---------------------------------------------------------
-    let metrics = lab.exec("gw", &["curl", "-sf", "http://127.0.0.1:9121/metrics"]);
-    let metrics = String::from_utf8_lossy(&metrics.stdout).to_string();
+    let metrics = lab.sh().metrics();
     for needle in [
         "ftpgate_tls_handshakes_total{side=\"client\",result=\"ok\"}",
         "ftpgate_tls_handshakes_total{side=\"server\",result=\"ok\"}",

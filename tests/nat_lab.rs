@@ -8,6 +8,8 @@
 //! `scripts/install-test-deps` installs; skipped (and says so) otherwise.
 
 mod classic;
+#[path = "lab/kit.rs"]
+mod kit;
 #[path = "lab/prereq.rs"]
 mod prereq;
 #[path = "lab/rules.rs"]
@@ -18,6 +20,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use kit::{
+    GW_IN, GW_OUT, LabGuard, LabSh, OUT3, SRV1, SRV1_V6, SRV2, SRV2_V6, SRV3, SRV3_V6, sha256_file,
+};
+use prereq::text;
+
 thread_local! {
     /// The namespace prefix of the lab this test thread runs: each plane
     /// gets its own lab, so the two tests can run side by side.
@@ -27,62 +34,25 @@ thread_local! {
 fn prefix() -> &'static str {
     PREFIX.with(|p| p.get())
 }
-const SRV1: &str = "198.51.100.20";
-const SRV2: &str = "198.51.100.21";
-const SRV1_V6: &str = "2001:db8:2::20";
-const SRV2_V6: &str = "2001:db8:2::21";
-const SRV3: &str = "198.51.100.22";
-const SRV3_V6: &str = "2001:db8:2::22";
-const OUT3: &str = "198.51.100.30";
-/// The gateway's inside address, where the reverse listener publishes srv1.
-const GW_IN: &str = "192.0.2.1";
+/// The port of the reverse listener that publishes srv1 on [`GW_IN`].
 const REVERSE_PORT: u16 = 2100;
 
-fn lab_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/lab.sh")
+/// `lab.sh` for this thread's lab.
+fn sh() -> LabSh {
+    LabSh::new(prefix())
 }
 
 fn state_dir() -> PathBuf {
-    PathBuf::from(format!("/tmp/fglab-{}", prefix()))
-}
-
-fn lab(args: &[&str]) -> Output {
-    Command::new(lab_script())
-        .args(args)
-        .env("FG_PREFIX", prefix())
-        .env("FG_STATE", state_dir())
-        .output()
-        .expect("run lab.sh")
+    sh().state
 }
 
 /// Runs `cmd` in the lab host `host`, bounded in time.
 fn exec(host: &str, cmd: &[&str]) -> Output {
-    let mut all = vec!["exec", host, "timeout", "60"];
-    all.extend_from_slice(cmd);
-    lab(&all)
+    sh().exec(host, cmd)
 }
-
-use prereq::text;
 
 fn missing_prerequisite() -> Option<String> {
     prereq::lab_missing(&["ip", "nft", "vsftpd", "curl", "lftp"])
-}
-
-/// Tears the lab down when the test ends, however it ends.
-struct LabGuard {
-    gateway: Option<Child>,
-}
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        if let Some(mut g) = self.gateway.take() {
-            let _ = g.kill();
-            let _ = g.wait();
-        }
-        if std::env::var_os("FG_KEEP_LAB").is_none() {
-            lab(&["down"]);
-        }
-    }
 }
 
 fn gateway_config(dir: &Path, fxp: bool, plane: &str) -> PathBuf {
@@ -97,19 +67,8 @@ interfaces = ["br-in"]
 mode = "reverse"
 bind = ["{GW_IN}:{REVERSE_PORT}"]
 upstream = "{SRV1}:21"
-
-[data]
-plane = "{plane}"
-ports = "50000-50999"
-accept_timeout = "5s"
-
-[deny_log]
-path = "{}/deny.jsonl"
-
-[admin]
-bind = "127.0.0.1:9121"
-"#,
-        dir.display()
+{}"#,
+        kit::config_tables(plane, dir)
     );
     if fxp {
         text.push_str(
@@ -121,53 +80,12 @@ bind = "127.0.0.1:9121"
     path
 }
 
-fn start_gateway(config: &Path, dir: &Path) -> Child {
-    let log = std::fs::File::create(dir.join("ftpgate.stderr")).unwrap();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &format!("{}gw", prefix())])
-        .arg(env!("CARGO_BIN_EXE_ftpgate"))
-        .args(["--log-level", "debug", "run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    // Ready when /readyz answers inside the gateway namespace.
-    let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until {
-        let o = exec("gw", &["curl", "-sf", "http://127.0.0.1:9121/readyz"]);
-        if o.status.success() {
-            return child;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!(
-        "gateway did not become ready:\n{}",
-        std::fs::read_to_string(dir.join("ftpgate.stderr")).unwrap_or_default()
-    );
-}
-
 fn denials(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("deny.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    kit::denials(&dir.join("deny.jsonl"))
 }
 
 fn wait_denial(dir: &Path, reason: &str) -> Option<serde_json::Value> {
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = denials(dir).into_iter().find(|v| v["reason"] == reason) {
-            return Some(v);
-        }
-        if Instant::now() > until {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_denial_where(dir, reason, |_| true)
 }
 
 /// Waits for the first deny line of `reason` for which `pred` holds.
@@ -176,19 +94,7 @@ fn wait_denial_where(
     reason: &str,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> Option<serde_json::Value> {
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = denials(dir)
-            .into_iter()
-            .find(|v| v["reason"] == reason && pred(v))
-        {
-            return Some(v);
-        }
-        if Instant::now() > until {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    kit::wait_denial(&dir.join("deny.jsonl"), reason, pred)
 }
 
 /// The client address of a deny line, without its port.
@@ -196,32 +102,12 @@ fn denial_client(v: &serde_json::Value) -> Option<&str> {
     v["client"].as_str()?.rsplit_once(':').map(|(ip, _)| ip)
 }
 
-fn sha256_file(path: &Path) -> String {
-    let o = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&o.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
 fn expected_sha(server: &str) -> String {
-    let p = state_dir().join(server).join("root/data.bin.sha256");
-    std::fs::read_to_string(&p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
+    sh().expected_sha(server)
 }
 
 fn metric(name_and_labels: &str) -> f64 {
-    let o = exec("gw", &["curl", "-sf", "http://127.0.0.1:9121/metrics"]);
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter(|l| l.starts_with(name_and_labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    sh().metric(name_and_labels)
 }
 
 /// Starts tests/lab/race.py on in1 as the victim of a pinhole race: it logs
@@ -589,6 +475,32 @@ struct Cell {
     upload: bool,
 }
 
+impl Cell {
+    /// A download from in1 of `server`'s data.bin to `file`.
+    fn download(name: String, server: &'static str, cmd: Vec<String>, file: PathBuf) -> Cell {
+        Cell {
+            name,
+            host: "in1",
+            cmd,
+            check: file,
+            server,
+            upload: false,
+        }
+    }
+}
+
+/// `curl -sS --max-time 30`, then `args`, then `tail` (where the bytes go
+/// or come from, and the URL).
+fn curl_cmd(args: &[&str], tail: [String; 3]) -> Vec<String> {
+    let mut cmd: Vec<String> = ["curl", "-sS", "--max-time", "30"]
+        .iter()
+        .chain(args)
+        .map(|s| s.to_string())
+        .collect();
+    cmd.extend(tail);
+    cmd
+}
+
 fn matrix(out: &Path) -> Vec<Cell> {
     let mut cells = Vec::new();
     let servers = [
@@ -618,20 +530,11 @@ fn matrix(out: &Path) -> Vec<Cell> {
         ];
         for (i, (name, args, u)) in curl_cells.into_iter().enumerate() {
             let file = out.join(format!("{server}-curl-{i}.bin"));
-            let mut cmd: Vec<String> = ["curl", "-sS", "--max-time", "30"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-            cmd.extend(args.iter().map(|s| s.to_string()));
-            cmd.extend(["-o".into(), file.display().to_string(), u.to_string()]);
-            cells.push(Cell {
-                name: format!("{make}: {name}"),
-                host: "in1",
-                cmd,
-                check: file,
-                server,
-                upload: false,
-            });
+            let cmd = curl_cmd(
+                &args,
+                ["-o".into(), file.display().to_string(), u.to_string()],
+            );
+            cells.push(Cell::download(format!("{make}: {name}"), server, cmd, file));
         }
         for (i, (name, settings, host)) in [
             (
@@ -660,14 +563,8 @@ fn matrix(out: &Path) -> Vec<Cell> {
                  open -u ftptest,ftptest ftp://{host}; get data.bin -o {}; bye",
                 file.display()
             );
-            cells.push(Cell {
-                name: format!("{make}: {name}"),
-                host: "in1",
-                cmd: vec!["lftp".into(), "-c".into(), script],
-                check: file,
-                server,
-                upload: false,
-            });
+            let cmd = vec!["lftp".into(), "-c".into(), script];
+            cells.push(Cell::download(format!("{make}: {name}"), server, cmd, file));
         }
         // Uploads: the file arrives in the server's root.
         let src = state_dir().join("srv1/root/data.bin");
@@ -679,16 +576,14 @@ fn matrix(out: &Path) -> Vec<Cell> {
         .enumerate()
         {
             let dest = format!("up-{i}.bin");
-            let mut cmd: Vec<String> = ["curl", "-sS", "--max-time", "30"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-            cmd.extend(args.iter().map(|s| s.to_string()));
-            cmd.extend([
-                "-T".into(),
-                src.display().to_string(),
-                format!("ftp://ftptest:ftptest@{v4}/{dest}"),
-            ]);
+            let cmd = curl_cmd(
+                &args,
+                [
+                    "-T".into(),
+                    src.display().to_string(),
+                    format!("ftp://ftptest:ftptest@{v4}/{dest}"),
+                ],
+            );
             cells.push(Cell {
                 name: format!("{make}: {name}"),
                 host: "in1",
@@ -715,20 +610,11 @@ fn matrix(out: &Path) -> Vec<Cell> {
     .enumerate()
     {
         let file = out.join(format!("reverse-curl-{i}.bin"));
-        let mut cmd: Vec<String> = ["curl", "-sS", "--max-time", "30"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        cmd.extend(args.iter().map(|s| s.to_string()));
-        cmd.extend(["-o".into(), file.display().to_string(), url.clone()]);
-        cells.push(Cell {
-            name: format!("vsftpd: {name}"),
-            host: "in1",
-            cmd,
-            check: file,
-            server: "srv1",
-            upload: false,
-        });
+        let cmd = curl_cmd(
+            &args,
+            ["-o".into(), file.display().to_string(), url.clone()],
+        );
+        cells.push(Cell::download(format!("vsftpd: {name}"), "srv1", cmd, file));
     }
     cells
 }
@@ -750,15 +636,8 @@ fn run_lab(lab_prefix: &'static str, plane: &str) {
     }
     let lab_prefix: &'static str = Box::leak(prereq::lab_prefix(lab_prefix).into_boxed_str());
     PREFIX.with(|p| p.set(lab_prefix));
-    let up = lab(&["up"]);
-    assert!(up.status.success(), "lab up failed:\n{}", text(&up));
-    let mut guard = LabGuard { gateway: None };
-    let servers = lab(&["start-servers"]);
-    assert!(
-        servers.status.success(),
-        "start-servers failed:\n{}",
-        text(&servers)
-    );
+    let mut guard = LabGuard::new(sh());
+    guard.sh.up_with_servers();
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
@@ -783,7 +662,8 @@ fn run_lab(lab_prefix: &'static str, plane: &str) {
     // The rules ftpgate prints are the rules the lab runs with.
     let config = gateway_config(dir.path(), false, plane);
     rules::load_printed_rules(&config, dir.path(), &format!("{}gw", prefix()), plane);
-    guard.gateway = Some(start_gateway(&config, dir.path()));
+    let log = dir.path().join("ftpgate.stderr");
+    guard.gateway = Some(guard.sh.start_gateway(&config, &log, false));
 
     // ---- the transfer matrix -------------------------------------------
     let mut results: BTreeMap<String, String> = BTreeMap::new();
@@ -1021,7 +901,6 @@ fn run_lab(lab_prefix: &'static str, plane: &str) {
 /// is a bounce (RFC 2577 section 3), never a server-to-server PORT: the
 /// server would connect to the gateway's own ports.
 fn gateway_address_is_never_a_port_target(dir: &Path) {
-    const GW_OUT: &str = "198.51.100.1";
     let fxp_before = metric("ftpgate_rewrites_total{kind=\"fxp\"}");
     let said = text(&python(
         "in1",

@@ -8,22 +8,22 @@
 //! Needs root, iproute2, nftables, vsftpd, curl, lftp and tnftp, which
 //! `scripts/install-test-deps` installs; skipped (and says so) otherwise.
 
+#[path = "lab/kit.rs"]
+mod kit;
 #[path = "lab/prereq.rs"]
 mod prereq;
 #[path = "lab/rules.rs"]
 mod rules;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-const SRV1: &str = "198.51.100.20";
-const SRV1_V6: &str = "2001:db8:2::20";
+use kit::{GW_IN, GW_IN6, GW_OUT, LabGuard, LabSh, SRV1, SRV1_V6};
+use prereq::text;
+
 /// 198.51.100.20 inside the NAT64 prefix 64:ff9b::/96 (RFC 6052).
 const SRV1_NAT64: &str = "64:ff9b::c633:6414";
-const GW_IN: &str = "192.0.2.1";
-const GW_IN6: &str = "2001:db8:1::1";
-const GW_OUT: &str = "198.51.100.1";
 /// The "public" address split horizon announces to outside clients; the
 /// lab's gateway maps it to its outside address (a NAT in front).
 const PUBLIC: &str = "203.0.113.7";
@@ -35,9 +35,7 @@ const V4_ONLY_PORT: u16 = 2122;
 const V6_ONLY_PORT: u16 = 2123;
 
 struct Lab {
-    prefix: String,
-    state: PathBuf,
-    gateway: Option<Child>,
+    guard: LabGuard,
     dir: tempfile::TempDir,
 }
 
@@ -52,33 +50,18 @@ impl Drop for Lab {
             }
             eprintln!("deny log: {:#?}", self.denials());
         }
-        if let Some(mut g) = self.gateway.take() {
-            let _ = g.kill();
-            let _ = g.wait();
-        }
-        if std::env::var_os("FG_KEEP_LAB").is_none() {
-            self.lab(&["down"]);
-        }
+        // Then the guard stops the gateway and takes the lab down.
     }
 }
 
-use prereq::text;
-
 impl Lab {
-    fn lab(&self, args: &[&str]) -> Output {
-        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/lab.sh"))
-            .args(args)
-            .env("FG_PREFIX", &self.prefix)
-            .env("FG_STATE", &self.state)
-            .output()
-            .expect("run lab.sh")
+    fn sh(&self) -> &LabSh {
+        &self.guard.sh
     }
 
     /// Runs `cmd` in lab host `host`, bounded in time.
     fn exec(&self, host: &str, cmd: &[&str]) -> Output {
-        let mut all = vec!["exec", host, "timeout", "40"];
-        all.extend_from_slice(cmd);
-        self.lab(&all)
+        self.sh().exec(host, cmd)
     }
 
     fn ok(&self, host: &str, cmd: &[&str]) -> String {
@@ -95,43 +78,18 @@ impl Lab {
         self.dir.path().join(name)
     }
 
-    fn expected_sha(&self) -> String {
-        let p = self.state.join("srv1/root/data.bin.sha256");
-        std::fs::read_to_string(&p)
-            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
-    }
-
     fn assert_download(&self, name: &str, file: &Path) {
-        let o = Command::new("sha256sum").arg(file).output().unwrap();
-        let got = String::from_utf8_lossy(&o.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string();
         assert_eq!(
-            got,
-            self.expected_sha(),
+            kit::sha256_file(file),
+            self.sh().expected_sha("srv1"),
             "{name}: checksum of {}",
             file.display()
         );
         eprintln!("  {name:<62} ok (sha256)");
     }
 
-    fn metrics(&self) -> String {
-        let o = self.exec("gw", &["curl", "-sf", "http://127.0.0.1:9121/metrics"]);
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
     fn metric(&self, name_and_labels: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .filter(|l| l.starts_with(name_and_labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        self.sh().metric(name_and_labels)
     }
 
     /// Waits (10 s at most) until `name_and_labels` reaches `min`.
@@ -151,6 +109,7 @@ impl Lab {
     fn assert_rewrites(&self, kind: &str, min: f64) {
         let n = self.metric(&format!("ftpgate_rewrites_total{{kind=\"{kind}\"}}"));
         let all: Vec<String> = self
+            .sh()
             .metrics()
             .lines()
             .filter(|l| l.starts_with("ftpgate_rewrites_total"))
@@ -160,11 +119,7 @@ impl Lab {
     }
 
     fn denials(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.out("deny.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        kit::denials(&self.out("deny.jsonl"))
     }
 
     fn nft(&self, host: &str, rules: &str, name: &str) {
@@ -235,19 +190,8 @@ bind = ["[::]:2121"]
 interfaces = ["br-in"]
 intercept_port = {V4_ONLY_PORT}
 nat64_prefix = "64:ff9b::/96"
-
-[data]
-plane = "proxy"
-ports = "50000-50999"
-accept_timeout = "5s"
-
-[deny_log]
-path = "{}/deny.jsonl"
-
-[admin]
-bind = "127.0.0.1:9121"
-"#,
-        dir.display()
+{}"#,
+        kit::config_tables("proxy", dir)
     );
     let path = dir.join("ftpgate.toml");
     std::fs::write(&path, text).unwrap();
@@ -275,19 +219,8 @@ mode = "reverse"
 bind = ["{GW_IN}:2103"]
 upstream = "{SRV1}:{NO_PASV_PORT}"
 server_data = "active"
-
-[data]
-plane = "kernel"
-ports = "50000-50999"
-accept_timeout = "5s"
-
-[deny_log]
-path = "{}/deny.jsonl"
-
-[admin]
-bind = "127.0.0.1:9121"
-"#,
-        dir.display()
+{}"#,
+        kit::config_tables("kernel", dir)
     );
     let path = dir.join("ftpgate-kernel.toml");
     std::fs::write(&path, text).unwrap();
@@ -295,73 +228,33 @@ bind = "127.0.0.1:9121"
 }
 
 fn start_gateway(lab: &mut Lab, config: PathBuf, plane: &str) {
-    let check = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(check.status.success(), "check-config: {}", text(&check));
-    let gw = format!("{}gw", lab.prefix);
+    kit::check_config(&config);
+    let gw = format!("{}gw", lab.sh().prefix);
     rules::load_printed_rules(&config, lab.dir.path(), &gw, plane);
-    if lab.gateway.is_some() {
-        return start_daemon(lab, &config);
+    if lab.guard.gateway.is_none() {
+        // The NAT in front of split horizon's public address.
+        lab.nft(
+            "gw",
+            &format!(
+                "table ip xlnat {{\n chain pre {{\n  type nat hook prerouting priority dstnat;\n  \
+                 ip daddr {PUBLIC} dnat to {GW_OUT}\n }}\n}}\n"
+            ),
+            "public.nft",
+        );
     }
-    // The NAT in front of split horizon's public address.
-    lab.nft(
-        "gw",
-        &format!(
-            "table ip xlnat {{\n chain pre {{\n  type nat hook prerouting priority dstnat;\n  \
-             ip daddr {PUBLIC} dnat to {GW_OUT}\n }}\n}}\n"
-        ),
-        "public.nft",
-    );
-    start_daemon(lab, &config);
-}
-
-/// Starts (or restarts) ftpgate in the gateway namespace; ready when
-/// /readyz answers.
-fn start_daemon(lab: &mut Lab, config: &Path) {
-    if let Some(mut old) = lab.gateway.take() {
-        let _ = old.kill();
-        let _ = old.wait();
-    }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(lab.out("ftpgate.stderr"))
-        .unwrap();
-    let child = Command::new("ip")
-        .args(["netns", "exec", &format!("{}gw", lab.prefix)])
-        .arg(env!("CARGO_BIN_EXE_ftpgate"))
-        .args(["--log-level", "debug", "run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    lab.gateway = Some(child);
-    let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until {
-        if lab
-            .exec("gw", &["curl", "-sf", "http://127.0.0.1:9121/readyz"])
-            .status
-            .success()
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!(
-        "gateway did not become ready:\n{}",
-        std::fs::read_to_string(lab.out("ftpgate.stderr")).unwrap_or_default()
-    );
+    // Starts (or restarts) ftpgate; its log goes on in the same file.
+    lab.guard.stop_gateway();
+    let child = lab
+        .sh()
+        .start_gateway(&config, &lab.out("ftpgate.stderr"), true);
+    lab.guard.gateway = Some(child);
 }
 
 /// Another vsftpd on srv1 (same root, same files) on `port`, with the
 /// lab's configuration changed by `keys` (`key=value` lines replaced or
 /// added).
 fn start_vsftpd(lab: &Lab, name: &str, port: u16, keys: &[(&str, &str)]) {
-    let conf = std::fs::read_to_string(lab.state.join("srv1/vsftpd.conf")).unwrap();
+    let conf = std::fs::read_to_string(lab.sh().state.join("srv1/vsftpd.conf")).unwrap();
     let log = lab.dir.path().display().to_string();
     let mut set: Vec<(String, String)> = vec![
         ("listen_port".into(), port.to_string()),
@@ -497,17 +390,13 @@ fn translation_lab_converts_data_modes_crosses_families_and_splits_the_horizon()
         eprintln!("SKIPPED xlate_lab: {why} (run scripts/test as root)");
         return;
     }
-    let prefix = prereq::lab_prefix("fgx-");
+    let mut sh = LabSh::new(&prereq::lab_prefix("fgx-"));
+    sh.timeout = "40";
     let mut lab = Lab {
-        state: PathBuf::from(format!("/tmp/fglab-{prefix}")),
-        prefix,
-        gateway: None,
+        guard: LabGuard::new(sh),
         dir: tempfile::tempdir().unwrap(),
     };
-    let up = lab.lab(&["up"]);
-    assert!(up.status.success(), "lab up failed:\n{}", text(&up));
-    let servers = lab.lab(&["start-servers"]);
-    assert!(servers.status.success(), "{}", text(&servers));
+    lab.sh().up_with_servers();
     start_vsftpd(&lab, "nopasv", NO_PASV_PORT, &[("pasv_enable", "NO")]);
     start_vsftpd(
         &lab,

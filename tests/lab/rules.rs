@@ -1,6 +1,7 @@
 //! The nftables rules the lab's gateway runs with: exactly those
 //! `ftpgate nft-rules` prints for the gateway's config, shared by the tests
-//! that build the lab (`tests/nat_lab.rs`, `tests/faults.rs`).
+//! that build the lab (`tests/nat_lab.rs`, `tests/xlate_lab.rs`,
+//! `tests/ftps_lab.rs`, `tests/faults.rs`).
 
 use std::path::Path;
 use std::process::Command;
@@ -11,7 +12,8 @@ use super::prereq::text;
 /// gateway namespace `gw_ns` (a copy is kept in `dir/rules.nft`). For the
 /// kernel plane it also adds the one line the printed rules ask of the
 /// operator's own forward chain; the lab's policy stays drop for the rest.
-pub fn load_printed_rules(config: &Path, dir: &Path, gw_ns: &str, plane: &str) {
+/// Returns the printed rules.
+pub fn load_printed_rules(config: &Path, dir: &Path, gw_ns: &str, plane: &str) -> String {
     let rules = Command::new(env!("CARGO_BIN_EXE_ftpgate"))
         .args(["nft-rules", "--config"])
         .arg(config)
@@ -29,8 +31,8 @@ pub fn load_printed_rules(config: &Path, dir: &Path, gw_ns: &str, plane: &str) {
     };
     let load = nft(&["-f", rules_file.to_str().unwrap()]);
     assert!(load.status.success(), "nft -f failed:\n{}", text(&load));
+    let printed = String::from_utf8_lossy(&rules.stdout).into_owned();
     if plane == "kernel" {
-        let printed = String::from_utf8_lossy(&rules.stdout);
         let line = printed
             .lines()
             .find_map(|l| l.strip_prefix("#   ct mark "))
@@ -39,4 +41,5 @@ pub fn load_printed_rules(config: &Path, dir: &Path, gw_ns: &str, plane: &str) {
         let add = nft(&["add", "rule", "inet", "fglab", "forward", &rule]);
         assert!(add.status.success(), "{}", text(&add));
     }
+    printed
 }
