@@ -7,7 +7,8 @@
 //! gateway 192.0.2.1 inside and 198.51.100.1 outside, server
 //! 198.51.100.20; the driver opens pinhole `id` on port `50000 + id`.
 
-use std::net::{IpAddr, SocketAddr};
+#[path = "common/proto.rs"]
+mod wire;
 
 use ftpgate::proto::driver::{Driver, Transcript, lab_endpoints, pinhole};
 use ftpgate::proto::{
@@ -15,28 +16,7 @@ use ftpgate::proto::{
     ServerData, SessionConfig, Shape, Side,
 };
 use proptest::prelude::*;
-
-const CLIENT: &str = "192.0.2.10";
-const GATEWAY_INSIDE: &str = "192.0.2.1";
-const GATEWAY_OUTSIDE: &str = "198.51.100.1";
-const SERVER: &str = "198.51.100.20";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn assert_wire(t: &Transcript, to_client: &str, to_server: &str) {
-    assert_eq!(text(&t.to_client), to_client, "bytes to the client");
-    assert_eq!(text(&t.to_server), to_server, "bytes to the server");
-}
+use wire::{CLIENT, GATEWAY_INSIDE, GATEWAY_OUTSIDE, SERVER, assert_wire, ip, sa, text};
 
 fn rewrites(t: &Transcript) -> Vec<&'static str> {
     t.events

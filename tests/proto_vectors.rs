@@ -10,7 +10,9 @@
 //! exact bytes the server gets (a refused line never reaches it), and exactly
 //! one `Event::Deny` with the expected reason.
 
-use std::net::{IpAddr, SocketAddr};
+#[path = "common/proto.rs"]
+mod wire;
+
 use std::time::Duration;
 
 use ftpgate::proto::driver::{
@@ -21,13 +23,9 @@ use ftpgate::proto::{
     CloseReason, DataMode, DataVerb, DataVerdict, Denial, DenyReason, Endpoints, Event, FxpRule,
     PinholeClose, PinholeRequest, Policy, Resolution, RewriteKind, SessionConfig, Shape, Side,
 };
+use wire::{CLIENT, GATEWAY_INSIDE, GATEWAY_OUTSIDE, SERVER, assert_wire, ip, sa, text};
 
 // ---- helpers ---------------------------------------------------------------
-
-const CLIENT: &str = "192.0.2.10";
-const GATEWAY_INSIDE: &str = "192.0.2.1";
-const GATEWAY_OUTSIDE: &str = "198.51.100.1";
-const SERVER: &str = "198.51.100.20";
 
 /// The client's PORT for its own address, port 6446.
 const CLIENT_PORT: &[u8] = b"PORT 192,0,2,10,25,46\r\n";
@@ -57,18 +55,6 @@ const R425_BAD_PASSIVE: &str =
 const R425_PASSIVE_POLICY: &str =
     "425 Can't open data connection: passive address refused by policy.\r\n";
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-fn sa(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 fn logged_in_with(cfg: SessionConfig) -> Driver {
     let mut d = Driver::new(cfg, lab_endpoints());
     d.login();
@@ -96,11 +82,6 @@ fn the_denial(t: &Transcript, reason: DenyReason) -> Denial {
     );
     assert_eq!(all[0].reason, reason, "{:#?}", all[0]);
     all[0].clone()
-}
-
-fn assert_wire(t: &Transcript, to_client: &str, to_server: &str) {
-    assert_eq!(text(&t.to_client), to_client, "bytes to the client");
-    assert_eq!(text(&t.to_server), to_server, "bytes to the server");
 }
 
 fn cfg() -> SessionConfig {
