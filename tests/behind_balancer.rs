@@ -48,19 +48,30 @@ async fn server_and_gateway(
     Some((server, gw))
 }
 
+/// `ftpgate_denials_total{reason="proxy_header"}` (the recorder is the
+/// process's, shared by the tests here).
+async fn proxy_header_denials(admin: SocketAddr) -> f64 {
+    metric(
+        &scrape(admin).await,
+        "ftpgate_denials_total",
+        &[("reason", "proxy_header")],
+    )
+}
+
+/// The PROXY header a balancer sends for `client` connecting to `to`.
+fn header(client: &str, to: SocketAddr) -> ProxyHeader<'static> {
+    ProxyHeader::with_address(ProxiedAddress::stream(client.parse().unwrap(), to))
+}
+
 fn v2(client: &str, to: SocketAddr) -> Vec<u8> {
     let mut out = Vec::new();
-    ProxyHeader::with_address(ProxiedAddress::stream(client.parse().unwrap(), to))
-        .encode_v2(&mut out)
-        .unwrap();
+    header(client, to).encode_v2(&mut out).unwrap();
     out
 }
 
 fn v1(client: &str, to: SocketAddr) -> Vec<u8> {
     let mut out = Vec::new();
-    ProxyHeader::with_address(ProxiedAddress::stream(client.parse().unwrap(), to))
-        .encode_v1(&mut out)
-        .unwrap();
+    header(client, to).encode_v1(&mut out).unwrap();
     out
 }
 
@@ -206,14 +217,7 @@ async fn the_proxy_header_names_the_client_for_policy_limits_pinholes_and_logs()
     assert!(got == file, "download differs ({} bytes)", got.len());
 
     // The recorder is the process's, shared with the other tests here.
-    let samples = scrape(admin).await;
-    assert!(
-        metric(
-            &samples,
-            "ftpgate_denials_total",
-            &[("reason", "proxy_header")]
-        ) >= 1.0
-    );
+    assert!(proxy_header_denials(admin).await >= 1.0);
     // Counted when the relay has ended, which may follow the 226.
     let until = Instant::now() + Duration::from_secs(5);
     while metric(&scrape(admin).await, "ftpgate_data_connections_total", &[]) < 2.0 {
@@ -257,14 +261,7 @@ async fn connections_from_untrusted_sources_or_without_a_header_get_421() {
     let (_c, reply) = Ctl::open(gw.addr, b"PROXY TCP4 192.0.2.10 ", "").await;
     assert_eq!(reply, refused);
 
-    let samples = scrape(admin).await;
-    assert!(
-        metric(
-            &samples,
-            "ftpgate_denials_total",
-            &[("reason", "proxy_header")]
-        ) >= 3.0
-    );
+    assert!(proxy_header_denials(admin).await >= 3.0);
     let lines: Vec<_> = gw
         .denials()
         .into_iter()
