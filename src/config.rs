@@ -993,8 +993,8 @@ fn parse_net(text: &str) -> Option<IpNet> {
 // ---- core hardening: the refusal budget -----------------------------------
 //
 // `limits.max_refused_commands`: refused client lines one control session
-// may send before the core closes it with 421 (DESIGN.md "State", abuse
-// budget). Only this block and the one field in `RawLimits`, `Limits` and
+// may send before the core closes it with 421 (the abuse budget). Only
+// this block and the one field in `RawLimits`, `Limits` and
 // `session_config` belong to it.
 
 /// The largest accepted budget: beyond it the budget would never end a
