@@ -115,13 +115,7 @@ where
     let clock = IdleClock::new();
     let a_to_b = Count::default();
     let b_to_a = Count::default();
-    let moved = async {
-        let (ar, aw) = tokio::io::split(a);
-        let (br, bw) = tokio::io::split(b);
-        let forward = copy_pump(ar, bw, &clock, &a_to_b);
-        let backward = copy_pump(br, aw, &clock, &b_to_a);
-        tokio::try_join!(forward, backward).map(|_| ())
-    };
+    let moved = copy(a, b, &clock, &a_to_b, &b_to_a);
     watch(moved, &clock, idle, cancel, [&a_to_b, &b_to_a]).await
 }
 
@@ -243,15 +237,15 @@ async fn splice_or_copy(
     tokio::try_join!(forward, backward).map(|_| ())
 }
 
-async fn copy(
-    a: TcpStream,
-    b: TcpStream,
-    clock: &IdleClock,
-    a_to_b: &Count,
-    b_to_a: &Count,
-) -> io::Result<()> {
-    let (ar, aw) = a.into_split();
-    let (br, bw) = b.into_split();
+/// The copy loop, both directions, for any pair of streams (TCP, or TLS
+/// whose bytes must be decrypted and encrypted again).
+async fn copy<A, B>(a: A, b: B, clock: &IdleClock, a_to_b: &Count, b_to_a: &Count) -> io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
     let forward = copy_pump(ar, bw, clock, a_to_b);
     let backward = copy_pump(br, aw, clock, b_to_a);
     tokio::try_join!(forward, backward).map(|_| ())

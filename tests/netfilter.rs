@@ -325,41 +325,27 @@ fn a_failing_add_rolls_back_the_whole_batch_and_names_the_operation() {
             let taken = key("192.0.2.1", "198.51.100.1", 50020);
             nft.add("armed4", SetElem::new(&taken).with_timeout(t))?;
             let fresh = key("192.0.2.2", "198.51.100.1", 50021);
-            let err = nft
-                .apply(&[
-                    ElemOp::add("armed4", SetElem::new(&fresh).with_timeout(t)),
-                    ElemOp::add("armed4", SetElem::new(&taken).with_timeout(t)),
-                ])
-                .err()
-                .context("adding an existing key must fail")?;
-            match &err {
-                NftError::Kernel { op, errno, .. } => {
-                    ensure!(*errno == libc::EEXIST, "{err}");
-                    ensure!(op == "add element to set armed4", "{err}");
+            let add = |k: &PinholeKey| ElemOp::add("armed4", SetElem::new(k).with_timeout(t));
+            // The existing key last, then first: only a batch's last
+            // message asks for an ACK, and the failure of an earlier one
+            // must still be heard and still undo the batch.
+            for batch in [[add(&fresh), add(&taken)], [add(&taken), add(&fresh)]] {
+                let err = nft
+                    .apply(&batch)
+                    .err()
+                    .context("adding an existing key must fail")?;
+                match &err {
+                    NftError::Kernel { op, errno, .. } => {
+                        ensure!(*errno == libc::EEXIST, "{err}");
+                        ensure!(op == "add element to set armed4", "{err}");
+                    }
+                    other => bail!("unexpected error {other}"),
                 }
-                other => bail!("unexpected error {other}"),
+                ensure!(
+                    nft.list("armed4")?.len() == 1,
+                    "the fresh key must not stay"
+                );
             }
-            ensure!(
-                nft.list("armed4")?.len() == 1,
-                "the fresh key must not stay"
-            );
-            // Only a batch's last message asks for an ACK: the failure of
-            // an earlier one must still be heard, and still undo the batch.
-            let err = nft
-                .apply(&[
-                    ElemOp::add("armed4", SetElem::new(&taken).with_timeout(t)),
-                    ElemOp::add("armed4", SetElem::new(&fresh).with_timeout(t)),
-                ])
-                .err()
-                .context("adding an existing key first must fail too")?;
-            ensure!(
-                matches!(&err, NftError::Kernel { errno, .. } if *errno == libc::EEXIST),
-                "{err}"
-            );
-            ensure!(
-                nft.list("armed4")?.len() == 1,
-                "the fresh key must not stay when an earlier message failed"
-            );
             Ok(())
         },
     );

@@ -1,4 +1,4 @@
-//! Scenario tests for the core's hardening rules (DESIGN.md "State"): the
+//! Scenario tests for the core's hardening rules: the
 //! client sees only passive addresses the gateway wrote, address-verb
 //! lookalikes are refused, the login timer, the abuse budget and the deny
 //! aggregation, and shutdown through the core.

@@ -409,7 +409,7 @@ proptest! {
         assert_same(&whole, &split)?;
     }
 
-    /// DESIGN.md "State": the client sees only addresses the gateway wrote.
+    /// The client sees only addresses the gateway wrote.
     /// Whatever the server sends, every line that reaches the client and
     /// starts (after blanks) with 227 or 229 is a canonical line the gateway
     /// built, naming its own address; and the same holds however the input

@@ -984,7 +984,7 @@ fn fxp_policy_covering_the_gateway() -> Policy {
     }
 }
 
-/// DESIGN.md "Addresses": the gateway's own addresses are never data
+/// The gateway's own addresses are never data
 /// targets, whatever the FXP rules say. A PORT/EPRT naming one of them that
 /// is not a live pinhole of this client would make the server connect to the
 /// gateway's own ports (RFC 2577 section 3: the bounce attack aimed at the

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::{Listener, Mode, RawListener, RawPolicy, parse_net};
+use super::raw::{RawListener, RawPolicy, parse_net};
+use super::{Listener, Mode};
 use crate::proto::PassthroughRule;
 use crate::tls::{ListenerTls, UpstreamMode, UpstreamTls};
 

@@ -426,7 +426,7 @@ mod tests {
         (request.id, port)
     }
 
-    /// DESIGN.md "Addresses": only the client address that opened a pinhole
+    /// Only the client address that opened a pinhole
     /// may name it in a PORT (its other sessions are how FXP works); for any
     /// other client the pinhole does not exist, so the core's policy sees a
     /// plain third-host target (a bounce, RFC 2577).

@@ -1,4 +1,4 @@
-//! The abuse budget and the deny aggregation (DESIGN.md "State"): a session
+//! The abuse budget and the deny aggregation: a session
 //! that keeps sending refused input is closed, and refusals of one reason
 //! past the first few are counted and summed up instead of logged one by
 //! one, so one client can never blind the deny log for the others.

@@ -488,8 +488,8 @@ impl Session {
 
     /// The gateway's canonical 227/229 naming `port`.
     fn send_passive_line(&mut self, client: Style, port: u16) {
-        // Always the gateway's own line (DESIGN.md "State"): none of the
-        // server's text reaches the client.
+        // Always the gateway's own line: none of the server's text
+        // reaches the client.
         let line = match client {
             Style::Pasv => {
                 let Some(ip) = self.pasv_announce_ip() else {
