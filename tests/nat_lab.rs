@@ -895,7 +895,7 @@ fn run_lab(lab_prefix: &'static str, plane: &str) {
     gateway_address_is_never_a_port_target(dir.path());
 }
 
-/// DESIGN.md "Addresses": the gateway's own addresses are never data
+/// The gateway's own addresses are never data
 /// targets. The FXP rule (198.51.100.0/24) covers the gateway's outside
 /// address 198.51.100.1, yet a PORT naming it (port 9121, the admin port)
 /// is a bounce (RFC 2577 section 3), never a server-to-server PORT: the
@@ -934,7 +934,7 @@ fn gateway_address_is_never_a_port_target(dir: &Path) {
     );
 }
 
-/// DESIGN.md "Addresses": a pinhole may be named in a PORT (FXP) only by the
+/// A pinhole may be named in a PORT (FXP) only by the
 /// client address that opened it. With the FXP rule loaded, in1 holds a
 /// PASV pinhole on srv1; in2, logged in to srv2 (covered by the same rule),
 /// names that pinhole in a PORT. RFC 2577 section 3: a PORT naming anything
