@@ -74,3 +74,18 @@ fn ftpgate_run_refuses_to_start_relaying_to_itself() {
     assert_eq!(out.status.code(), Some(2), "{said}");
     assert!(said.contains("listener[0].upstream"), "{said}");
 }
+
+#[test]
+fn translation_and_tls_on_one_listener_are_refused_together() {
+    let listener = "[[listener]]\nmode = \"reverse\"\nbind = [\"127.0.0.1:2100\"]\n\
+                    upstream = \"192.0.2.20:21\"\nupstream_tls = \"explicit\"\n";
+    let (ok, said) = check(&format!("{listener}server_data = \"passive\"\n"));
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("`listener[0].server_data` translation is not supported together with TLS"),
+        "{said}"
+    );
+    // Each on its own is fine.
+    let (ok, said) = check(listener);
+    assert!(ok, "{said}");
+}
