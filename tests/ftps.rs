@@ -10,7 +10,7 @@ use std::process::Command;
 
 use common::{FtpClient, FtpServer, Gateway, curl, have, skip};
 
-/// A self-signed certificate for 127.0.0.1 in `dir`: (cert, key).
+/// A self-signed certificate for 127.0.0.1 and ::1 in `dir`: (cert, key).
 fn make_cert(dir: &Path, cn: &str) -> Option<(String, String)> {
     let (cert, key) = (dir.join(format!("{cn}.pem")), dir.join(format!("{cn}.key")));
     let ok = Command::new("openssl")
@@ -18,7 +18,7 @@ fn make_cert(dir: &Path, cn: &str) -> Option<(String, String)> {
             "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
         ])
         .args(["-subj", &format!("/CN={cn}")])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,IP:::1"])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -37,6 +37,11 @@ struct Setup {
 }
 
 async fn setup(test: &str, ports: &str, extra: &str) -> Option<Setup> {
+    setup_on(test, "127.0.0.1:0", ports, extra).await
+}
+
+/// [`setup`] with the gateway's listener on `bind`.
+async fn setup_on(test: &str, bind: &str, ports: &str, extra: &str) -> Option<Setup> {
     let Some(server) = FtpServer::start(None) else {
         skip(test, "Debian's python3-pyftpdlib is not installed");
         return None;
@@ -48,7 +53,7 @@ async fn setup(test: &str, ports: &str, extra: &str) -> Option<Setup> {
     };
     let data = server.put_file("data.bin", 1 << 20);
     let keys = format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\"\n");
-    let gw = Gateway::reverse_full(server.addr, ports, &keys, extra, "", "").await;
+    let gw = Gateway::reverse_on(bind, server.addr, ports, [&keys, extra, "", ""]).await;
     Some(Setup {
         server,
         gw,
@@ -56,6 +61,25 @@ async fn setup(test: &str, ports: &str, extra: &str) -> Option<Setup> {
         data,
         _certs: certs,
     })
+}
+
+/// Downloads data.bin with `tests/lab/ftps_client.py` (ftplib, PROT P,
+/// the control session resumed on data connections) from the gateway at
+/// `host`; returns what it printed.
+async fn ftplib_download(host: &str, s: &Setup, out: &str, active: bool) -> String {
+    let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/ftps_client.py");
+    let mut cmd = tokio::process::Command::new("timeout");
+    cmd.args(["30", "python3"]).arg(&client);
+    cmd.args([host, &s.gw.addr.port().to_string(), &s.cert, out]);
+    if active {
+        cmd.arg("--active");
+    }
+    let o = cmd.output().await.unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,21 +130,12 @@ async fn clients_download_intact_over_terminated_tls_with_a_plain_upstream() {
             ran.push(format!("lftp passive={passive}"));
         }
     }
-    let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lab/ftps_client.py");
     for active in [false, true] {
         let _ = std::fs::remove_file(&out);
-        let mut cmd = tokio::process::Command::new("timeout");
-        cmd.args(["30", "python3"]).arg(&client);
-        cmd.args(["127.0.0.1", &s.gw.addr.port().to_string(), &s.cert, &out_s]);
-        if active {
-            cmd.arg("--active");
-        }
-        let o = cmd.output().await.unwrap();
-        let said = String::from_utf8_lossy(&o.stdout);
+        let said = ftplib_download("127.0.0.1", &s, &out_s, active).await;
         assert!(
             said.contains("RESULT ok") && said.contains("reused=True"),
-            "ftplib active={active}: {said}{}",
-            String::from_utf8_lossy(&o.stderr)
+            "ftplib active={active}: {said}"
         );
         assert!(std::fs::read(&out).unwrap() == s.data);
         ran.push(format!("ftplib active={active}"));
@@ -230,5 +245,47 @@ async fn a_data_connection_that_skips_its_tls_handshake_is_logged() {
     let d = s.gw.wait_denial("tls_handshake_failed").await;
     assert_eq!(d["side"], "client");
     assert_eq!(d["rule"], "data_tls");
+    drop(s.server);
+}
+
+/// An IPv6 client through TLS termination to an IPv4 upstream: EPSV and
+/// EPRT name IPv6 pinholes inside the encrypted control channel, and the
+/// data connections are TLS too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_client_downloads_over_terminated_tls() {
+    let test = "an_ipv6_client_downloads_over_terminated_tls";
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        return skip(test, "no IPv6 loopback (::1) here");
+    }
+    let Some(s) = setup_on(test, "[::1]:0", "52900-52999", "").await else {
+        return;
+    };
+    assert!(s.gw.addr.is_ipv6(), "{}", s.gw.addr);
+    let out = s.gw.dir.path().join("out.bin");
+    let out_s = out.to_str().unwrap().to_string();
+    let mut ran = Vec::new();
+    if have("curl") {
+        let url = format!("ftp://ftptest:ftptest@{}/data.bin", s.gw.addr);
+        let (ok, err) = curl(&["--ssl-reqd", "--cacert", &s.cert, "-o", &out_s, &url]).await;
+        assert!(
+            ok,
+            "curl EPSV over IPv6: {err}; denials {:?}",
+            s.gw.denials()
+        );
+        assert!(std::fs::read(&out).unwrap() == s.data, "curl: bytes differ");
+        ran.push("curl EPSV".to_string());
+    }
+    for active in [false, true] {
+        let _ = std::fs::remove_file(&out);
+        let said = ftplib_download("::1", &s, &out_s, active).await;
+        assert!(
+            said.contains("RESULT ok"),
+            "ftplib over IPv6, active={active}: {said}; denials {:?}",
+            s.gw.denials()
+        );
+        assert!(std::fs::read(&out).unwrap() == s.data);
+        ran.push(format!("ftplib {}", if active { "EPRT" } else { "EPSV" }));
+    }
+    println!("{test}: {}", ran.join(", "));
     drop(s.server);
 }

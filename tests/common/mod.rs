@@ -149,6 +149,18 @@ impl Gateway {
         data_keys: &str,
         deny_log_keys: &str,
     ) -> Gateway {
+        let keys = [listener_keys, extra, data_keys, deny_log_keys];
+        Gateway::reverse_on("127.0.0.1:0", upstream, ports, keys).await
+    }
+
+    /// [`Gateway::reverse_full`] with its listener on `bind`; `keys` are
+    /// the listener's, the extra tables, `[data]`'s and `[deny_log]`'s.
+    pub async fn reverse_on(
+        bind: &str,
+        upstream: SocketAddr,
+        ports: &str,
+        [listener_keys, extra, data_keys, deny_log_keys]: [&str; 4],
+    ) -> Gateway {
         let accept = if data_keys.contains("accept_timeout") {
             ""
         } else {
@@ -160,7 +172,7 @@ impl Gateway {
             r#"
 [[listener]]
 mode = "reverse"
-bind = ["127.0.0.1:0"]
+bind = ["{bind}"]
 upstream = "{upstream}"
 {listener_keys}
 
