@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{FtpClient, FtpServer, Gateway, curl, have, skip};
+use common::{FtpClient, FtpServer, Gateway, curl, have, metric, scrape, skip};
 
 /// A self-signed certificate for 127.0.0.1 and ::1 in `dir`: (cert, key).
 fn make_cert(dir: &Path, cn: &str) -> Option<(String, String)> {
@@ -61,6 +61,22 @@ async fn setup_on(test: &str, bind: &str, ports: &str, extra: &str) -> Option<Se
         data,
         _certs: certs,
     })
+}
+
+/// Runs a Python script (30 s at most); returns whether it succeeded and
+/// what it printed, standard output first.
+async fn python(script: &str) -> (bool, String) {
+    let o = tokio::process::Command::new("timeout")
+        .args(["30", "python3", "-c", script])
+        .output()
+        .await
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), said)
 }
 
 /// Downloads data.bin with `tests/lab/ftps_client.py` (ftplib, PROT P,
@@ -231,17 +247,8 @@ async fn a_data_connection_that_skips_its_tls_handshake_is_logged() {
         s.cert,
         s.gw.addr.port()
     );
-    let o = tokio::process::Command::new("timeout")
-        .args(["30", "python3", "-c", &script])
-        .output()
-        .await
-        .unwrap();
-    let said = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        said.contains("DATA"),
-        "{said}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let (_, said) = python(&script).await;
+    assert!(said.contains("DATA"), "{said}");
     let d = s.gw.wait_denial("tls_handshake_failed").await;
     assert_eq!(d["side"], "client");
     assert_eq!(d["rule"], "data_tls");
@@ -287,5 +294,56 @@ async fn an_ipv6_client_downloads_over_terminated_tls() {
         ran.push(format!("ftplib {}", if active { "EPRT" } else { "EPSV" }));
     }
     println!("{test}: {}", ran.join(", "));
+    drop(s.server);
+}
+
+/// ABOR inside the TLS control channel (no urgent data: TLS has none, so
+/// ftplib's FTP_TLS sends it in-band) while a PROT P download runs: the
+/// server's 426/226 come back through the gateway, the data connection
+/// ends, and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abor_over_a_tls_control_channel_stops_the_transfer_and_the_session_goes_on() {
+    let test = "abor_over_a_tls_control_channel_stops_the_transfer_and_the_session_goes_on";
+    let Some(s) = setup(test, "53000-53099", "").await else {
+        return;
+    };
+    s.server.put_file("big.bin", 32 << 20);
+    let script = format!(
+        "import ftplib, ssl\n\
+         ctx = ssl.create_default_context(cafile='{}')\n\
+         f = ftplib.FTP_TLS(context=ctx, timeout=10)\n\
+         f.connect('127.0.0.1', {})\n\
+         f.login('ftptest', 'ftptest'); f.prot_p()\n\
+         conn = f.transfercmd('RETR big.bin')\n\
+         got = len(conn.recv(65536))\n\
+         resp = f.abort()\n\
+         print('ABORT', resp)\n\
+         conn.close()\n\
+         if resp.startswith('426'):\n\
+         \x20   print('THEN', f.getmultiline())\n\
+         print('NOOP', f.sendcmd('NOOP'))\n\
+         print('GOT', got)\n",
+        s.cert,
+        s.gw.addr.port()
+    );
+    let (ok, said) = python(&script).await;
+    assert!(ok, "{said}");
+    let abort = said.lines().find(|l| l.starts_with("ABORT")).unwrap_or("");
+    assert!(
+        abort.starts_with("ABORT 426") || abort.starts_with("ABORT 226"),
+        "{said}"
+    );
+    assert!(said.contains("NOOP 200"), "{said}");
+    // The aborted transfer's relay is gone, not left running.
+    let admin = s.gw.running.admin.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while metric(&scrape(admin).await, "ftpgate_data_connections_active", &[]) != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the aborted relay stays"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    println!("{test}: {}", said.lines().collect::<Vec<_>>().join(" | "));
     drop(s.server);
 }
