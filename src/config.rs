@@ -197,7 +197,10 @@ pub struct DenyLogConfig {
     pub interval: Duration,
 }
 
-/// The validated, immutable configuration.
+/// The validated, immutable configuration. Only [`Config::parse`] makes
+/// one, and nothing may change it afterwards: each listener's
+/// [`SessionConfig`] is derived from it once, there (a reload parses a new
+/// one).
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listeners: Vec<Listener>,

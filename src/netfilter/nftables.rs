@@ -40,7 +40,9 @@ use wire::{
 /// and its ACKs the receive buffer.
 pub const MAX_BATCH_OPS: usize = 1024;
 const MAX_BATCH_BYTES: usize = 128 * 1024;
-/// Room for MAX_BATCH_OPS ACKs (each costs about 1 KiB of buffer truesize).
+/// Room for an answer to each of MAX_BATCH_OPS messages (only the last asks
+/// for an ACK, but each may fail; an answer costs about 1 KiB of buffer
+/// truesize).
 const RECEIVE_BUFFER: usize = 2 * 1024 * 1024;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 const RECV_CHUNK: usize = 64 * 1024;
@@ -174,6 +176,8 @@ pub enum NftError {
     },
     #[error("no answer from the kernel to {op} within {waited:?}")]
     Timeout { op: String, waited: Duration },
+    #[error("the kernel answered {op} only in part, with no error: its outcome is unknown")]
+    Unanswered { op: String },
     #[error(
         "{op} in table inet {table} failed: {} (errno {errno}){}",
         io::Error::from_raw_os_error(*.errno),
@@ -324,7 +328,7 @@ impl Nftables {
         let deadline = Instant::now() + REPLY_TIMEOUT;
         let mut out = Vec::new();
         loop {
-            inner.recv(&op, deadline)?;
+            inner.recv(&op, deadline, true)?;
             for m in msg::messages(&inner.buf).filter(|m| m.seq == seq) {
                 match m.ty {
                     NLMSG_DONE => {
@@ -376,7 +380,7 @@ impl Nftables {
         let deadline = Instant::now() + REPLY_TIMEOUT;
         let mut info = None;
         loop {
-            inner.recv(&op, deadline)?;
+            inner.recv(&op, deadline, true)?;
             for m in msg::messages(&inner.buf).filter(|m| m.seq == seq) {
                 if m.ty == NLMSG_ERROR {
                     // The ACK (errno 0) follows the NEWSET reply.
@@ -487,8 +491,9 @@ impl Inner {
     }
 
     /// Receives one datagram into `buf`; SO_RCVTIMEO bounds each call and
-    /// `deadline` the whole exchange.
-    fn recv(&mut self, op: &str, deadline: Instant) -> Result<(), NftError> {
+    /// `deadline` the whole exchange. Without `wait`, an empty queue is
+    /// `Ok(false)` at once.
+    fn recv(&mut self, op: &str, deadline: Instant, wait: bool) -> Result<bool, NftError> {
         let timeout = || NftError::Timeout {
             op: op.to_owned(),
             waited: REPLY_TIMEOUT,
@@ -497,12 +502,14 @@ impl Inner {
             return Err(timeout());
         }
         self.buf.clear();
-        match self.sock.recv(&mut self.buf, 0) {
-            Ok(_) => Ok(()),
+        let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
+        match self.sock.recv(&mut self.buf, flags) {
+            Ok(_) => Ok(true),
+            Err(e) if sock::errno(&e) == libc::EAGAIN && !wait => Ok(false),
             // SO_RCVTIMEO expired.
             Err(e) if sock::errno(&e) == libc::EAGAIN => Err(timeout()),
             // Interrupted: the caller's loop calls again; buf is empty.
-            Err(e) if sock::errno(&e) == libc::EINTR => Ok(()),
+            Err(e) if sock::errno(&e) == libc::EINTR => Ok(true),
             Err(source) => Err(NftError::Io {
                 op: op.to_owned(),
                 source,
@@ -551,18 +558,30 @@ impl Inner {
         self.send(w.as_bytes(), &batch_op)?;
 
         let deadline = Instant::now() + REPLY_TIMEOUT;
-        // Errors of earlier messages, then the last message's answer.
+        // Errors of earlier messages, then the last message's answer. The
+        // kernel queued every answer inside `send`, so once one has come,
+        // an empty queue means no more will: a batch refused as a whole
+        // (ENOMEM, a failed commit) sends one error, at the first
+        // message's sequence number, and no ACK.
         let mut answers: Vec<Option<msg::ErrorMsg>> = vec![None; ops.len()];
         let last = ops.len() - 1;
+        let mut wait = true;
         while answers[last].is_none() {
-            self.recv(&batch_op, deadline)?;
+            if !self.recv(&batch_op, deadline, wait)? {
+                break;
+            }
+            wait = false;
             for m in msg::messages(&self.buf).filter(|m| m.ty == NLMSG_ERROR) {
                 let Some(e) = msg::parse_error(&m) else {
                     continue;
                 };
                 let idx = e.seq.wrapping_sub(begin + 1) as usize;
                 if idx < ops.len() {
-                    answers[idx] = Some(e);
+                    // A failed commit's error comes before the ACK of the
+                    // same (one-message) batch: the ACK must not hide it.
+                    if answers[idx].as_ref().is_none_or(|a| a.errno == 0) {
+                        answers[idx] = Some(e);
+                    }
                 } else if (e.seq == begin || e.seq == begin + count + 1) && e.errno != 0 {
                     // The batch as a whole was refused (EPERM without
                     // CAP_NET_ADMIN, ENOMEM): nothing was applied.
@@ -576,6 +595,9 @@ impl Inner {
             }
         }
 
+        if answers[last].is_none() && answers.iter().flatten().all(|a| a.errno == 0) {
+            return Err(NftError::Unanswered { op: batch_op });
+        }
         let mut absent = Vec::new();
         for (i, answer) in answers.iter().enumerate() {
             let Some(e) = answer.as_ref().filter(|e| e.errno != 0) else {
