@@ -508,10 +508,19 @@ def report_main(args):
                 cpu = [r for r in rows if r.get("part") == "session_cpu" and r["path"] == p and r["concurrency"] == conc]
                 per = []
                 for c in cpu:
-                    done = [r["ok"] for r in runs[p] if r.get("round") == c["round"]]
+                    done = [r["ok"] + r["failed"] for r in runs[p] if r.get("round") == c["round"]]
                     if done and done[0]:
                         per.append(c["fg_cpu_s"] / done[0] * 1e6)
                 return fmt(median(per)) if per and p in ("proxy", "kernel") else "–"
+
+            def sedge(p, runs=runs, conc=conc):
+                cpu = [r for r in rows if r.get("part") == "session_cpu" and r["path"] == p and r["concurrency"] == conc]
+                per = []
+                for c in cpu:
+                    done = [r["ok"] + r["failed"] for r in runs[p] if r.get("round") == c["round"]]
+                    if done and done[0] and "edge_cpu_s" in c:
+                        per.append(c["edge_cpu_s"] / done[0] * 1e6)
+                return fmt(median(per)) if per else "–"
 
             table.append([f"sessions/s, concurrency {conc}", *cells(srate)])
             def spackets(p, runs=runs, conc=conc):
@@ -524,6 +533,8 @@ def report_main(args):
                 return fmt(median(per), 1) if per else "–"
 
             table.append([f"c={conc}: ftpgate CPU µs per session", *cells(scpu)])
+            if any(r.get("part") == "session_cpu" and "edge_cpu_s" in r for r in rows):
+                table.append([f"c={conc}: edge CPU busy µs per session (all its work, --edge-cpu)", *cells(sedge)])
             table.append([f"c={conc}: packets through the edge's interfaces per session", *cells(spackets)])
             table.append(
                 [
