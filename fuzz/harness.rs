@@ -22,6 +22,7 @@ use ftpgate::proto::{
 const REFUSAL_REPLIES: &[&str] = &[
     "425 Can't open data connection: too many open data connections.",
     "425 Can't open data connection: no pinhole available.",
+    "425 Can't open data connection: the gateway could not connect to your port or the server's.",
     "425 Can't open data connection: unusable passive reply from server.",
     "425 Can't open data connection: passive address refused by policy.",
     "500 Syntax error, command unrecognized.",

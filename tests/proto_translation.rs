@@ -49,7 +49,18 @@ fn converted(server_data: ServerData, client: &[u8], server: &[u8]) -> Driver {
     let mut d = session(server_data);
     d.input(Side::Client, client);
     d.input(Side::Server, server);
+    legs_connected(&mut d);
     d
+}
+
+/// The plane has connected both legs of a converted PORT/EPRT's pinhole
+/// (number 1), if there is one: the server's leg is judged, and the
+/// client's 200 may go.
+fn legs_connected(d: &mut Driver) {
+    let dial_both = |r: &&PinholeRequest| matches!(r.shape, Shape::DialBoth { .. });
+    if d.transcript.pinhole_requests().iter().any(dial_both) {
+        assert_eq!(d.peer_connects(1), DataVerdict::Accept);
+    }
 }
 
 /// The client sends `command`, which the gateway sends on converted as
@@ -95,11 +106,8 @@ fn port_becomes_pasv_and_the_gateway_dials_both_ends_before_the_client_gets_200(
         Side::Server,
         b"227 Entering Passive Mode (10,0,0,5,200,10).\r\n",
     );
-    assert_wire(
-        &d.transcript,
-        "200 PORT command successful.\r\n",
-        "PASV\r\n",
-    );
+    // Still nothing for the client: the plane dials both ends first.
+    assert_wire(&d.transcript, "", "PASV\r\n");
     assert_eq!(
         d.transcript.pinhole_requests(),
         vec![&PinholeRequest {
@@ -116,16 +124,54 @@ fn port_becomes_pasv_and_the_gateway_dials_both_ends_before_the_client_gets_200(
             },
         }]
     );
-    assert_eq!(rewrites(&d.transcript), ["port_to_pasv"]);
-    // The dialled server leg is judged like any data connection.
+    // The dialled server leg is judged like any data connection; once it
+    // is accepted (the client's leg was connected before it), the 200.
     assert_eq!(
         d.connect_from(1, sa("198.51.100.20:51210")),
         DataVerdict::Accept
     );
+    assert_wire(
+        &d.transcript,
+        "200 PORT command successful.\r\n",
+        "PASV\r\n",
+    );
+    assert_eq!(rewrites(&d.transcript), ["port_to_pasv"]);
     d.transcript = Transcript::default();
     d.input(Side::Client, b"RETR f\r\n");
     d.input(Side::Server, b"150 go\r\n226 done\r\n");
     assert_wire(&d.transcript, "150 go\r\n226 done\r\n", "RETR f\r\n");
+}
+
+#[test]
+fn a_converted_port_whose_legs_cannot_be_connected_gets_425_not_200() {
+    let mut d = session(ServerData::Passive);
+    d.input(Side::Client, b"PORT 192,0,2,10,25,46\r\n");
+    d.input(Side::Server, b"227 ok (198,51,100,20,200,10)\r\n");
+    // The plane could not reach the client's port (or the server's): it
+    // reports the pinhole closed.
+    d.session.handle_pinhole_closed(pinhole(1), d.now);
+    d.settle();
+    assert_wire(
+        &d.transcript,
+        "425 Can't open data connection: the gateway could not connect to your port or the server's.\r\n",
+        "PASV\r\n",
+    );
+    assert_eq!(d.transcript.reasons(), [DenyReason::PinholeUnavailable]);
+    // The session goes on.
+    d.transcript = Transcript::default();
+    d.input(Side::Client, b"NOOP\r\n");
+    assert_wire(&d.transcript, "", "NOOP\r\n");
+    // A slow plane: the pinhole expires before both legs are there.
+    let mut d = session(ServerData::Passive);
+    d.input(Side::Client, b"PORT 192,0,2,10,25,46\r\n");
+    d.input(Side::Server, b"227 ok (198,51,100,20,200,10)\r\n");
+    d.advance(SessionConfig::default().pinhole_timeout + std::time::Duration::from_secs(1));
+    assert_wire(
+        &d.transcript,
+        "425 Can't open data connection: the gateway could not connect to your port or the server's.\r\n",
+        "PASV\r\n",
+    );
+    assert_eq!(d.transcript.reasons(), [DenyReason::PinholeExpired]);
 }
 
 #[test]
@@ -540,6 +586,7 @@ fn an_ipv6_clients_eprt_becomes_pasv_toward_an_ipv4_server() {
     let mut d = session_at(ServerData::Passive, ep);
     d.input(Side::Client, b"EPRT |2|2001:db8:1::10|6446|\r\n");
     d.input(Side::Server, b"227 ok (198,51,100,20,200,10)\r\n");
+    legs_connected(&mut d);
     assert_wire(
         &d.transcript,
         "200 EPRT command successful.\r\n",

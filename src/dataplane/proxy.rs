@@ -434,27 +434,41 @@ async fn dial_both(
         return;
     };
     let started = Instant::now();
-    let connected = tokio::select! {
+    let limit = owner.timeouts.connect;
+    // The client's leg first: the client listens from its PORT/EPRT on,
+    // and the core lets its 200 go only once the server's leg is accepted
+    // too, so both legs exist before the client's transfer command makes
+    // the server send.
+    let legs = tokio::select! {
         _ = &mut cancel => return,
-        c = connect_from(dial_from, dial, owner.timeouts.connect) => c,
+        c = async {
+            let client = connect_from(request.connect_from, request.connect_to, limit)
+                .await
+                .map_err(|e| (request.connect_to, "the client's PORT/EPRT target", e))?;
+            let server = connect_from(dial_from, dial, limit)
+                .await
+                .map_err(|e| (dial, "the server's passive port", e))?;
+            Ok((client, server))
+        } => c,
     };
-    let verdict = match &connected {
-        // The core judges it as any data connection of the server's.
+    let verdict = match &legs {
+        // The core judges the server's leg as any data connection of the
+        // server's (the client's is the target it accepted).
         Ok(_) => owner.ask(request.id, dial, VERDICT_TIMEOUT).await,
-        Err(e) => {
-            tracing::warn!(session = owner.info.id, target = %dial, "data connection to the server's passive port failed: {e}");
+        Err((target, what, e)) => {
+            tracing::warn!(session = owner.info.id, %target, "data connection to {what} failed: {e}");
             DataVerdict::Refuse
         }
     };
     let taken = registry.remove(request.id);
-    let (Ok(server), DataVerdict::Accept, Some((_, mut entry))) = (connected, verdict, taken)
+    let (Ok((client, server)), DataVerdict::Accept, Some((_, mut entry))) = (legs, verdict, taken)
     else {
         owner.report(PlaneEvent::Closed { id: request.id }).await;
         return;
     };
     m::pinhole_wait(started.elapsed());
     let slot = entry.reservation.take().map(Reservation::into_connection);
-    carry(server, &request, &owner, slot).await;
+    carry_legs(server, client, &request, &owner, slot).await;
 }
 
 /// Connects a taken data connection onward and relays it; reports the end
@@ -468,33 +482,15 @@ pub async fn carry(
     owner: &Owner,
     slot: Option<Claim>,
 ) {
-    let _slot = slot;
-    let timeouts = owner.timeouts;
-    let _ = inbound.set_nodelay(true);
-    let _active = m::DataConnectionActive::start();
     let connected = tokio::select! {
-        c = connect_from(request.connect_from, request.connect_to, timeouts.connect) => c,
+        c = connect_from(request.connect_from, request.connect_to, owner.timeouts.connect) => c,
         () = owner.ended() => Err(io::Error::new(
             io::ErrorKind::ConnectionAborted,
             "control session ended",
         )),
     };
     match connected {
-        Ok(outbound) if owner.needs_userland(request) => {
-            let began = Instant::now();
-            let Some(legs) = tls_legs(inbound, outbound, request, owner).await else {
-                owner.report(PlaneEvent::Closed { id: request.id }).await;
-                return;
-            };
-            let (counts, result) =
-                relay::relay_streams(legs.0, legs.1, timeouts.idle, owner.ended()).await;
-            let (down, up) = directions(request.mode, counts.a_to_b, counts.b_to_a);
-            m::data_connection("proxy", mode_label(request.mode), down, up, began.elapsed());
-            if let Err(e) = result {
-                tracing::debug!(session = owner.info.id, "TLS data relay ended: {e}");
-            }
-        }
-        Ok(outbound) => relay_and_report(inbound, outbound, request, owner).await,
+        Ok(outbound) => carry_legs(inbound, outbound, request, owner, slot).await,
         Err(e) => {
             tracing::warn!(
                 session = owner.info.id,
@@ -503,6 +499,36 @@ pub async fn carry(
             );
             owner.report(PlaneEvent::Closed { id: request.id }).await;
         }
+    }
+}
+
+/// Relays a data connection's two legs (`inbound`: the peer the pinhole
+/// expected; `outbound`: the other), through TLS where the session's data
+/// is protected; reports the end to the owner.
+async fn carry_legs(
+    inbound: TcpStream,
+    outbound: TcpStream,
+    request: &PinholeRequest,
+    owner: &Owner,
+    slot: Option<Claim>,
+) {
+    let _slot = slot;
+    let _ = inbound.set_nodelay(true);
+    let _active = m::DataConnectionActive::start();
+    if !owner.needs_userland(request) {
+        return relay_and_report(inbound, outbound, request, owner).await;
+    }
+    let began = Instant::now();
+    let Some(legs) = tls_legs(inbound, outbound, request, owner).await else {
+        owner.report(PlaneEvent::Closed { id: request.id }).await;
+        return;
+    };
+    let (counts, result) =
+        relay::relay_streams(legs.0, legs.1, owner.timeouts.idle, owner.ended()).await;
+    let (down, up) = directions(request.mode, counts.a_to_b, counts.b_to_a);
+    m::data_connection("proxy", mode_label(request.mode), down, up, began.elapsed());
+    if let Err(e) = result {
+        tracing::debug!(session = owner.info.id, "TLS data relay ended: {e}");
     }
 }
 

@@ -36,7 +36,7 @@ use super::policy::{ControlPeers, canonical, canonical_ip};
 use super::reply::Code;
 use abuse::DenyTally;
 use commands::{HeldCommand, with_command};
-use output::{IDLE_TIMED_OUT, LOGIN_TIMED_OUT, NO_PINHOLE, Route, SHUTTING_DOWN};
+use output::{IDLE_TIMED_OUT, LOGIN_TIMED_OUT, NO_DATA_LEGS, NO_PINHOLE, Route, SHUTTING_DOWN};
 use pending::{MAX_PENDING, Pending};
 use pinholes::{Slot, SlotState};
 use replies::{HeldReply, PassiveLines};
@@ -227,12 +227,43 @@ impl Session {
             }
             other => self.held_command = other,
         }
-        if self.held_reply.as_ref().is_some_and(|h| h.id == id)
+        // The 200 for a PORT/EPRT sent upstream as PASV/EPSV waits for
+        // both of its legs (see `release_held_reply`).
+        if self
+            .held_reply
+            .as_ref()
+            .is_some_and(|h| h.id == id && !h.waits_for_legs())
             && let Some(held) = self.held_reply.take()
         {
             self.send_passive_reply(held, listen);
         }
         self.drain(now);
+    }
+
+    /// Pinhole `id` has all its data connections: a reply held for them
+    /// goes to the client now. That is the 200 for a client's PORT/EPRT
+    /// sent upstream as PASV/EPSV (`server_data = "passive"`): the gateway
+    /// has connected to the client's port and to the server's passive
+    /// port, so when the client's transfer command makes the server send,
+    /// the client's data connection is already there (a client may fail a
+    /// transfer whose final reply comes before its data connection).
+    pub(super) fn release_held_reply(&mut self, id: PinholeId, listen: SocketAddr, now: Instant) {
+        if self.held_reply.as_ref().is_some_and(|h| h.id == id)
+            && let Some(held) = self.held_reply.take()
+        {
+            self.send_passive_reply(held, listen);
+            self.drain(now);
+        }
+    }
+
+    /// A reply held for pinhole `id` that will never open: the client gets
+    /// `reply` instead (and the deny line says why).
+    pub(super) fn refuse_held_reply(&mut self, id: PinholeId, refusal: Denial, reply: &str) {
+        if self.held_reply.as_ref().is_some_and(|h| h.id == id) {
+            self.held_reply = None;
+            self.refuse(refusal, reply, Route::InPlace);
+            self.flush_local_replies();
+        }
     }
 
     /// The daemon could not open pinhole `id`.
@@ -255,11 +286,7 @@ impl Session {
             }
             other => self.held_command = other,
         }
-        if self.held_reply.as_ref().is_some_and(|h| h.id == id) {
-            self.held_reply = None;
-            self.refuse(refusal, NO_PINHOLE, Route::InPlace);
-            self.flush_local_replies();
-        }
+        self.refuse_held_reply(id, refusal, NO_PINHOLE);
         self.drain(now);
     }
 
@@ -267,6 +294,12 @@ impl Session {
     pub fn handle_pinhole_closed(&mut self, id: PinholeId, now: Instant) {
         self.tick(now);
         self.slots.retain(|s| s.id != id);
+        // Its legs could not be connected (converted PORT): no 200.
+        if self.held_reply.as_ref().is_some_and(|h| h.id == id) {
+            let refusal = Denial::new(DenyReason::PinholeUnavailable, Side::Client);
+            self.refuse_held_reply(id, refusal, NO_DATA_LEGS);
+            self.drain(now);
+        }
         if self.slots.is_empty() {
             // A long transfer is activity: the idle clock restarts after it.
             self.last_activity = self.last_activity.max(now);

@@ -16,6 +16,11 @@ pub(super) const TOO_MANY_DATA_CONNECTIONS: &str =
 /// Sent when the pinhole a data connection needs could not be opened, or
 /// is gone.
 pub(super) const NO_PINHOLE: &str = "425 Can't open data connection: no pinhole available.";
+/// Sent for a PORT/EPRT sent upstream as PASV/EPSV whose two data legs the
+/// gateway could not connect (the client's port or the server's passive
+/// port did not answer in time).
+pub(super) const NO_DATA_LEGS: &str =
+    "425 Can't open data connection: the gateway could not connect to your port or the server's.";
 /// Sent for a verb the gateway does not pass on: not a clean token, or a
 /// lookalike of an address verb (RFC 959 section 4.2.1: 500, syntax error,
 /// command unrecognized).

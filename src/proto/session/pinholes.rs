@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use super::Session;
-use super::output::Route;
+use super::output::{NO_DATA_LEGS, Route};
 use super::types::{DataMode, DataVerdict, Event, PinholeClose, PinholeId};
 use crate::proto::Side;
 use crate::proto::deny::{Denial, DenyReason};
@@ -57,12 +57,16 @@ impl Session {
         };
         let awaited = slot.awaiting.iter().position(|p| *p == peer_ip);
         let listen = match (slot.state, awaited) {
-            (SlotState::Waiting { .. }, Some(i)) => {
+            (SlotState::Waiting { listen, .. }, Some(i)) => {
                 slot.awaiting.swap_remove(i);
-                if slot.awaiting.is_empty() {
+                let connected = slot.awaiting.is_empty();
+                if connected {
                     slot.state = SlotState::Connected;
                 }
                 self.last_activity = now;
+                if connected {
+                    self.release_held_reply(id, listen, now);
+                }
                 return DataVerdict::Accept;
             }
             (SlotState::Waiting { listen, .. }, None) => Some(listen),
@@ -163,6 +167,7 @@ impl Session {
                 id: slot.id,
                 cause: PinholeClose::Expired,
             });
+
             // A two-leg pinhole names the leg that never came.
             let (side, missing) = match slot.awaiting.as_slice() {
                 [only] if slot.peers.len() > 1 && *only != slot.expected_peer => {
@@ -173,7 +178,12 @@ impl Session {
             let denial = Denial::new(DenyReason::PinholeExpired, side)
                 .target(listen)
                 .expected_peer(missing);
-            self.refuse(denial, "", Route::Silent);
+            if self.held_reply.as_ref().is_some_and(|h| h.id == slot.id) {
+                // A converted PORT/EPRT whose legs never came: its 425.
+                self.refuse_held_reply(slot.id, denial, NO_DATA_LEGS);
+            } else {
+                self.refuse(denial, "", Route::Silent);
+            }
         }
     }
 }

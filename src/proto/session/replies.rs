@@ -41,6 +41,14 @@ pub(super) struct HeldReply {
     replaced: bool,
 }
 
+impl HeldReply {
+    /// Released only once the pinhole's data connections are all made,
+    /// not when it opens (see `Session::release_held_reply`).
+    pub(super) fn waits_for_legs(&self) -> bool {
+        matches!(self.answer, Answer::PortAccepted(_))
+    }
+}
+
 /// What the client gets once a held reply's pinhole is open.
 #[derive(Debug, Clone)]
 enum Answer {
