@@ -36,6 +36,12 @@ const REFUSAL_REPLIES: &[&str] = &[
     "522 Network protocol not supported, use (2).",
     "530 Please log in first.",
     "534 Request denied for policy reasons: the control channel must stay inspectable.",
+    "503 Bad sequence of commands.",
+    "504 Security mechanism not understood: use AUTH TLS.",
+    "504 PROT takes C or P.",
+    "521 Data connection cannot be opened with this PROT setting: use PROT P.",
+    "530 TLS required: send AUTH TLS before logging in.",
+    "536 Requested PROT level not supported.",
     "421 Too many refused commands: closing control connection.",
 ];
 
