@@ -504,34 +504,26 @@ def report_main(args):
                 )
                 return f"{p50:.1f} / {p99:.1f}; {slow} ≥ 1 s, {drops} overflows; {failed} failed"
 
-            def scpu(p, runs=runs, conc=conc):
-                cpu = [r for r in rows if r.get("part") == "session_cpu" and r["path"] == p and r["concurrency"] == conc]
-                per = []
-                for c in cpu:
-                    done = [r["ok"] + r["failed"] for r in runs[p] if r.get("round") == c["round"]]
-                    if done and done[0]:
-                        per.append(c["fg_cpu_s"] / done[0] * 1e6)
-                return fmt(median(per)) if per and p in ("proxy", "kernel") else "–"
+            def per_session(key, scale, digits, paths=None, runs=runs, conc=conc):
+                """Median over rounds of a session_cpu figure per attempted session."""
 
-            def sedge(p, runs=runs, conc=conc):
-                cpu = [r for r in rows if r.get("part") == "session_cpu" and r["path"] == p and r["concurrency"] == conc]
-                per = []
-                for c in cpu:
-                    done = [r["ok"] + r["failed"] for r in runs[p] if r.get("round") == c["round"]]
-                    if done and done[0] and "edge_cpu_s" in c:
-                        per.append(c["edge_cpu_s"] / done[0] * 1e6)
-                return fmt(median(per)) if per else "–"
+                def cell(p):
+                    per = []
+                    for c in rows:
+                        if c.get("part") != "session_cpu" or c["path"] != p or c["concurrency"] != conc:
+                            continue
+                        done = [r["ok"] + r["failed"] for r in runs[p] if r.get("round") == c["round"]]
+                        if done and done[0] and key in c:
+                            per.append(c[key] / done[0] * scale)
+                    return fmt(median(per), digits) if per and (paths is None or p in paths) else "–"
+
+                return cell
+
+            scpu = per_session("fg_cpu_s", 1e6, 0, paths=("proxy", "kernel"))
+            sedge = per_session("edge_cpu_s", 1e6, 0)
+            spackets = per_session("edge_packets", 1, 1)
 
             table.append([f"sessions/s, concurrency {conc}", *cells(srate)])
-            def spackets(p, runs=runs, conc=conc):
-                cpu = [r for r in rows if r.get("part") == "session_cpu" and r["path"] == p and r["concurrency"] == conc]
-                per = []
-                for c in cpu:
-                    done = [r["ok"] + r["failed"] for r in runs[p] if r.get("round") == c["round"]]
-                    if done and done[0] and "edge_packets" in c:
-                        per.append(c["edge_packets"] / done[0])
-                return fmt(median(per), 1) if per else "–"
-
             table.append([f"c={conc}: ftpgate CPU µs per session", *cells(scpu)])
             if any(r.get("part") == "session_cpu" and "edge_cpu_s" in r for r in rows):
                 table.append([f"c={conc}: edge CPU busy µs per session (all its work, --edge-cpu)", *cells(sedge)])
