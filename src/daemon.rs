@@ -296,11 +296,6 @@ pub async fn run(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Raises the soft limit on open files to the hard limit. Every session
-/// holds two sockets and every data connection two more: a daemon started
-/// from a shell (soft limit 1024) would die of EMFILE at a few hundred
-/// sessions although the hard limit (systemd: 65536 in the shipped unit;
-/// often 524288) allows far more.
 /// The kernel hands out local ports for outgoing connections (ftpgate's own
 /// upstream connections among them) from net.ipv4.ip_local_port_range; a
 /// data port taken that way cannot hold a pinhole, and the kernel plane's
@@ -345,6 +340,11 @@ fn unreserved_ephemeral((low, high): (u16, u16), range: &str, reserved: &str) ->
     (n > 0).then_some(n)
 }
 
+/// Raises the soft limit on open files to the hard limit. Every session
+/// holds two sockets and every data connection two more: a daemon started
+/// from a shell (soft limit 1024) would die of EMFILE at a few hundred
+/// sessions although the hard limit (systemd: 65536 in the shipped unit;
+/// often 524288) allows far more.
 fn raise_fd_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

@@ -167,7 +167,6 @@ impl Session {
                 id: slot.id,
                 cause: PinholeClose::Expired,
             });
-
             // A two-leg pinhole names the leg that never came.
             let (side, missing) = match slot.awaiting.as_slice() {
                 [only] if slot.peers.len() > 1 && *only != slot.expected_peer => {
