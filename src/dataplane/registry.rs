@@ -127,6 +127,11 @@ impl Inner {
     fn sweep(&mut self, now: Instant) {
         self.quarantined.retain(|_, hold| hold.holds(now));
     }
+
+    /// Ports of a range of `size` neither held by a pinhole nor kept out.
+    fn free(&self, size: usize) -> usize {
+        size - self.by_port.len() - self.quarantined.len()
+    }
 }
 
 pub struct Registry {
@@ -184,16 +189,21 @@ impl Registry {
     pub fn free(&self) -> usize {
         let mut inner = self.lock();
         inner.sweep(Instant::now());
-        self.size() - inner.by_port.len() - inner.quarantined.len()
+        inner.free(self.size())
+    }
+
+    /// Sets the free-port gauge from `inner`, once its lock is released.
+    fn report_free(&self, inner: MutexGuard<'_, Inner>) {
+        let free = inner.free(self.size());
+        drop(inner);
+        m::port_pool_free(free);
     }
 
     /// Ports whose holds have run out go back to the pool.
     pub fn sweep(&self) {
         let mut inner = self.lock();
         inner.sweep(Instant::now());
-        let free = self.size() - inner.by_port.len() - inner.quarantined.len();
-        drop(inner);
-        m::port_pool_free(free);
+        self.report_free(inner);
     }
 
     /// The flow `port` was held for has been seen.
@@ -203,9 +213,7 @@ impl Registry {
             hold.flow_until = None;
         }
         inner.sweep(Instant::now());
-        let free = self.size() - inner.by_port.len() - inner.quarantined.len();
-        drop(inner);
-        m::port_pool_free(free);
+        self.report_free(inner);
     }
 
     /// Finds a free port, starting at a random one, for which `try_port`
@@ -232,9 +240,7 @@ impl Registry {
             let mode = super::mode_label(entry.request.mode);
             inner.by_id.insert(entry.id, port);
             inner.by_port.insert(port, entry);
-            let free = size - inner.by_port.len() - inner.quarantined.len();
-            drop(inner);
-            m::port_pool_free(free);
+            self.report_free(inner);
             m::pinhole_opened(mode);
             return Ok((port, value));
         }
@@ -274,9 +280,7 @@ impl Registry {
         if let Some(hold) = hold {
             inner.quarantined.insert(port, hold);
         }
-        let free = self.size() - inner.by_port.len() - inner.quarantined.len();
-        drop(inner);
-        m::port_pool_free(free);
+        self.report_free(inner);
         m::pinhole_closed();
         Some((port, entry))
     }
@@ -291,9 +295,7 @@ impl Registry {
             }
         }
         inner.sweep(Instant::now());
-        let free = self.size() - inner.by_port.len() - inner.quarantined.len();
-        drop(inner);
-        m::port_pool_free(free);
+        self.report_free(inner);
     }
 
     /// The pinhole holding `port`, if any.
