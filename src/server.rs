@@ -139,11 +139,14 @@ impl Gateway {
                 }
             }
         }
-        // A redirected connection's addresses, asked of the kernel once.
-        let local = stream.local_addr().ok();
-        let original = match (listener.mode, local) {
-            (Mode::Transparent, Some(local)) => original_dst_at(&stream, local),
-            _ => None,
+        // A redirected connection's addresses, asked of the kernel once
+        // (a reverse listener needs neither).
+        let (local, original) = match listener.mode {
+            Mode::Transparent => {
+                let local = stream.local_addr().ok();
+                (local, local.and_then(|l| original_dst_at(&stream, l)))
+            }
+            Mode::Reverse => (None, None),
         };
         if let Some(to) = original
             && to.port() != listener.intercept_port
